@@ -1,0 +1,19 @@
+"""fastattn: hand-written CUDA, Triton and C++ CPU kernels behind drop-in PyTorch modules.
+
+    import fastattn
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+Every functional op takes ``backend="auto" | "cpu" | "cuda" | "triton" | "reference"``;
+``fastattn.set_backend()`` / env ``FASTATTN_BACKEND`` set the process-wide default.
+"""
+from fastattn import _ext  # noqa: F401  (loads the native ops)
+from fastattn.backend import BACKENDS, get_backend, set_backend
+from fastattn.info import info
+from fastattn.ops.attention import attention, scaled_dot_product_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "get_backend", "set_backend", "info",
+    "attention", "scaled_dot_product_attention",
+]

@@ -1,0 +1,1 @@
+"""Functional ops: one module per op family."""

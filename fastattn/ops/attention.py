@@ -1,0 +1,381 @@
+"""Fused scaled-dot-product attention: the functional API, input checks, backend choice, autograd.
+
+Native contract (the same for every backend, so the tests can hold them all to one oracle):
+
+    attention_fwd(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
+                  softcap, seed) -> (out, lse)
+    attention_bwd(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left,
+                  window_right, diag_offset, softcap, seed) -> (grad_q, grad_k, grad_v)
+
+* q ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)``, ``Hq % Hkv == 0`` (query head h
+  reads KV head ``h // (Hq // Hkv)``); last dim contiguous, other strides arbitrary.
+* attn_bias: ``None`` or q's dtype, shape ``(B, Hq, L, S)`` with arbitrary strides (0 for broadcast
+  dims, the last one included); added to the scores, ``-inf`` removes a key.
+* score ``s_ij = scale * q_i·k_j``; if ``softcap > 0``: ``s = softcap * tanh(s / softcap)``; then
+  ``+ bias``; key j is visible to query i iff ``i + diag_offset - window_left <= j`` (when
+  ``window_left >= 0``) and ``j <= i + diag_offset + window_right`` (when ``window_right >= 0``).
+  torch's ``is_causal`` is ``(window_left, window_right, diag_offset) = (-1, 0, 0)``;
+  flash-attn's bottom-right causal has ``diag_offset = S - L``.
+* ``lse`` = log-sum-exp of the visible scores, ``(B, Hq, L)``, float32 (float64 for float64
+  input); a row with nothing visible has ``lse = +inf`` and output 0, which makes its
+  recomputed probabilities ``exp(s - lse)`` 0 in backward, so its gradients are 0 too.
+* dropout on the normalised probabilities, kept entries scaled by ``1 / (1 - p)``; entry
+  ``(b, h, i, j)`` is kept iff ``hash(seed, (b*Hq + h)*L + i, j) >= p * 2**32`` with the 32-bit
+  hash of :func:`dropout_keep_mask` (every backend uses the same one, so forward and backward,
+  and all backends, drop the same entries).
+* out ``(B, Hq, L, Ev)`` contiguous in q's dtype; grads contiguous, shaped like q, k, v.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fastattn import _ext, backend as _backend
+
+__all__ = ["scaled_dot_product_attention", "attention", "attention_reference", "dropout_keep_mask"]
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle: plain PyTorch math, also the `reference` backend.
+# --------------------------------------------------------------------------------------------
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 (Wellons): a 32-bit integer hash, computed in int64 and kept to 32 bits."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def dropout_threshold(p: float) -> int:
+    """An entry is kept iff its 32-bit hash is >= this."""
+    return min(int(p * 4294967296.0), _M32)
+
+
+def dropout_keep_mask(seed: int, B: int, H: int, L: int, S: int, p: float, device=None) -> Tensor:
+    """Bool ``(B, H, L, S)``: which attention probabilities dropout keeps.
+
+    ``hash = mix(mix(mix(seed) ^ row) ^ j)`` with ``row = (b*H + h)*L + i`` taken mod 2**32.
+    """
+    row = torch.arange(B * H * L, device=device, dtype=torch.int64).view(B, H, L, 1) & _M32
+    col = torch.arange(S, device=device, dtype=torch.int64).view(1, 1, 1, S)
+    seed_h = _mix32(torch.tensor(seed & _M32, dtype=torch.int64, device=device))
+    h = _mix32(_mix32(seed_h ^ row) ^ col)
+    return h >= dropout_threshold(p)
+
+
+def visible_mask(L: int, S: int, window_left: int, window_right: int, diag_offset: int, device=None):
+    """Bool ``(L, S)``: key j visible to query i under the window/causal rule, or None if all are."""
+    if window_left < 0 and window_right < 0:
+        return None
+    i = torch.arange(L, device=device).view(L, 1) + diag_offset
+    j = torch.arange(S, device=device).view(1, S)
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        ok &= j >= i - window_left
+    if window_right >= 0:
+        ok &= j <= i + window_right
+    return ok
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None,
+                        dropout_p: float = 0.0, scale: Optional[float] = None, window_left: int = -1,
+                        window_right: int = -1, diag_offset: int = 0, softcap: float = 0.0,
+                        seed: int = 0, compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """The native contract in plain math on ``(B, H, L, E)`` tensors; differentiable by autograd.
+
+    Computes in float32 (float64 for float64 input) unless ``compute_dtype`` says otherwise (the
+    tests use it to get plain PyTorch's own low-precision error).
+    """
+    B, Hq, L, E = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if attn_bias is not None:
+        s = s + attn_bias.to(cdt)
+    vis = visible_mask(L, S, window_left, window_right, diag_offset, q.device)
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # fully masked row: keep exp() at 0
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(denom)).squeeze(-1)
+    p = p / torch.where(empty, torch.ones_like(denom), denom)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, B, Hq, L, S, dropout_p, q.device)
+        p = p * keep.to(cdt) / (1.0 - dropout_p)
+    out = torch.matmul(p, v.to(cdt))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out.to(q.dtype), lse.to(lse_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Native ops: autograd and fake (meta) kernels.
+# --------------------------------------------------------------------------------------------
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed):
+    B, Hq, L, _ = q.shape
+    out = q.new_empty((B, Hq, L, v.shape[-1]))
+    lse = q.new_empty((B, Hq, L), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right,
+              diag_offset, softcap, seed):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _make_autograd(bwd_op):
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_bias, *params = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_bias)
+        ctx.params = params
+
+    def backward(ctx, grad_out, grad_lse):
+        # lse is handed to users detached (see `attention`), so grad_lse carries nothing.
+        q, k, v, out, lse, attn_bias = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_bias, *ctx.params)
+        return (dq, dk, dv) + (None,) * 8
+
+    return setup_context, backward
+
+
+def _register(fwd_name: str, bwd_name: str):
+    fwd = getattr(torch.ops.fastattn, fwd_name)
+    bwd = getattr(torch.ops.fastattn, bwd_name)
+    torch.library.register_fake(f"fastattn::{fwd_name}")(_fwd_fake)
+    torch.library.register_fake(f"fastattn::{bwd_name}")(_bwd_fake)
+    setup_context, backward = _make_autograd(bwd)
+    torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
+    return fwd
+
+
+_native_fwd = None
+if _ext.available() and hasattr(torch.ops.fastattn, "attention_fwd"):
+    _native_fwd = _register("attention_fwd", "attention_bwd")
+
+_triton_fwd = None
+
+
+def _triton_op():
+    """The Triton forward op, registered on first use (importing triton is slow)."""
+    global _triton_fwd
+    if _triton_fwd is None:
+        from fastattn.triton import attention as triton_attention  # noqa: F401  (registers the ops)
+        _triton_fwd = _register("triton_attention_fwd", "triton_attention_bwd")
+    return _triton_fwd
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks: clear errors naming the argument, before any kernel runs.
+# --------------------------------------------------------------------------------------------
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                  enable_gqa: bool) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., seq_len, head_dim), got a {t.dim()}-D tensor")
+        if t.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"query, key and value must have the same rank, got {q.dim()}, {k.dim()}, {v.dim()}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"query and key must have the same head size (last dim), got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"key and value must have the same sequence length (dim -2), got {k.shape[-2]} and {v.shape[-2]}")
+    if q.shape[:-3] != k.shape[:-3] or k.shape[:-3] != v.shape[:-3]:
+        raise ValueError(f"query, key and value must have the same batch dims, got {tuple(q.shape[:-3])}, "
+                         f"{tuple(k.shape[:-3])}, {tuple(v.shape[:-3])}")
+    if q.dim() >= 3:
+        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+        if hk != hv:
+            raise ValueError(f"key and value must have the same number of heads (dim -3), got {hk} and {hv}")
+        if hq != hk:
+            if not enable_gqa:
+                raise ValueError(f"query has {hq} heads and key {hk}: pass enable_gqa=True for grouped-query attention")
+            if hk == 0 or hq % hk != 0:
+                raise ValueError(f"enable_gqa needs query heads ({hq}) divisible by key/value heads ({hk})")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on the query's device {q.device}, got {attn_mask.device}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        target = tuple(q.shape[:-1]) + (k.shape[-2],)
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), target)
+            ok = attn_mask.dim() <= len(target)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {target}")
+
+
+def _to_4d(t: Tensor) -> Tensor:
+    """(*batch, H, L, E) -> (B, H, L, E); a missing head or batch dim becomes 1."""
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    return t.reshape((-1,) + tuple(t.shape[-3:]))
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
+    """bool (True = attend) or float mask -> additive bias in q's dtype, as (B, Hq, L, S).
+
+    ``target_shape`` is the caller's ``(..., L, S)``; broadcast dims stay stride-0 views.
+    """
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=q4.dtype, device=q4.device)
+        bias.masked_fill_(~attn_mask, float("-inf"))
+    else:
+        bias = attn_mask.to(q4.dtype)
+    B, Hq, L, _ = q4.shape
+    return bias.expand(target_shape).reshape(B, Hq, L, target_shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Backend choice.
+# --------------------------------------------------------------------------------------------
+def _reasons(q: Tensor, v: Tensor, bias: Optional[Tensor]):
+    E, Ev = q.shape[-1], v.shape[-1]
+    bias_grad = bias is not None and bias.requires_grad
+
+    def common() -> List[str]:
+        return ["a float attn_mask that requires grad (only the reference backend differentiates it)"] if bias_grad else []
+
+    def cpu() -> List[str]:
+        return common()
+
+    def cuda() -> List[str]:
+        why = common()
+        if q.dtype == torch.float64:
+            why.append("float64 input (the CUDA kernel takes float16, bfloat16, float32)")
+        if max(E, Ev) > 256:
+            why.append(f"head size {max(E, Ev)} > 256")
+        return why
+
+    def triton() -> List[str]:
+        why = common()
+        if q.dtype == torch.float64:
+            why.append("float64 input (the Triton kernel takes float16, bfloat16, float32)")
+        if max(E, Ev) > 256:
+            why.append(f"head size {max(E, Ev)} > 256")
+        return why
+
+    return {"cpu": cpu, "cuda": cuda, "triton": triton, "reference": lambda: []}
+
+
+def _run(backend_name: str, q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed):
+    if backend_name == "reference":
+        return attention_reference(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed)
+    if backend_name == "triton":
+        op = _triton_op()
+    else:
+        op = _native_fwd
+    return op(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed)
+
+
+def _draw_seed(dropout_p: float) -> int:
+    if dropout_p == 0.0:
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+              dropout_p: float = 0.0, causal: bool = False, scale: Optional[float] = None,
+              enable_gqa: bool = False, *, window_size: Sequence[int] = (-1, -1),
+              causal_align: str = "top_left", softcap: float = 0.0, return_lse: bool = False,
+              seed: Optional[int] = None, backend: Optional[str] = None):
+    """Attention with what torch's signature lacks.
+
+    * ``window_size=(left, right)``: sliding window, -1 = unbounded (flash-attn's convention);
+      ``causal=True`` sets ``right = 0``.
+    * ``causal_align``: ``"top_left"`` (torch: query i sees keys ``j <= i``) or ``"bottom_right"``
+      (flash-attn: the last query sees the last key, ``j <= i + S - L``).
+    * ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` before the mask.
+    * ``return_lse=True`` also returns the log-sum-exp ``(..., L)`` (float32; ``-inf`` for a row
+      with nothing to attend to), detached.
+    * ``seed``: the dropout mask's seed (drawn from torch's generator when None).
+    """
+    _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+    wl, wr = int(window_size[0]), int(window_size[1])
+    if wl < -1 or wr < -1:
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size!r}")
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    q = _last_dim_contiguous(_to_4d(query))
+    k = _last_dim_contiguous(_to_4d(key))
+    v = _last_dim_contiguous(_to_4d(value))
+    bias = None if attn_mask is None else _mask_to_bias(attn_mask, q, tuple(query.shape[:-1]) + (S,))
+    diag = (S - L) if causal_align == "bottom_right" else 0
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(E) if E > 0 else 1.0
+    seed = _draw_seed(dropout_p) if seed is None else int(seed)
+
+    name = _backend.select("attention", backend, q.device, _reasons(q, v, bias), native_op="attention_fwd")
+    out, lse = _run(name, q, k, v, bias, float(dropout_p), scale, wl, wr, diag, float(softcap), seed)
+
+    out = out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
+    if not return_lse:
+        return out
+    lse = lse.detach()
+    lse = torch.where(torch.isposinf(lse), torch.full_like(lse, float("-inf")), lse)
+    return out, lse.reshape(tuple(query.shape[:-1]))
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same arguments, same semantics).
+
+    A row with nothing to attend to gives 0 (as torch's kernels do), not NaN.
+    """
+    if is_causal and attn_mask is not None:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as torch requires)")
+    return attention(query, key, value, attn_mask, dropout_p, causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa, backend=backend)
