@@ -176,16 +176,13 @@ _native_fwd = None
 if _ext.available() and hasattr(torch.ops.fastattn, "attention_fwd"):
     _native_fwd = _register("attention_fwd", "attention_bwd")
 
-_triton_fwd = None
-
-
 def _triton_op():
-    """The Triton forward op, registered on first use (importing triton is slow)."""
-    global _triton_fwd
-    if _triton_fwd is None:
-        from fastattn.triton import attention as triton_attention  # noqa: F401  (registers the ops)
-        _triton_fwd = _register("triton_attention_fwd", "triton_attention_bwd")
-    return _triton_fwd
+    """The Triton forward (differentiable; its module registers ops, fake kernels and autograd).
+
+    Imported on first use: importing triton is slow.
+    """
+    from fastattn.triton.attention import triton_attention_fwd
+    return triton_attention_fwd
 
 
 # --------------------------------------------------------------------------------------------
