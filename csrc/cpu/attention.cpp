@@ -59,7 +59,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace fastattn {
 namespace attn_cpu {
 
-constexpr float kInfF = std::numeric_limits<float>::infinity();
+constexpr int64_t kFewRows = 4;  // tiles with at most this many query rows skip BLAS (decoding)
 
 // ---------------------------------------------------------------------------------------------
 // Row-major GEMMs on raw pointers. BLAS is column-major, and a row-major X is a column-major Xᵀ,
@@ -165,6 +165,67 @@ FASTATTN_SIMD void online_softmax(float* s, int64_t ld, int64_t rows, int64_t n,
 }
 void online_softmax(double* s, int64_t ld, int64_t rows, int64_t n, double* m, double* l, double* alpha) {
   online_softmax_impl(s, ld, rows, n, m, l, alpha);
+}
+
+// Few query rows (decoding): the tile products as streaming loops over the keys. There the work
+// is bound by reading K and V once, and BLAS calls on 1..4-row operands cost more than the loop.
+// s[r][j] = alpha * q_r · k_j
+template <typename T>
+FASTATTN_INLINE void scores_few_rows_impl(T* s, int64_t ld, const T* q, int64_t ldq, int64_t rows, const T* k,
+                                          int64_t ldk, int64_t n, int64_t E, T alpha) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kj = k + j * ldk;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* qr = q + r * ldq;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t e = 0; e < E; ++e) sum += qr[e] * kj[e];
+      s[r * ld + j] = alpha * sum;
+    }
+  }
+}
+FASTATTN_SIMD void scores_few_rows(float* s, int64_t ld, const float* q, int64_t ldq, int64_t rows, const float* k,
+                                   int64_t ldk, int64_t n, int64_t E, float alpha) {
+  scores_few_rows_impl(s, ld, q, ldq, rows, k, ldk, n, E, alpha);
+}
+void scores_few_rows(double* s, int64_t ld, const double* q, int64_t ldq, int64_t rows, const double* k,
+                     int64_t ldk, int64_t n, int64_t E, double alpha) {
+  scores_few_rows_impl(s, ld, q, ldq, rows, k, ldk, n, E, alpha);
+}
+
+// acc[r] += Σ_j p[r][j] · v_j, four keys a step (a short dependency chain through acc)
+template <typename T>
+FASTATTN_INLINE void pv_few_rows_impl(T* acc, int64_t ld_acc, const T* p, int64_t ld, int64_t rows, const T* v,
+                                      int64_t ldv, int64_t n, int64_t Ev) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T *v0 = v + j * ldv, *v1 = v0 + ldv, *v2 = v1 + ldv, *v3 = v2 + ldv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* pr = p + r * ld + j;
+      const T p0 = pr[0], p1 = pr[1], p2 = pr[2], p3 = pr[3];
+      if (p0 == T(0) && p1 == T(0) && p2 == T(0) && p3 == T(0)) continue;  // masked or dropped
+      T* a = acc + r * ld_acc;
+#pragma omp simd
+      for (int64_t c = 0; c < Ev; ++c) a[c] += (p0 * v0[c] + p1 * v1[c]) + (p2 * v2[c] + p3 * v3[c]);
+    }
+  }
+  for (; j < n; ++j) {
+    const T* vj = v + j * ldv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T pj = p[r * ld + j];
+      T* a = acc + r * ld_acc;
+#pragma omp simd
+      for (int64_t c = 0; c < Ev; ++c) a[c] += pj * vj[c];
+    }
+  }
+}
+FASTATTN_SIMD void pv_few_rows(float* acc, int64_t ld_acc, const float* p, int64_t ld, int64_t rows, const float* v,
+                               int64_t ldv, int64_t n, int64_t Ev) {
+  pv_few_rows_impl(acc, ld_acc, p, ld, rows, v, ldv, n, Ev);
+}
+void pv_few_rows(double* acc, int64_t ld_acc, const double* p, int64_t ld, int64_t rows, const double* v,
+                 int64_t ldv, int64_t n, int64_t Ev) {
+  pv_few_rows_impl(acc, ld_acc, p, ld, rows, v, ldv, n, Ev);
 }
 
 // acc row r *= alpha[r] (skipped where alpha is 1)
@@ -360,7 +421,10 @@ void mask_window(acc_t* s, int64_t ld, int64_t rows, int64_t n, int64_t i0, int6
 template <typename scalar_t, typename acc_t>
 void tile_scores(const Problem& p, acc_t* s, acc_t* t, int ld, int64_t rows, int64_t n, Tile<acc_t> q,
                  Tile<acc_t> k, const scalar_t* bias, int64_t b, int64_t h, int64_t i0, int64_t j0) {
-  gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
+  if (rows <= kFewRows)
+    scores_few_rows(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<acc_t>(p.scale));
+  else
+    gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
   if (p.softcap > 0) softcap_tile(s, t, ld, rows, n, static_cast<acc_t>(p.softcap));
   if (p.has_bias) {
     const scalar_t* bp = bias + b * p.bs[0] + h * p.bs[1] + i0 * p.bs[2] + j0 * p.bs[3];
@@ -382,8 +446,9 @@ void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
   });
 }
 
-constexpr int64_t kFwdBlockM = 64, kFwdBlockN = 256;  // forward tile: query rows x keys
-constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 128;  // backward tile
+inline int64_t env_int(const char* name, int64_t dflt) { const char* e = std::getenv(name); return e ? std::atoll(e) : dflt; }
+static const int64_t kFwdBlockM = env_int("FA_FBM", 64), kFwdBlockN = env_int("FA_FBN", 256);  // TUNING
+static const int64_t kBwdBlockM = env_int("FA_BBM", 64), kBwdBlockN = env_int("FA_BBN", 128);
 constexpr int64_t kDecodeMaxRows = 16;                // L <= this: split the keys across tasks
 
 // ---------------------------------------------------------------------------------------------
@@ -470,7 +535,10 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
           dropout_keep(keep.data(), BN, rows, n, row_hash.data(), static_cast<uint32_t>(j0), p.threshold, inv_keep);
           mul_tile(s.data(), s.data(), keep.data(), BN, rows, n);
         }
-        gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s.data(), BN, vt.ptr, vt.ld, acc_t(1), acc.data(), Ev);
+        if (rows <= kFewRows)
+          pv_few_rows(acc.data(), Ev, s.data(), BN, rows, vt.ptr, vt.ld, n, Ev);
+        else
+          gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s.data(), BN, vt.ptr, vt.ld, acc_t(1), acc.data(), Ev);
       }
 
       if (n_split > 1) {
