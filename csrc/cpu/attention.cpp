@@ -446,9 +446,11 @@ void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
   });
 }
 
-inline int64_t env_int(const char* name, int64_t dflt) { const char* e = std::getenv(name); return e ? std::atoll(e) : dflt; }
-static const int64_t kFwdBlockM = env_int("FA_FBM", 64), kFwdBlockN = env_int("FA_FBN", 256);  // TUNING
-static const int64_t kBwdBlockM = env_int("FA_BBM", 64), kBwdBlockN = env_int("FA_BBN", 128);
+// Tile sizes (fp32, AVX-512 Zen 4, measured): the forward's 128 x 256 score tile (128 KiB) stays in
+// L2 between the GEMM that writes it, the softmax and the GEMM that reads it; the backward holds
+// three to five such tiles, hence 64 x 256.
+constexpr int64_t kFwdBlockM = 128, kFwdBlockN = 256;  // forward tile: query rows x keys
+constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 256;   // backward tile
 constexpr int64_t kDecodeMaxRows = 16;                // L <= this: split the keys across tasks
 
 // ---------------------------------------------------------------------------------------------
