@@ -176,11 +176,21 @@ FASTATTN_INLINE void scores_few_rows_impl(T* s, int64_t ld, const T* q, int64_t 
   for (int64_t j = 0; j < n; ++j) {
     const T* kj = k + j * ldk;
     for (int64_t r = 0; r < rows; ++r) {
+      // One 64-byte vector of partial sums, then a tree (the compiler's own reduction epilogue
+      // adds the lanes one after another).
+      constexpr int W = 64 / sizeof(T);
       const T* qr = q + r * ldq;
+      T lane[W] = {};
+      int64_t e = 0;
+      for (; e + W <= E; e += W) {
+#pragma omp simd
+        for (int w = 0; w < W; ++w) lane[w] += qr[e + w] * kj[e + w];
+      }
       T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t e = 0; e < E; ++e) sum += qr[e] * kj[e];
-      s[r * ld + j] = alpha * sum;
+      for (; e < E; ++e) sum += qr[e] * kj[e];
+      for (int h = W / 2; h >= 1; h /= 2)
+        for (int w = 0; w < h; ++w) lane[w] += lane[w + h];
+      s[r * ld + j] = alpha * (sum + lane[0]);
     }
   }
 }
@@ -451,6 +461,7 @@ void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
 // three to five such tiles, hence 64 x 256.
 constexpr int64_t kFwdBlockM = 128, kFwdBlockN = 256;  // forward tile: query rows x keys
 constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 256;   // backward tile
+constexpr int64_t kDecodeBlockN = 4096;                // forward key block for <= kFewRows query rows
 constexpr int64_t kDecodeMaxRows = 16;                // L <= this: split the keys across tasks
 
 // ---------------------------------------------------------------------------------------------
@@ -460,20 +471,26 @@ template <typename scalar_t>
 void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* bias,
                     scalar_t* out, void* lse_out) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t BM = kFwdBlockM, BN = kFwdBlockN;
   const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
+  const int64_t BM = std::max<int64_t>(1, std::min(kFwdBlockM, L));
   acc_t* lse = static_cast<acc_t*>(lse_out);
   const int64_t n_qblocks = (L + BM - 1) / BM;
-  const int64_t n_kblocks = (S + BN - 1) / BN;
   const int64_t n_bh = p.B * p.Hq;
 
-  // Split-KV for decoding: too few query blocks to feed the threads -> slice the keys too.
-  int64_t n_split = 1;
-  if (L <= kDecodeMaxRows && n_kblocks > 1) {
+  // Decoding (L <= 16): when the query blocks are too few to feed the threads, the keys are
+  // sliced too (split-KV). With at most kFewRows rows, key blocks are long (K, then V, streamed
+  // in long runs; few softmax rescales) unless they must be short to make enough slices.
+  int64_t BN = kFwdBlockN, n_split = 1;
+  if (L <= kDecodeMaxRows) {
     const int64_t want_tasks = 8 * at::get_num_threads();
-    n_split = std::min(n_kblocks, (want_tasks + n_bh * n_qblocks - 1) / (n_bh * n_qblocks));
-    n_split = std::max<int64_t>(n_split, 1);
+    const int64_t splits = std::max<int64_t>(1, (want_tasks + n_bh * n_qblocks - 1) / (n_bh * n_qblocks));
+    if (L <= kFewRows) {
+      const int64_t per_split = ((S + splits - 1) / splits + kFwdBlockN - 1) / kFwdBlockN * kFwdBlockN;
+      BN = std::clamp(per_split, kFwdBlockN, kDecodeBlockN);
+    }
+    n_split = std::max<int64_t>(1, std::min((S + BN - 1) / BN, splits));
   }
+  const int64_t n_kblocks = (S + BN - 1) / BN;
   const int64_t ntasks = n_bh * n_qblocks * n_split;
   // Partial results of the slices (only with n_split > 1): acc (unnormalised), m, l per row.
   std::vector<acc_t> part_acc, part_m, part_l;
