@@ -479,7 +479,11 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
                     scalar_t* out, void* lse_out) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
-  const int64_t BM = std::max<int64_t>(1, std::min(kFwdBlockM, L));
+  // Query block: 256 rows (fewer K/V re-reads and BLAS packings) unless a window/causal mask makes
+  // finer blocks skip more, or the blocks would be too few to feed the threads.
+  int64_t BM = p.windowed() ? kFwdBlockM : 2 * kFwdBlockM;
+  while (BM > 32 && p.B * p.Hq * ((L + BM - 1) / BM) < 4 * at::get_num_threads()) BM /= 2;
+  BM = std::max<int64_t>(1, std::min(BM, L));
   acc_t* lse = static_cast<acc_t*>(lse_out);
   const int64_t n_qblocks = (L + BM - 1) / BM;
   const int64_t n_bh = p.B * p.Hq;
