@@ -10,9 +10,11 @@
 // FASTATTN_SIMD functions, compiled per ISA.
 //
 // Forward: one task = one query block of one (batch, head): online softmax over its visible key
-// blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)). With few query rows
-// (decoding, L <= 16) a task is additionally one slice of the key blocks (split-KV): each slice
-// writes its partial (acc, m, l) and a reduce pass combines them.
+// blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)); key blocks that the
+// window/causal rule hides entirely are never visited. With few query rows (decoding, L <= 16) a
+// task is additionally one slice of the key blocks (split-KV) when B*H alone is too little work:
+// each slice writes its partial (acc, m, l) and a reduce pass combines them. Tiles of <= 4 query
+// rows replace the two GEMMs by prefetching streaming loops (memory-bound: K and V read once).
 // Backward: delta = rowsum(dO * O); P is recomputed from the saved lse. "fused" mode: one task =
 // one (batch, kv head), walking key blocks outer and (query head of the group, query block) inner,
 // so dK/dV of a key block and dQ of the task's heads are owned by the task (no atomics; 5 GEMMs a
