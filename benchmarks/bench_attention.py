@@ -12,7 +12,7 @@ fp16 and bf16 on GPU; plus decoding (L = 1, S = 4096, B = 8, H = 32).
 
 GFLOP/s count 4·B·H·L·S·E for the forward (half when causal), 2.5x that for the backward, 3.5x for
 forward+backward. "vs torch" = the fastest torch backend's time / ours (> 1: ours is faster).
-Writes benchmarks/out/attention_<device>.md/.csv/.png.
+Writes benchmarks/out/attention_<device>[_cputime].md/.csv/.png.
 
 ``--cpu-time`` times with the process's CPU clock (use with ``--threads 1``): on a machine shared
 with other jobs the wall clock mostly measures waiting.
@@ -117,7 +117,8 @@ def main():
             return cpu_time_bench(fn, args.min_time)
         return common.bench(fn, device, args.min_time)
 
-    table = common.Table(f"attention_{device.type}", ["case", "mode", "impl", "ms", "GFLOP/s", "vs torch"])
+    suffix = "_cputime" if args.cpu_time and device.type == "cpu" else ""
+    table = common.Table(f"attention_{device.type}{suffix}", ["case", "mode", "impl", "ms", "GFLOP/s", "vs torch"])
     for c in cases(args, device):
         B, H, L, S, E, causal, dtype = c["B"], c["H"], c["L"], c["S"], c["E"], c["causal"], c["dtype"]
         name = (f"decode B{B} H{H} S{S} E{E}" if c["decode"] else

@@ -181,7 +181,7 @@ FASTATTN_INLINE void scores_few_rows_impl(T* s, int64_t ld, const T* q, int64_t 
                                           int64_t ldk, int64_t n, int64_t E, T alpha) {
   for (int64_t j = 0; j < n; ++j) {
     const T* kj = k + j * ldk;
-    if (j + 8 < n) prefetch_row(kj + 8 * ldk, E);  // ~2 KiB ahead of the stream
+    if (j + 16 < n) prefetch_row(kj + 16 * ldk, E);  // ~4 KiB ahead of the stream
     for (int64_t r = 0; r < rows; ++r) {
       // One 64-byte vector of partial sums, then a tree (the compiler's own reduction epilogue
       // adds the lanes one after another).
@@ -217,8 +217,8 @@ FASTATTN_INLINE void pv_few_rows_impl(T* acc, int64_t ld_acc, const T* p, int64_
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     const T *v0 = v + j * ldv, *v1 = v0 + ldv, *v2 = v1 + ldv, *v3 = v2 + ldv;
-    if (j + 12 <= n)
-      for (int64_t ahead = 8; ahead < 12; ++ahead) prefetch_row(v0 + ahead * ldv, Ev);
+    if (j + 20 <= n)
+      for (int64_t ahead = 16; ahead < 20; ++ahead) prefetch_row(v0 + ahead * ldv, Ev);
     for (int64_t r = 0; r < rows; ++r) {
       const T* pr = p + r * ld + j;
       const T p0 = pr[0], p1 = pr[1], p2 = pr[2], p3 = pr[3];
