@@ -790,7 +790,7 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& bias, double dropout_p, double scale, int64_t window_left,
+                     const c10::optional<at::Tensor>& bias, double dropout_p, double scale, int64_t window_left,
                      int64_t window_right, int64_t diag_offset, double softcap, int64_t seed) {
   TORCH_CHECK(q.dim() == 4, "attention: query must be 4-D (B, Hq, L, E), got ", q.dim(), "-D");
   TORCH_CHECK(k.dim() == 4, "attention: key must be 4-D (B, Hkv, S, E), got ", k.dim(), "-D");
@@ -840,7 +840,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
-                                                     const at::Tensor& value, const std::optional<at::Tensor>& attn_bias,
+                                                     const at::Tensor& value, const c10::optional<at::Tensor>& attn_bias,
                                                      double dropout_p, double scale, int64_t window_left,
                                                      int64_t window_right, int64_t diag_offset, double softcap,
                                                      int64_t seed) {
@@ -872,7 +872,7 @@ bool use_fused_backward(int64_t n_bhkv) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, double dropout_p,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& attn_bias, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, int64_t diag_offset, double softcap, int64_t seed) {
   const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   const Problem p = make_problem(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
