@@ -465,9 +465,10 @@ void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
   });
 }
 
-// Tile sizes (fp32, AVX-512 Zen 4, measured): the forward's 128 x 256 score tile (128 KiB) stays in
-// L2 between the GEMM that writes it, the softmax and the GEMM that reads it; the backward holds
-// three to five such tiles, hence 64 x 256.
+// Tile sizes (fp32, AVX-512 Zen 4, measured). Forward: 128 x 256 score tiles (128 KiB, in L2
+// between the GEMM that writes them, the softmax and the GEMM that reads them) under a window or
+// causal mask, where finer tiles skip more; 256 x 512 without one (fewer K/V re-reads and BLAS
+// packings). The backward holds three to five score-sized tiles, hence 64 x 256.
 constexpr int64_t kFwdBlockM = 128, kFwdBlockN = 256;  // forward tile: query rows x keys
 constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 256;   // backward tile
 constexpr int64_t kDecodeBlockN = 4096;                // forward key block for <= kFewRows query rows
@@ -493,7 +494,7 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
   // Decoding (L <= 16): when the query blocks are too few to feed the threads, the keys are
   // sliced too (split-KV). With at most kFewRows rows, key blocks are long (K, then V, streamed
   // in long runs; few softmax rescales) unless they must be short to make enough slices.
-  int64_t BN = kFwdBlockN, n_split = 1;
+  int64_t BN = p.windowed() ? kFwdBlockN : 2 * kFwdBlockN, n_split = 1;  // 256 x 512 tiles without a window
   if (L <= kDecodeMaxRows) {
     const int64_t want_tasks = 8 * at::get_num_threads();
     const int64_t splits = std::max<int64_t>(1, (want_tasks + n_bh * n_qblocks - 1) / (n_bh * n_qblocks));
