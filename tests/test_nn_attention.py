@@ -164,9 +164,10 @@ def test_mha_self_attention_matches_torch(mask_kind, layout, need_weights, avera
 @pytest.mark.parametrize("layout", ["seq_first", "batch_first", "unbatched"])
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_mha_cross_attention_options_match_torch(cfg, mask_kind, layout, need_weights):
-    """L != S, key is value and key is not value, every constructor option; training mode (dropout 0)."""
+    """L != S, key is value and key is not value, every constructor option; training mode (dropout 0).
+    Unbatched inputs here go to batch_first modules (torch ignores batch_first for them)."""
     kw = CONFIGS[cfg]
-    batch_first, batched = layout == "batch_first", layout != "unbatched"
+    batch_first, batched = layout in ("batch_first", "unbatched"), layout != "unbatched"
     ref, ours = mha_pair(batch_first=batch_first, **kw)
     randomize(ref), ours.load_state_dict(ref.state_dict())
     ref.train(), ours.train()
@@ -453,6 +454,11 @@ def test_mha_bad_inputs():
         ours(q, kv, kv[:-1])
     with pytest.raises(ValueError, match=r"expected `attn_mask` to be `None`, 2-D or 3-D"):
         ours(q[:, 0], kv[:, 0], kv[:, 0], attn_mask=torch.zeros(1, 1, L_, S_))
+    bad_3d = torch.zeros(H + 1, L_, S_, dtype=torch.bool)
+    with pytest.raises(AssertionError):  # torch's type for this one
+        torch.nn.MultiheadAttention(E, H, dtype=DT)(q[:, 0], kv[:, 0], kv[:, 0], attn_mask=bad_3d)
+    with pytest.raises(AssertionError, match=r"Expected `attn_mask` shape to be \(3, 4, 5\)"):
+        ours(q[:, 0], kv[:, 0], kv[:, 0], attn_mask=bad_3d)
     with pytest.raises(TypeError, match="query must be a Tensor"):
         ours(None, kv, kv)
 
@@ -656,3 +662,34 @@ def test_generate_square_subsequent_mask():
     m = fnn.Transformer.generate_square_subsequent_mask(4, dtype=DT)
     assert torch.equal(m, torch.nn.Transformer.generate_square_subsequent_mask(4, dtype=DT))
     assert isinstance(fnn.Transformer.__dict__["generate_square_subsequent_mask"], staticmethod)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: half precision on CUDA against torch's module in float32 (flash-attn's tolerance rule).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_mha_cuda_half_precision(dtype, need_weights):
+    """Ours in fp16/bf16 must be at most 2x (plus a little) as far from an fp32 torch reference as
+    torch's own module computing in the same low precision."""
+    emb, heads, B, L, S = 128, 2, 2, 129, 77  # head size 64, odd lengths
+    torch.manual_seed(0)
+    ref32 = torch.nn.MultiheadAttention(emb, heads, batch_first=True, device="cuda").eval()
+    ref_lp = torch.nn.MultiheadAttention(emb, heads, batch_first=True, device="cuda", dtype=dtype).eval()
+    ours = fnn.MultiheadAttention(emb, heads, batch_first=True, device="cuda", dtype=dtype).eval()
+    ref_lp.load_state_dict(ref32.state_dict())
+    ours.load_state_dict(ref32.state_dict())
+    q = torch.randn(B, L, emb, device="cuda")
+    kv = torch.randn(B, S, emb, device="cuda")
+    kpm = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+    kpm[0, 50:] = True
+    want, w_want = ref32(q, kv, kv, key_padding_mask=kpm, need_weights=need_weights)
+    lp, w_lp = ref_lp(q.to(dtype), kv.to(dtype), kv.to(dtype), key_padding_mask=kpm, need_weights=need_weights)
+    got, w_got = ours(q.to(dtype), kv.to(dtype), kv.to(dtype), key_padding_mask=kpm, need_weights=need_weights)
+    assert got.dtype == dtype and got.device.type == "cuda"
+    err_lp = (lp.float() - want).abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 2 * err_lp + 1e-3
+    if need_weights:
+        assert (w_got.float() - w_want).abs().max().item() <= 2 * (w_lp.float() - w_want).abs().max().item() + 1e-3

@@ -65,15 +65,6 @@ def _canonical_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype,
     return mask
 
 
-def _safe_softmax(scores: Tensor) -> Tensor:
-    """softmax over the last dim; a row of only -inf gives 0 (not NaN), with finite gradients."""
-    m = scores.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    p = torch.exp(scores - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom == 0, torch.ones_like(denom), denom)
-
-
 class MultiheadAttention(Module):
     r"""Drop-in for :class:`torch.nn.MultiheadAttention`; the attention runs in ``fastattn.attention``.
 
@@ -208,6 +199,11 @@ class MultiheadAttention(Module):
             raise MultiheadAttentionShapeError(
                 f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
                 f"{attn_mask.dim()}-D tensor instead")
+        if not batched and attn_mask is not None and attn_mask.dim() == 3:
+            expected = (self.num_heads, query.shape[0], key.shape[0])
+            if attn_mask.shape != expected:
+                raise MultiheadAttentionShapeError(
+                    f"Expected `attn_mask` shape to be {expected} (num_heads, L, S) but got {tuple(attn_mask.shape)}")
         if query.shape[-1] != self.embed_dim:
             raise MultiheadAttentionShapeError(
                 f"was expecting embedding dimension of {self.embed_dim} in query, but got {query.shape[-1]}")
@@ -341,9 +337,12 @@ class MultiheadAttention(Module):
         """
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * (self.head_dim ** -0.5)
-        if bias is not None:
+        if bias is None:
+            w = torch.softmax(scores, dim=-1)
+        else:  # a row with every key masked out gets weights 0 (softmax alone would give NaN)
             scores = scores + bias.to(cdt)
-        w = _safe_softmax(scores)
+            dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+            w = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
         if dropout_p > 0:
             B, H, L, S = w.shape
             keep = dropout_keep_mask(seed, B, H, L, S, dropout_p, device=w.device)
