@@ -14,6 +14,7 @@ pytestmark = [
     pytest.mark.filterwarnings(r"ignore:fastattn\.attention. falling back"),  # until the cpu kernel is merged
     pytest.mark.filterwarnings("ignore:Support for mismatched"),  # mixed bool/float masks are tested on purpose
     pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),  # torch's, about its own fast path
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),  # torch's encoder fast path
 ]
 
 
