@@ -115,10 +115,15 @@ AttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   p.window_left = (long long)window_left;
   p.window_right = (long long)window_right;
   p.diag_offset = (long long)diag_offset;
-  // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
-  const bool strides8 = p.q_sb % 8 == 0 && p.q_sh % 8 == 0 && p.q_sl % 8 == 0 && p.k_sb % 8 == 0 &&
-                        p.k_sh % 8 == 0 && p.k_sl % 8 == 0 && p.v_sb % 8 == 0 && p.v_sh % 8 == 0 && p.v_sl % 8 == 0;
-  p.vec_loads = strides8 && p.E % 8 == 0 && p.Ev % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
+  // cp.async moves 16-byte chunks: every row start must be 16-byte aligned (strides of size-1
+  // dims never move the pointer, so they do not count).
+  auto strides8 = [](const Tensor& x) {
+    for (int d = 0; d < 3; ++d)
+      if (x.size(d) > 1 && x.stride(d) % 8 != 0) return false;
+    return true;
+  };
+  p.vec_loads = p.E % 8 == 0 && p.Ev % 8 == 0 && strides8(q) && strides8(k) && strides8(v) && aligned16(q) &&
+                aligned16(k) && aligned16(v);
   return p;
 }
 

@@ -144,12 +144,19 @@ __device__ __forceinline__ float load_bias(const AttnParams& p, int b, int h, in
   return Dt<T>::to_float(bias[b * p.bias_sb + h * p.bias_sh + i * p.bias_sl + j * p.bias_ss]);
 }
 
+// tanh from one exp and one division, absolute error ~1e-7. (Under --use_fast_math tanhf becomes
+// tanh.approx.f32, relative error ~5e-4: too coarse for the fp32 path once multiplied by softcap.)
+__device__ __forceinline__ float tanh_accurate(float x) {
+  const float e = __expf(2.f * fabsf(x));  // +inf for large |x|: 2 / inf = 0, tanh = +-1
+  return copysignf(1.f - 2.f / (e + 1.f), x);
+}
+
 // Score in natural units: scale * q.k, soft-capped, plus bias. `th` gets tanh(.) when soft-capped.
 template <typename T>
 __device__ __forceinline__ float score_nat(const AttnParams& p, float dot, int b, int h, int i, int j, float& th) {
   float s = dot * p.scale;
   if (p.has_softcap) {
-    th = tanhf(s * p.inv_softcap);
+    th = tanh_accurate(s * p.inv_softcap);
     s = p.softcap * th;
   }
   if (p.has_bias) s += load_bias<T>(p, b, h, i, j);
