@@ -87,9 +87,10 @@ def _max_err(x, ref):
 
 
 def _run(B, Hq, Hkv, L, S, E, Ev, dtype, mask=None, causal=False, align="top_left", window=(-1, -1),
-         softcap=0.0, dropout=0.0, seed=1234, grads=True, scale=None, noncontig=False, q_scale=1.0):
+         softcap=0.0, dropout=0.0, seed=1234, grads=True, scale=None, noncontig=False, q_scale=1.0,
+         device="cuda", backend="cuda", _corrupt=False):
     """Ours (backend='cuda') vs attention_reference in float64 (and in `dtype` for fp16/bf16)."""
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(B * 1000003 + L * 1009 + S * 31 + E)
     if noncontig:  # (B, L, H, E) memory viewed as (B, H, L, E): arbitrary strides, last dim contiguous
         q = torch.randn(B, L, Hq, E, device=dev, generator=gen).to(dtype).transpose(1, 2)
@@ -108,12 +109,14 @@ def _run(B, Hq, Hkv, L, S, E, Ev, dtype, mask=None, causal=False, align="top_lef
 
     out, lse = fastattn.attention(q, k, v, attn_mask, dropout_p=dropout, causal=causal, scale=scale,
                                   enable_gqa=Hq != Hkv, window_size=window, causal_align=align,
-                                  softcap=softcap, return_lse=True, seed=seed, backend="cuda")
+                                  softcap=softcap, return_lse=True, seed=seed, backend=backend)
     assert out.dtype == dtype and out.shape == (B, Hq, L, Ev) and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (B, Hq, L)
 
     wl, wr, diag = _native_window(L, S, causal, align, window)
     sc = scale if scale is not None else 1.0 / math.sqrt(E)
+    if _corrupt:  # harness self-check only: pretend the kernel used another scale
+        sc = sc * 1.5
 
     def reference(cdt):
         qq, kk, vv = (t.detach().to(cdt if cdt == torch.float64 else dtype).requires_grad_(grads) for t in (q, k, v))
@@ -157,6 +160,18 @@ def _run(B, Hq, Hkv, L, S, E, Ev, dtype, mask=None, causal=False, align="top_lef
             ours, theirs = _max_err(x, r), _max_err(lo, r)
             assert ours <= 2 * theirs + atol, f"{name}: ours {ours:.3g} > 2 x torch-{dtype} {theirs:.3g} + {atol:.1g}"
     return out, lse, results, refs
+
+
+def test_harness_self_check():
+    """The comparison harness itself, run here on CPU with the reference backend as 'ours'."""
+    for dtype in (torch.float32, torch.bfloat16):
+        _run(1, 2, 1, 7, 9, 16, 8, dtype, mask="bool", causal=True, device="cpu", backend="reference")
+        _run(1, 2, 2, 5, 12, 8, 8, dtype, mask="bcast", dropout=0.3, softcap=5.0, noncontig=True,
+             device="cpu", backend="reference")
+    # and it catches a wrong answer: a kernel that forgets the scale
+    with pytest.raises(AssertionError):
+        _run(1, 1, 1, 6, 6, 16, 16, torch.float32, scale=0.5, device="cpu", backend="reference",
+             q_scale=1.0, _corrupt=True)
 
 
 # --------------------------------------------------------------------------------------------
