@@ -315,6 +315,16 @@ def test_dropout_mask_is_the_reference_mask(dtype):
 
 @pytest.mark.cuda
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_simt_fallback_for_half_types(dtype, monkeypatch):
+    """The SIMT kernels that fp16/bf16 fall back to where shared memory is short (forced here)."""
+    monkeypatch.setenv("FASTATTN_CUDA_ATTN_SIMT", "1")
+    _run(1, 4, 2, 129, 70, 256, 200, dtype, mask="float", causal=True, align="bottom_right")
+    _run(2, 2, 2, 33, 65, 40, 40, dtype, dropout=0.2, softcap=3.0, window=(8, 8))
+
+
+@pytest.mark.cuda
+@needs_kernels
 def test_deterministic_backward():
     args = [torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3)]
     dout = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.float16)

@@ -4,8 +4,9 @@
 //   fp16 / bf16: tensor-core kernels (attention_fwd.cuh, attention_bwd.cuh), templated on the
 //                dtype and a head-size bucket D in {64, 128, 256}; E and Ev <= D are zero-padded
 //                inside the kernels, so any head size <= 256 runs.
-//   fp32:        SIMT kernels (attention_simt.cuh), correct but slow.
-// Instantiations: 2 dtypes x 3 buckets x 3 kernels + 5 small ones.
+//   fp32:        SIMT kernels (attention_simt.cuh), correct but slow; also the fp16/bf16 fallback
+//                where the tensor-core kernels' shared memory does not fit the GPU.
+// Instantiations: 2 dtypes x 3 buckets x 3 tensor-core kernels + 3 dtypes x 4 SIMT/delta kernels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -132,11 +134,17 @@ int head_bucket(const AttnParams& p) {
   return e <= 64 ? 64 : e <= 128 ? 128 : 256;
 }
 
+// Whether the tensor-core kernels' shared memory fits this GPU (a head size of 256 needs ~151 KB
+// per block in backward: A100/H100 yes, 99 KB parts no); FASTATTN_CUDA_ATTN_SIMT=1 forces the
+// SIMT kernels (tests use it to cover the fallback on any GPU).
+bool mma_fits(int bytes) {
+  const char* force = std::getenv("FASTATTN_CUDA_ATTN_SIMT");
+  if (force != nullptr && force[0] == '1') return false;
+  return bytes <= (int)at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
 template <typename Kernel>
-void set_smem(Kernel kernel, int bytes) {
-  const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= optin, "attention (cuda): this head size needs ", bytes,
-              " bytes of shared memory per block, the GPU allows ", optin);
+void allow_smem(Kernel kernel, int bytes) {
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   }
@@ -144,11 +152,26 @@ void set_smem(Kernel kernel, int bytes) {
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+template <typename T>
+void launch_fwd_simt(const AttnParams& p, cudaStream_t stream) {
+  attn_fwd_simt_kernel<T><<<dim3(ceil_div(p.L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_bwd_simt(const AttnParams& p, cudaStream_t stream) {
+  attn_bwd_dkdv_simt_kernel<T><<<dim3(ceil_div(p.S, kSimtWarps), p.Hkv, p.B), kSimtWarps * 32, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  attn_bwd_dq_simt_kernel<T><<<dim3(ceil_div(p.L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D>
 void launch_fwd_mma(const AttnParams& p, cudaStream_t stream) {
   constexpr int smem = fwd_smem_bytes<D>();
+  if (!mma_fits(smem)) return launch_fwd_simt<T>(p, stream);
   auto kernel = attn_fwd_mma_kernel<T, D>;
-  set_smem(kernel, smem);
+  allow_smem(kernel, smem);
   kernel<<<dim3(ceil_div(p.L, kFwdBM), p.Hq, p.B), kFwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -156,12 +179,13 @@ void launch_fwd_mma(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D>
 void launch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
   constexpr int smem = bwd_smem_bytes<D>();
+  if (!mma_fits(smem)) return launch_bwd_simt<T>(p, stream);
   auto dkdv = attn_bwd_dkdv_kernel<T, D>;
-  set_smem(dkdv, smem);
+  allow_smem(dkdv, smem);
   dkdv<<<dim3(ceil_div(p.S, kBwdBN), p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto dq = attn_bwd_dq_kernel<T, D>;
-  set_smem(dq, smem);
+  allow_smem(dq, smem);
   dq<<<dim3(ceil_div(p.L, kBwdBM), p.Hq, p.B), kBwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -201,9 +225,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& query, const Tensor&
   switch (query.scalar_type()) {
     case at::kHalf: dispatch_fwd_mma<__half>(p, stream); break;
     case at::kBFloat16: dispatch_fwd_mma<__nv_bfloat16>(p, stream); break;
-    default:
-      attn_fwd_simt_kernel<<<dim3(ceil_div(p.L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    default: launch_fwd_simt<float>(p, stream);
   }
   return {out, lse};
 }
@@ -273,10 +295,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
       attn_bwd_delta_kernel<float><<<delta_blocks, 256, 0, stream>>>(
           static_cast<const float*>(p.dout), static_cast<const float*>(out_c.data_ptr()), p.delta, rows, p.Ev);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      attn_bwd_dkdv_simt_kernel<<<dim3(ceil_div(p.S, kSimtWarps), p.Hkv, p.B), kSimtWarps * 32, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      attn_bwd_dq_simt_kernel<<<dim3(ceil_div(p.L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_bwd_simt<float>(p, stream);
   }
   return {dq, dk, dv};
 }
