@@ -68,6 +68,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BM + 8;
   constexpr int NP = D / 32;  // phase B: 16 x D/2 per warp = NP pairs of n-tiles
+  static_assert(kBwdThreads == 256 && BM == 64 && BN == 64, "the warp layout below assumes 8 warps, 64 x 64 tiles");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sV = sK + BN * SROW;
@@ -175,6 +176,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BN + 8;
   constexpr int NP = D / 32;
+  static_assert(kBwdThreads == 256 && BM == 64 && BN == 64, "the warp layout below assumes 8 warps, 64 x 64 tiles");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sdO = sQ + BM * SROW;

@@ -1,6 +1,6 @@
 // Forward kernel for fp16 / bf16 (flash-attention-2 style, tensor cores).
 //
-// Blocking: one thread block (4 warps) per (64-query tile, query head, batch). Each warp owns 16
+// Blocking: one thread block (8 warps) per (128-query tile, query head, batch). Each warp owns 16
 // query rows; its scores S = Q K^T for a 64-key tile live in registers as 8 m16n8 accumulators,
 // and so does its output O (16 x D, D/8 accumulators). Per key tile:
 //   1. wait for K_j (cp.async), start loading V_j            (the V load overlaps step 2-3)
@@ -17,7 +17,7 @@
 namespace fastattn {
 namespace cuda_attn {
 
-constexpr int kFwdBM = 64, kFwdBN = 64, kFwdThreads = 128;
+constexpr int kFwdBM = 128, kFwdBN = 64, kFwdThreads = 256;  // 8 warps x 16 query rows
 
 template <int D>
 constexpr int fwd_smem_bytes() {
@@ -29,6 +29,7 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
   constexpr int BM = kFwdBM, BN = kFwdBN, SROW = D + 8;
   constexpr int NT_S = BN / 8;  // score n-tiles per warp
   constexpr int NT_O = D / 8;   // output n-tiles per warp
+  static_assert(BM == 16 * (kFwdThreads / 32), "one warp per 16 query rows");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sK = sQ + BM * SROW;
