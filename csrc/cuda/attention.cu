@@ -176,17 +176,35 @@ void launch_fwd_mma(const AttnParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int D, int STAGES>
+void launch_dkdv(const AttnParams& p, cudaStream_t stream) {
+  constexpr int smem = dkdv_smem_bytes<D, STAGES>();
+  auto kernel = attn_bwd_dkdv_kernel<T, D, STAGES>;
+  allow_smem(kernel, smem);
+  kernel<<<dim3(ceil_div(p.S, kBwdBN), p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Backward with the tensor-core kernels: dK/dV with a double-buffered Q/dO pipeline where it
+// fits (D = 64 always, D = 128 on A100/H100-class parts), then dQ.
 template <typename T, int D>
 void launch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
-  constexpr int smem = bwd_smem_bytes<D>();
-  if (!mma_fits(smem)) return launch_bwd_simt<T>(p, stream);
-  auto dkdv = attn_bwd_dkdv_kernel<T, D>;
-  allow_smem(dkdv, smem);
-  dkdv<<<dim3(ceil_div(p.S, kBwdBN), p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int dq_smem = dq_smem_bytes<D>();
+  if (!mma_fits(std::max(dkdv_smem_bytes<D, 1>(), dq_smem))) return launch_bwd_simt<T>(p, stream);
+  if constexpr (D == 64) {
+    launch_dkdv<T, D, 2>(p, stream);
+  } else if constexpr (D == 128) {
+    if (mma_fits(dkdv_smem_bytes<D, 2>())) {
+      launch_dkdv<T, D, 2>(p, stream);
+    } else {
+      launch_dkdv<T, D, 1>(p, stream);
+    }
+  } else {
+    launch_dkdv<T, D, 1>(p, stream);
+  }
   auto dq = attn_bwd_dq_kernel<T, D>;
-  allow_smem(dq, smem);
-  dq<<<dim3(ceil_div(p.L, kBwdBM), p.Hq, p.B), kBwdThreads, smem, stream>>>(p);
+  allow_smem(dq, dq_smem);
+  dq<<<dim3(ceil_div(p.L, kBwdBM), p.Hq, p.B), kBwdThreads, dq_smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

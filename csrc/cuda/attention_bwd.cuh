@@ -23,10 +23,18 @@ namespace cuda_attn {
 
 constexpr int kBwdBM = 64, kBwdBN = 64, kBwdThreads = 256;
 
+// dK/dV double-buffers its Q/dO tiles (STAGES = 2: the next tile loads while this one computes)
+// where shared memory allows (the host picks; D = 256 would need ~217 KB, so it runs STAGES = 1).
+template <int D, int STAGES>
+constexpr int dkdv_smem_bytes() {
+  // K, V; Q, dO per stage; (P*Z)^T and dS^T (64 x 72); lse, delta per stage
+  return (2 + 2 * STAGES) * 64 * (D + 8) * 2 + 2 * 64 * (64 + 8) * 2 + 2 * STAGES * 64 * 4;
+}
+
 template <int D>
-constexpr int bwd_smem_bytes() {
-  // four 64 x (D+8) tiles, two 64 x 72 P/dS tiles (dkdv; dq uses one), lse and delta rows
-  return 4 * 64 * (D + 8) * 2 + 2 * 64 * (64 + 8) * 2 + 2 * 64 * 4;
+constexpr int dq_smem_bytes() {
+  // Q, dO, K, V; dS (64 x 72); lse, delta
+  return 4 * 64 * (D + 8) * 2 + 64 * (64 + 8) * 2 + 2 * 64 * 4;
 }
 
 // delta[row] = sum_c dO[row][c] * O[row][c] for the (B*Hq*L, Ev) contiguous dO, O. One warp per row.
@@ -64,20 +72,21 @@ __device__ __forceinline__ void bwd_entry(const AttnParams& p, int b, int h, int
 
 // dK, dV for one 64-key tile of one KV head, over every query tile (and every query head of the
 // GQA group) that can see it.
-template <typename T, int D>
+template <typename T, int D, int STAGES>
 __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BM + 8;
   constexpr int NP = D / 32;  // phase B: 16 x D/2 per warp = NP pairs of n-tiles
   static_assert(kBwdThreads == 256 && BM == 64 && BN == 64, "the warp layout below assumes 8 warps, 64 x 64 tiles");
+  static_assert(STAGES == 1 || STAGES == 2, "one or two Q/dO buffers");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sV = sK + BN * SROW;
-  uint16_t* sQ = sV + BN * SROW;
-  uint16_t* sdO = sQ + BM * SROW;
-  uint16_t* sPt = sdO + BM * SROW;  // (P*Z)^T: [key][query]
-  uint16_t* sdSt = sPt + BN * PROW;  // dS^T:    [key][query]
-  float* sLse = reinterpret_cast<float*>(sdSt + BN * PROW);
-  float* sDelta = sLse + BM;
+  uint16_t* sQbuf = sV + BN * SROW;            // [STAGES][BM * SROW]
+  uint16_t* sdObuf = sQbuf + STAGES * BM * SROW;  // [STAGES][BM * SROW]
+  uint16_t* sPt = sdObuf + STAGES * BM * SROW;  // (P*Z)^T: [key][query]
+  uint16_t* sdSt = sPt + BN * PROW;             // dS^T:    [key][query]
+  float* sLseBuf = reinterpret_cast<float*>(sdSt + BN * PROW);  // [STAGES][BM], log2 units
+  float* sDeltaBuf = sLseBuf + STAGES * BM;                       // [STAGES][BM]
 
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -96,61 +105,82 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
+  // The work list: (query head h of the GQA group, query tile mb) pairs, tile index
+  // it = (h - hk*group) * n_mb + (mb - mb_begin).
   int i_lo, i_hi;
   query_range(p, n0, min(n0 + BN, p.S) - 1, i_lo, i_hi);
   const int mb_begin = i_lo / BM;
-  const int mb_end = i_hi > i_lo ? (i_hi + BM - 1) / BM : mb_begin;
+  const int n_mb = i_hi > i_lo ? (i_hi + BM - 1) / BM - mb_begin : 0;
+  const int n_tiles = n_mb * p.group;
 
-  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
+  // Start loading work tile `it` (Q, dO through cp.async; lse, delta with plain stores) into `stage`.
+  auto load_work = [&](int it, int stage) {
+    const int h = hk * p.group + it / n_mb;
+    const int m0 = (mb_begin + it % n_mb) * BM;
     const int64_t bh_row = ((int64_t)b * p.Hq + h) * p.L;
+    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
     const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + bh_row * p.Ev;
-    for (int mb = mb_begin; mb < mb_end; ++mb) {
-      const int m0 = mb * BM;
+    load_tile<BM, D, kBwdThreads>(sQbuf + stage * BM * SROW, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
+    load_tile<BM, D, kBwdThreads>(sdObuf + stage * BM * SROW, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
+    cp_async_commit();
+    for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
+      const int i = m0 + r;
+      sLseBuf[stage * BM + r] = i < p.L ? p.lse_in[bh_row + i] * kLog2e : INFINITY;
+      sDeltaBuf[stage * BM + r] = i < p.L ? p.delta[bh_row + i] : 0.f;
+    }
+  };
+
+  if (STAGES == 2 && n_tiles > 0) load_work(0, 0);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int stage = STAGES == 2 ? (it & 1) : 0;
+    if (STAGES == 2) {
+      cp_async_wait_all();
+      __syncthreads();  // tile `it` landed; every warp is done with tile it-1 (its buffer, P, dS)
+      if (it + 1 < n_tiles) load_work(it + 1, stage ^ 1);  // overlaps this tile's compute
+    } else {
       __syncthreads();  // every warp is done with the previous Q, dO, P, dS tiles
-      load_tile<BM, D, kBwdThreads>(sQ, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
-      load_tile<BM, D, kBwdThreads>(sdO, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
-      cp_async_commit();
-      for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
-        const int i = m0 + r;
-        sLse[r] = i < p.L ? p.lse_in[bh_row + i] * kLog2e : INFINITY;
-        sDelta[r] = i < p.L ? p.delta[bh_row + i] : 0.f;
-      }
+      load_work(it, 0);
       cp_async_wait_all();
       __syncthreads();
-
-      // Phase A: S^T and dP^T for keys kr*16.., queries half*32.. (16 x 32 per warp).
-      float s[4][4], dp[4][4];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-      warp_gemm_abt<T, 4, D>(s, sK + kr * 16 * SROW, SROW, sQ + half * 32 * SROW, SROW, lane);
-      warp_gemm_abt<T, 4, D>(dp, sV + kr * 16 * SROW, SROW, sdO + half * 32 * SROW, SROW, lane);
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int jl = kr * 16 + g + rr * 8;
-          float pd[2], ds[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int il = half * 32 + nt * 8 + 2 * t + c;
-            const int i = m0 + il;
-            const uint32_t rh = p.has_dropout ? drop_row_hash(p, b, h, i) : 0u;
-            bwd_entry<T>(p, b, h, i, n0 + jl, rh, s[nt][2 * rr + c], dp[nt][2 * rr + c], sLse[il], sDelta[il], pd[c],
-                         ds[c]);
-          }
-          const int off = jl * PROW + half * 32 + nt * 8 + 2 * t;
-          st32(sPt + off, Dt<T>::pack(pd[0], pd[1]));
-          st32(sdSt + off, Dt<T>::pack(ds[0], ds[1]));
-        }
-      __syncthreads();
-
-      // Phase B: dV += (P*Z)^T dO, dK += dS^T Q for keys kr*16.., columns half*D/2...
-      warp_gemm_ab<T, NP, BM>(dv, sPt + kr * 16 * PROW, PROW, sdO + half * (D / 2), SROW, lane);
-      warp_gemm_ab<T, NP, BM>(dk, sdSt + kr * 16 * PROW, PROW, sQ + half * (D / 2), SROW, lane);
     }
+    const int h = hk * p.group + it / n_mb;
+    const int m0 = (mb_begin + it % n_mb) * BM;
+    const uint16_t* sQ = sQbuf + stage * BM * SROW;
+    const uint16_t* sdO = sdObuf + stage * BM * SROW;
+    const float* sLse = sLseBuf + stage * BM;
+    const float* sDelta = sDeltaBuf + stage * BM;
+
+    // Phase A: S^T and dP^T for keys kr*16.., queries half*32.. (16 x 32 per warp).
+    float s[4][4], dp[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    warp_gemm_abt<T, 4, D>(s, sK + kr * 16 * SROW, SROW, sQ + half * 32 * SROW, SROW, lane);
+    warp_gemm_abt<T, 4, D>(dp, sV + kr * 16 * SROW, SROW, sdO + half * 32 * SROW, SROW, lane);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int jl = kr * 16 + g + rr * 8;
+        float pd[2], ds[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int il = half * 32 + nt * 8 + 2 * t + c;
+          const int i = m0 + il;
+          const uint32_t rh = p.has_dropout ? drop_row_hash(p, b, h, i) : 0u;
+          bwd_entry<T>(p, b, h, i, n0 + jl, rh, s[nt][2 * rr + c], dp[nt][2 * rr + c], sLse[il], sDelta[il], pd[c],
+                       ds[c]);
+        }
+        const int off = jl * PROW + half * 32 + nt * 8 + 2 * t;
+        st32(sPt + off, Dt<T>::pack(pd[0], pd[1]));
+        st32(sdSt + off, Dt<T>::pack(ds[0], ds[1]));
+      }
+    __syncthreads();
+
+    // Phase B: dV += (P*Z)^T dO, dK += dS^T Q for keys kr*16.., columns half*D/2...
+    warp_gemm_ab<T, NP, BM>(dv, sPt + kr * 16 * PROW, PROW, sdO + half * (D / 2), SROW, lane);
+    warp_gemm_ab<T, NP, BM>(dk, sdSt + kr * 16 * PROW, PROW, sQ + half * (D / 2), SROW, lane);
   }
   cp_async_wait_all();  // (the K/V load when no query tile ran)
 
