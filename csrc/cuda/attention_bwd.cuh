@@ -201,7 +201,8 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   }
 }
 
-// dQ for one 64-query tile of one query head, over every key tile it can see.
+// dQ for one 64-query tile of one query head, over every key tile it can see. V_{j+1} loads
+// (cp.async) during phase B of tile j; K_j only once phase B of tile j-1 is done with its buffer.
 template <typename T, int D>
 __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BN + 8;
@@ -247,6 +248,7 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
   if (nb_begin < nb_end) {
     load_tile<BM, D, kBwdThreads>(sQ, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
     load_tile<BM, D, kBwdThreads>(sdO, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
+    load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, nb_begin * BN, p.S, p.Ev, p.vec_loads);
     cp_async_commit();
     for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
       const int i = m0 + r;
@@ -259,9 +261,8 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
     const int n0 = nb * BN;
     __syncthreads();  // every warp is done with the previous K, dS tiles
     load_tile<BN, D, kBwdThreads>(sK, kg, p.k_sl, n0, p.S, p.E, p.vec_loads);
-    load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0, p.S, p.Ev, p.vec_loads);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait_all();  // K_j, and V_j issued during the previous phase B
     __syncthreads();
 
     // Phase A: S and dP for queries qr*16.., keys half*32.. (16 x 32 per warp).
@@ -287,6 +288,10 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
         st32(sdS + il * PROW + half * 32 + nt * 8 + 2 * t, Dt<T>::pack(ds[0], ds[1]));
       }
     __syncthreads();
+    if (nb + 1 < nb_end) {  // V is free until the next phase A: load V_{j+1} while phase B runs
+      load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0 + BN, p.S, p.Ev, p.vec_loads);
+      cp_async_commit();
+    }
 
     // Phase B: dQ += dS K for queries qr*16.., columns half*D/2...
     warp_gemm_ab<T, NP, BN>(dq, sdS + qr * 16 * PROW, PROW, sK + half * (D / 2), SROW, lane);
