@@ -134,8 +134,9 @@ int head_bucket(const AttnParams& p) {
   return e <= 64 ? 64 : e <= 128 ? 128 : 256;
 }
 
-// Whether the tensor-core kernels' shared memory fits this GPU (a head size of 256 needs ~151 KB
-// per block in backward: A100/H100 yes, 99 KB parts no); FASTATTN_CUDA_ATTN_SIMT=1 forces the
+// Whether a tensor-core kernel's shared memory fits this GPU. Per block: forward 36 / 68 / 132 KB
+// and backward up to 73 / 121 (or 87) / 151 KB for head-size buckets 64 / 128 / 256, so A100 and
+// H100 run everything, 99 KB parts fall back to SIMT for 256. FASTATTN_CUDA_ATTN_SIMT=1 forces the
 // SIMT kernels (tests use it to cover the fallback on any GPU).
 bool mma_fits(int bytes) {
   const char* force = std::getenv("FASTATTN_CUDA_ATTN_SIMT");
