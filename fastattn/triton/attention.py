@@ -97,8 +97,8 @@ def _scores(qk, bias_ptrs, offs_m, offs_n, L, S, scale, softcap, window_left, wi
 def _key_range(m0, L, S, window_left, window_right, diag_offset,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
     """[lo, hi) of keys that any query in [m0, m0+BLOCK_M) may see; lo rounded down to BLOCK_N."""
-    lo = 0
-    hi = S
+    lo = m0 * 0  # tensors, not constants, so both branches return one type
+    hi = m0 * 0 + S
     if HAS_WL:
         lo = tl.maximum(m0 + diag_offset - window_left, 0)
         lo = tl.minimum(lo, S)
@@ -115,8 +115,8 @@ def _query_range(n0, L, window_left, window_right, diag_offset,
 
     Query i sees key j iff ``j - diag - right <= i <= j - diag + left``.
     """
-    lo = 0
-    hi = L
+    lo = n0 * 0
+    hi = n0 * 0 + L
     if HAS_WR:
         lo = tl.maximum(n0 - diag_offset - window_right, 0)
         lo = tl.minimum(lo, L)
@@ -129,7 +129,7 @@ def _query_range(n0, L, window_left, window_right, diag_offset,
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])
 def _attn_fwd(Q, K, V, Bias, Out, Lse,
               sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
               Hq, Hkv, L, S, E, Ev, L_BUCKET, S_BUCKET,
@@ -219,7 +219,7 @@ def _attn_bwd_delta(Out, DO, Delta, sob, soh, sol, sdb, sdh, sdl, Hq, L, Ev,
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])
 def _attn_bwd_dkdv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
                    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
                    sdb, sdh, sdl, slb, slh, sll,
@@ -298,7 +298,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & (offs_ev[None, :] < Ev))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])
 def _attn_bwd_dq(Q, K, V, Bias, DO, Lse, Delta, DQ,
                  sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
                  sdb, sdh, sdl, slb, slh, sll,
@@ -376,32 +376,48 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Big head dims: drop tiles whose registers/shared memory would spill or not fit."""
-    d = max(named_args["E_PAD"], named_args["EV_PAD"])
-    keep = [c for c in configs
-            if d <= 64 or (d <= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)
-            or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 2)]
-    return keep or configs[-1:]
-
-
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2),
-                         (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2), (32, 32, 4, 2)])
-# dK/dV: BLOCK_N key rows held in registers, BLOCK_M query rows streamed.
-_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2),
-                          (16, 64, 4, 2), (16, 32, 4, 2)])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head size: the bigger the head, the smaller the
+# tiles (registers: an fp32 accumulator of BLOCK x head per program; shared memory: the staged K/V tiles).
+# forward: BLOCK_M query rows held, BLOCK_N keys streamed.
+_FWD_SHAPES = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+}
+# dK/dV: BLOCK_N key rows held (dK, dV accumulators), BLOCK_M query rows streamed.
+_DKDV_SHAPES = {
+    64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+    128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
+    256: [(16, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+}
 # dQ: BLOCK_M query rows held, BLOCK_N keys streamed.
-_DQ_CONFIGS = _configs([(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
-                        (32, 32, 4, 2)])
+_DQ_SHAPES = {
+    64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+}
+
+
+def _head_class(e_pad: int, ev_pad: int) -> int:
+    d = max(e_pad, ev_pad)
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
 
 if _INTERPRET:
-    _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
+    def _kernel(kernel, shapes, e_pad, ev_pad):
+        return kernel
     _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
 else:
-    _prune_cfg = {"early_config_prune": _prune, "perf_model": None, "top_k": None}
-    _fwd_kernel = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_prune_cfg)(_attn_fwd)
-    _dkdv_kernel = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_prune_cfg)(_attn_bwd_dkdv)
-    _dq_kernel = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_prune_cfg)(_attn_bwd_dq)
+    # one autotuner per (kernel, head-size class), each with its own short config list (no pruning
+    # callbacks, which torch.compile would have to trace).
+    _TUNED = {}
+
+    def _kernel(kernel, shapes, e_pad, ev_pad):
+        cls = _head_class(e_pad, ev_pad)
+        key = (kernel, cls)
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(_configs(shapes[cls]), key=_KEY)(kernel)
+        return _TUNED[key]
     _FIXED = {}
 _DELTA_BLOCK_M = 16 if _INTERPRET else 64
 
@@ -500,7 +516,8 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropou
 
     def grid(m):
         return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
-    _wrap(_fwd_kernel)[grid](q, k, v, bias, out, lse, *strides, *scalars, **meta)
+    kernel = _kernel(_attn_fwd, _FWD_SHAPES, meta["E_PAD"], meta["EV_PAD"])
+    _wrap(kernel)[grid](q, k, v, bias, out, lse, *strides, *scalars, **meta)
     return out, lse
 
 
@@ -533,13 +550,15 @@ def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 
     def grid_kv(m):
         return (triton.cdiv(S, m["BLOCK_N"]), B * Hkv)
-    _wrap(_dkdv_kernel)[grid_kv](q, k, v, bias, grad_out, lse, delta, dk, dv, *strides, *do_strides,
-                                 *lse_strides, *scalars, **meta)
+    kernel = _kernel(_attn_bwd_dkdv, _DKDV_SHAPES, meta["E_PAD"], meta["EV_PAD"])
+    _wrap(kernel)[grid_kv](q, k, v, bias, grad_out, lse, delta, dk, dv, *strides, *do_strides,
+                           *lse_strides, *scalars, **meta)
 
     def grid_q(m):
         return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
-    _wrap(_dq_kernel)[grid_q](q, k, v, bias, grad_out, lse, delta, dq, *strides, *do_strides,
-                              *lse_strides, *scalars, **meta)
+    kernel = _kernel(_attn_bwd_dq, _DQ_SHAPES, meta["E_PAD"], meta["EV_PAD"])
+    _wrap(kernel)[grid_q](q, k, v, bias, grad_out, lse, delta, dq, *strides, *do_strides,
+                          *lse_strides, *scalars, **meta)
     return dq, dk, dv
 
 
