@@ -378,33 +378,45 @@ def _configs(shapes):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head size: the bigger the head, the smaller the
 # tiles (registers: an fp32 accumulator of BLOCK x head per program; shared memory: the staged K/V tiles).
+# fp32 input (exact "ieee" dots) needs far more shared memory per tile: its own, smaller lists
+# (checked by compiling for sm_80, 163 KiB; the autotuner skips a config that does not fit).
 # forward: BLOCK_M query rows held, BLOCK_N keys streamed.
 _FWD_SHAPES = {
     64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
     128: [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
     256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    "fp32-64": [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)],
+    "fp32-128": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 1)],
+    "fp32-256": [(32, 32, 4, 1), (16, 32, 4, 1)],
 }
 # dK/dV: BLOCK_N key rows held (dK, dV accumulators), BLOCK_M query rows streamed.
 _DKDV_SHAPES = {
     64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
     128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
     256: [(16, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    "fp32-64": [(32, 64, 4, 1), (32, 32, 4, 2), (16, 64, 4, 2)],
+    "fp32-128": [(16, 32, 4, 2), (32, 32, 4, 1), (16, 64, 4, 1)],
+    "fp32-256": [(16, 32, 4, 1), (16, 16, 4, 1)],
 }
 # dQ: BLOCK_M query rows held, BLOCK_N keys streamed.
 _DQ_SHAPES = {
     64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
     128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    "fp32-64": [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 1)],
+    "fp32-128": [(32, 32, 4, 2), (64, 32, 4, 1), (16, 32, 4, 2)],
+    "fp32-256": [(32, 32, 4, 1), (16, 32, 4, 1)],
 }
 
 
-def _head_class(e_pad: int, ev_pad: int) -> int:
+def _head_class(e_pad: int, ev_pad: int, dtype: torch.dtype):
     d = max(e_pad, ev_pad)
-    return 64 if d <= 64 else 128 if d <= 128 else 256
+    cls = 64 if d <= 64 else 128 if d <= 128 else 256
+    return f"fp32-{cls}" if dtype == torch.float32 else cls
 
 
 if _INTERPRET:
-    def _kernel(kernel, shapes, e_pad, ev_pad):
+    def _kernel(kernel, shapes, meta, dtype):
         return kernel
     _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
 else:
@@ -412,8 +424,8 @@ else:
     # callbacks, which torch.compile would have to trace).
     _TUNED = {}
 
-    def _kernel(kernel, shapes, e_pad, ev_pad):
-        cls = _head_class(e_pad, ev_pad)
+    def _kernel(kernel, shapes, meta, dtype):
+        cls = _head_class(meta["E_PAD"], meta["EV_PAD"], dtype)
         key = (kernel, cls)
         if key not in _TUNED:
             _TUNED[key] = triton.autotune(_configs(shapes[cls]), key=_KEY)(kernel)
@@ -460,6 +472,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor]) -> None
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"triton attention: {name} must have a contiguous last dim (stride 1)")
+    if attn_bias is not None and not attn_bias.is_floating_point():
+        raise TypeError(f"triton attention: attn_bias must be a floating-point additive bias, got {attn_bias.dtype}")
     if attn_bias is not None and tuple(attn_bias.shape) != (B, Hq, L, k.shape[2]):
         raise ValueError(f"triton attention: attn_bias must have shape {(B, Hq, L, k.shape[2])}, "
                          f"got {tuple(attn_bias.shape)}")
@@ -516,7 +530,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropou
 
     def grid(m):
         return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
-    kernel = _kernel(_attn_fwd, _FWD_SHAPES, meta["E_PAD"], meta["EV_PAD"])
+    kernel = _kernel(_attn_fwd, _FWD_SHAPES, meta, q.dtype)
     _wrap(kernel)[grid](q, k, v, bias, out, lse, *strides, *scalars, **meta)
     return out, lse
 
@@ -550,13 +564,13 @@ def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
 
     def grid_kv(m):
         return (triton.cdiv(S, m["BLOCK_N"]), B * Hkv)
-    kernel = _kernel(_attn_bwd_dkdv, _DKDV_SHAPES, meta["E_PAD"], meta["EV_PAD"])
+    kernel = _kernel(_attn_bwd_dkdv, _DKDV_SHAPES, meta, q.dtype)
     _wrap(kernel)[grid_kv](q, k, v, bias, grad_out, lse, delta, dk, dv, *strides, *do_strides,
                            *lse_strides, *scalars, **meta)
 
     def grid_q(m):
         return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
-    kernel = _kernel(_attn_bwd_dq, _DQ_SHAPES, meta["E_PAD"], meta["EV_PAD"])
+    kernel = _kernel(_attn_bwd_dq, _DQ_SHAPES, meta, q.dtype)
     _wrap(kernel)[grid_q](q, k, v, bias, grad_out, lse, delta, dq, *strides, *do_strides,
                           *lse_strides, *scalars, **meta)
     return dq, dk, dv
