@@ -70,10 +70,12 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, bias_ptrs, offs_m, offs_n, L, S, scale, softcap, window_left, window_right, diag_offset,
-            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """Raw ``q·k`` tile -> scores in the log2 domain (hidden keys ``-inf``), and tanh for softcap's grad.
+            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+            MASKED: tl.constexpr):
+    """Raw ``q·k`` tile -> scores in the log2 domain, and tanh for softcap's grad.
 
-    ``s = scale·qk``; softcap: ``s = c·tanh(s/c)``; ``+ bias``; hidden by the window rule or past S -> -inf.
+    ``s = scale·qk``; softcap: ``s = c·tanh(s/c)``; ``+ bias``. On an edge tile (MASKED) keys past S or
+    hidden by the window rule become -inf; an interior tile is visible everywhere by construction.
     """
     if HAS_SOFTCAP:
         t = _tanh(qk * (scale / softcap))
@@ -82,53 +84,113 @@ def _scores(qk, bias_ptrs, offs_m, offs_n, L, S, scale, softcap, window_left, wi
         t = qk  # unused
         s2 = qk * (scale * 1.4426950408889634)
     if HAS_BIAS:
-        bmask = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+        if MASKED:
+            bmask = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+        else:
+            bmask = (offs_m[:, None] < L) & (offs_n[None, :] >= 0)
         s2 += tl.load(bias_ptrs, mask=bmask, other=0.0).to(tl.float32) * 1.4426950408889634
-    visible = offs_n[None, :] < S
-    if HAS_WL:
-        visible = visible & (offs_n[None, :] >= offs_m[:, None] + (diag_offset - window_left))
-    if HAS_WR:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (diag_offset + window_right))
-    s2 = tl.where(visible, s2, float("-inf"))
+    if MASKED:
+        visible = offs_n[None, :] < S
+        if HAS_WL:
+            visible = visible & (offs_n[None, :] >= offs_m[:, None] + (diag_offset - window_left))
+        if HAS_WR:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (diag_offset + window_right))
+        s2 = tl.where(visible, s2, float("-inf"))
     return s2, t
 
 
 @triton.jit
-def _key_range(m0, L, S, window_left, window_right, diag_offset,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """[lo, hi) of keys that any query in [m0, m0+BLOCK_M) may see; lo rounded down to BLOCK_N."""
-    lo = m0 * 0  # tensors, not constants, so both branches return one type
+def _key_ranges(m0, S, window_left, window_right, diag_offset,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Key blocks for the query rows [m0, m0+BLOCK_M): ``lo <= full_lo, full_hi <= hi``.
+
+    Keys in [lo, hi) may be seen by some row (blocks outside are skipped); keys in [full_lo, full_hi)
+    are seen by every row and are < S (those tiles need no mask). full_lo/full_hi are block aligned.
+    """
+    lo = m0 * 0  # tensors, not constants, so both branches have one type
     hi = m0 * 0 + S
-    if HAS_WL:
-        lo = tl.maximum(m0 + diag_offset - window_left, 0)
-        lo = tl.minimum(lo, S)
-    if HAS_WR:
-        hi = tl.minimum(m0 + BLOCK_M - 1 + diag_offset + window_right + 1, S)
+    full_lo = m0 * 0
+    full_hi = m0 * 0 + S
+    if HAS_WL:  # row i sees j >= i + diag - left
+        lo = tl.minimum(tl.maximum(m0 + diag_offset - window_left, 0), S)
+        full_lo = tl.maximum(m0 + BLOCK_M - 1 + diag_offset - window_left, 0)
+    if HAS_WR:  # row i sees j <= i + diag + right
+        hi = tl.maximum(tl.minimum(m0 + BLOCK_M + diag_offset + window_right, S), 0)
+        full_hi = tl.maximum(tl.minimum(m0 + diag_offset + window_right + 1, S), 0)
     lo = (lo // BLOCK_N) * BLOCK_N
-    return lo, hi
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _query_range(n0, L, window_left, window_right, diag_offset,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """[lo, hi) of queries that may see any key in [n0, n0+BLOCK_N); lo rounded down to BLOCK_M.
-
-    Query i sees key j iff ``j - diag - right <= i <= j - diag + left``.
-    """
+def _query_ranges(n0, L, S, window_left, window_right, diag_offset,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Query blocks for the keys [n0, n0+BLOCK_N), as :func:`_key_ranges` (row i sees key j iff
+    ``j - diag - right <= i <= j - diag + left``); [full_lo, full_hi) rows are < L and see every key,
+    and a key block running past S has no interior."""
     lo = n0 * 0
     hi = n0 * 0 + L
+    full_lo = n0 * 0
+    full_hi = n0 * 0 + L
     if HAS_WR:
-        lo = tl.maximum(n0 - diag_offset - window_right, 0)
-        lo = tl.minimum(lo, L)
+        lo = tl.minimum(tl.maximum(n0 - diag_offset - window_right, 0), L)
+        full_lo = tl.maximum(n0 + BLOCK_N - 1 - diag_offset - window_right, 0)
     if HAS_WL:
-        hi = tl.minimum(n0 + BLOCK_N - 1 - diag_offset + window_left + 1, L)
+        hi = tl.maximum(tl.minimum(n0 + BLOCK_N - diag_offset + window_left, L), 0)
+        full_hi = tl.maximum(tl.minimum(n0 - diag_offset + window_left + 1, L), 0)
+    if n0 + BLOCK_N > S:
+        full_hi = full_hi * 0
     lo = (lo // BLOCK_M) * BLOCK_M
-    return lo, hi
+    full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+    full_hi = (full_hi // BLOCK_M) * BLOCK_M
+    return lo, full_lo, full_hi, hi
 
 
 # --------------------------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, n_start, n_end,
+               sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+               seed, row0, drop_thresh, keep_scale,
+               E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over the key tiles [n_start, n_end) (block aligned start)."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n[:, None] < S
+        else:
+            n_ok = offs_n[:, None] >= 0
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :], mask=n_ok & (offs_e[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :], mask=n_ok & (offs_ev[None, :] < Ev),
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, _ = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
+                        scale, softcap, window_left, window_right, diag_offset,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, MASKED)
+        # a row that has seen nothing yet keeps m = -inf; its exponentials are taken against 0.
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])
 def _attn_fwd(Q, K, V, Bias, Out, Lse,
               sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
@@ -146,52 +208,38 @@ def _attn_fwd(Q, K, V, Bias, Out, Lse,
     hk = h // (Hq // Hkv)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
 
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-
-    q = tl.load(q_base + offs_m[:, None] * sql + offs_e[None, :],
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sql + offs_e[None, :],
                 mask=(offs_m[:, None] < L) & (offs_e[None, :] < E), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    row0 = bh.to(tl.int64) * L
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
-    row0 = bh.to(tl.int64) * L
+    # edge tiles before the interior, the interior without masks, edge tiles after it
+    lo, full_lo, full_hi, hi = _key_ranges(m0, S, window_left, window_right, diag_offset,
+                                           BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, lo, tl.minimum(full_lo, hi),
+                               sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right,
+                               diag_offset, seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, full_lo, full_hi,
+                               sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right,
+                               diag_offset, seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, tl.maximum(full_hi, full_lo),
+                               hi, sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right,
+                               diag_offset, seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
 
-    lo, hi = _key_range(m0, L, S, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + offs_n0
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_e[None, :] < E), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_ev[None, :] < Ev), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s2, _ = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
-                        scale, softcap, window_left, window_right, diag_offset,
-                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR)
-        # online softmax; a row that has seen nothing yet keeps m = -inf, exp2 is taken against 0.
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
-            p = tl.where(keep, p * keep_scale, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # nothing visible: output 0, lse +inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     out_ptrs = Out + bh.to(tl.int64) * L * Ev + offs_m[:, None] * Ev + offs_ev[None, :]
@@ -219,6 +267,54 @@ def _attn_bwd_delta(Out, DO, Delta, sob, soh, sol, sdb, sdh, sdl, Hq, L, Ev,
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n, m_start, m_end,
+                sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                seed, row0, drop_thresh, keep_scale,
+                E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV contributions of the query tiles [m_start, m_end) of one query head."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = offs_m < L
+        else:
+            row_ok = offs_m >= 0
+        q = tl.load(q_base + offs_m[:, None] * sql + offs_e[None, :],
+                    mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdl + offs_ev[None, :],
+                     mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(lse_base + offs_m * sll, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, t = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
+                        scale, softcap, window_left, window_right, diag_offset,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, MASKED)
+        p = tl.exp2(s2 - lse2[:, None])  # hidden keys and empty rows (lse = +inf) give 0
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
+            p_drop = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        else:
+            p_drop = p
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])
 def _attn_bwd_dkdv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
                    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
@@ -237,65 +333,90 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
     group = Hq // Hkv
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
+    n_ok = offs_n[:, None] < S
 
     k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks + offs_e[None, :],
-                mask=(offs_n[:, None] < S) & (offs_e[None, :] < E), other=0.0)
+                mask=n_ok & (offs_e[None, :] < E), other=0.0)
     v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_ev[None, :],
-                mask=(offs_n[:, None] < S) & (offs_ev[None, :] < Ev), other=0.0)
+                mask=n_ok & (offs_ev[None, :] < Ev), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
 
-    lo, hi = _query_range(n0, L, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    lo, full_lo, full_hi, hi = _query_ranges(n0, L, S, window_left, window_right, diag_offset,
+                                             BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
     for g in range(0, group):  # the query heads sharing this KV head: summed here, no atomics
         h = hk * group + g
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         lse_base = Lse + b.to(tl.int64) * slb + h.to(tl.int64) * slh
         bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-        row_base = (b * Hq + h).to(tl.int64) * L
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + offs_m0
-            row_ok = offs_m < L
-            q = tl.load(q_base + offs_m[:, None] * sql + offs_e[None, :],
-                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdl + offs_ev[None, :],
-                         mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(lse_base + offs_m * sll, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+        row0 = (b * Hq + h).to(tl.int64) * L
+        delta_base = Delta + row0
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n,
+                             lo, tl.minimum(full_lo, hi), sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale, softcap,
+                             window_left, window_right, diag_offset, seed, row0, drop_thresh, keep_scale,
+                             E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST,
+                             DOT_PRECISION, BLOCK_M, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n,
+                             full_lo, full_hi, sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale, softcap,
+                             window_left, window_right, diag_offset, seed, row0, drop_thresh, keep_scale,
+                             E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST,
+                             DOT_PRECISION, BLOCK_M, False)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n,
+                             tl.maximum(full_hi, full_lo), hi, sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale,
+                             softcap, window_left, window_right, diag_offset, seed, row0, drop_thresh,
+                             keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT,
+                             UPCAST, DOT_PRECISION, BLOCK_M, True)
 
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s2, t = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
-                            scale, softcap, window_left, window_right, diag_offset,
-                            HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR)
-            p = tl.exp2(s2 - lse2[:, None])  # hidden keys and empty rows (lse = +inf) give 0
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, row_base, offs_m, offs_n, drop_thresh)
-                p_drop = tl.where(keep, p * keep_scale, 0.0)
-                dp = tl.where(keep, dp * keep_scale, 0.0)
-            else:
-                p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            ds = ds * scale
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-
-    n_ok = offs_n[:, None] < S
     dk_ptrs = DK + bhk.to(tl.int64) * S * E + offs_n[:, None] * E + offs_e[None, :]
     dv_ptrs = DV + bhk.to(tl.int64) * S * Ev + offs_n[:, None] * Ev + offs_ev[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_e[None, :] < E))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & (offs_ev[None, :] < Ev))
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, n_start, n_end,
+              sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+              seed, row0, drop_thresh, keep_scale,
+              E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dQ contributions of the key tiles [n_start, n_end)."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n[:, None] < S
+        else:
+            n_ok = offs_n[:, None] >= 0
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :], mask=n_ok & (offs_e[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :], mask=n_ok & (offs_ev[None, :] < Ev),
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, t = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
+                        scale, softcap, window_left, window_right, diag_offset,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, MASKED)
+        p = tl.exp2(s2 - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit(do_not_specialize=["seed", "drop_thresh"])
@@ -316,7 +437,6 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, Lse, Delta, DQ,
     hk = h // (Hq // Hkv)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
     row_ok = offs_m < L
@@ -337,30 +457,20 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, Lse, Delta, DQ,
     row0 = bh.to(tl.int64) * L
     dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
 
-    lo, hi = _key_range(m0, L, S, window_left, window_right, diag_offset, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + offs_n0
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_e[None, :] < E), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :],
-                    mask=(offs_n[:, None] < S) & (offs_ev[None, :] < Ev), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s2, t = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
-                        scale, softcap, window_left, window_right, diag_offset,
-                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR)
-        p = tl.exp2(s2 - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        ds = ds * scale
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _key_ranges(m0, S, window_left, window_right, diag_offset,
+                                           BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, lo, tl.minimum(full_lo, hi),
+                   sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                   seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR,
+                   HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, full_lo, full_hi,
+                   sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                   seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR,
+                   HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, tl.maximum(full_hi, full_lo), hi,
+                   sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                   seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR,
+                   HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
 
     dq_ptrs = DQ + bh.to(tl.int64) * L * E + offs_m[:, None] * E + offs_e[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
