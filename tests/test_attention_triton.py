@@ -111,6 +111,7 @@ def test_custom_scale_and_large_logits():
     (40, 33, 0, 0, 0),     # the diagonal only
     (40, 40, 1, 1, 0),     # band of 3 whose edges fall on 16-block starts (block-range off-by-ones)
     (40, 40, 17, 1, 0),    # the same with a wider left edge
+    (40, 40, 20, 14, 0),   # interior/edge tile split: edges one key off a block boundary
 ])
 def test_window_causal(L, S, wl, wr, diag):
     (out, lse, dq, *_), _ = _check_fp32(*_inputs(1, 2, 1, L, S, 16, 16), wl=wl, wr=wr, diag=diag)
