@@ -10,7 +10,9 @@ Blocking (the Triton fused-attention tutorial's, without its shortcuts):
   blocks of BLOCK_N keys that the window/causal rule lets the block see (hidden blocks are never
   visited), keeping a running max ``m``, sum ``l`` and output ``acc`` in fp32 (online softmax);
   scores live in the log2 domain (``scale·log2(e)`` folded in) so ``exp2`` does the exponentials.
-  Boundary rows/keys and padded head dims are masked loads, so any L, S, E, Ev work.
+  Boundary rows/keys and padded head dims are masked loads, so any L, S, E, Ev work. Only edge
+  tiles (crossing S or the window's edge) pay for masks: the tiles every row fully sees run a
+  mask-free copy of the loop (the tutorial's split of causal work, generalised to windows).
 * backward: ``Δ = rowsum(dO∘O)`` per row (preprocess); then one program per (key block, batch·KV
   head) recomputes ``P = exp2(s - lse)`` for every query head of its GQA group and every query
   block that sees the key block and accumulates dK, dV in registers (no atomics); and one program
@@ -548,7 +550,8 @@ _DELTA_BLOCK_M = 16 if _INTERPRET else 64
 # Host side: argument preparation shared by forward and backward.
 # --------------------------------------------------------------------------------------------
 def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    """Head size padded to a power of two >= 16 (tl.arange and tl.dot need it); the pad is masked."""
+    return max(16, triton.next_power_of_2(int(n)))
 
 
 def _bucket(n: int) -> int:
