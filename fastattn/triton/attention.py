@@ -481,6 +481,8 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, Lse, Delta, DQ,
 # --------------------------------------------------------------------------------------------
 # Launch configs: autotuned on a GPU, one small fixed config in the interpreter.
 # --------------------------------------------------------------------------------------------
+# The kernels take L_BUCKET/S_BUCKET (lengths rounded up to a power of two) only to key the tuning on
+# them: one tuning per length bucket and feature set, not one per length. Triton adds the dtypes.
 _KEY = ["E_PAD", "EV_PAD", "L_BUCKET", "S_BUCKET", "HAS_BIAS", "HAS_WL", "HAS_WR", "HAS_DROPOUT"]
 
 
