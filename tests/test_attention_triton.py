@@ -260,9 +260,13 @@ def test_dropout_statistics():
 # Low precision: error at most 2x plain PyTorch's in the same precision (flash-attn's rule).
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kw", [{}, {"wr": 0, "p": 0.2, "seed": 5}])
+@pytest.mark.parametrize("kw", [{}, {"wr": 0, "p": 0.2, "seed": 5}, {"bias": True}])
 def test_low_precision(dtype, kw):
     q, k, v, do = _inputs(1, 4, 2, 33, 20, 40, 40, dtype=dtype)
+    kw = dict(kw)  # the parametrized dict is shared between cases
+    if kw.pop("bias", False):  # a bias in the input dtype, with -inf entries, broadcast over heads
+        bias = torch.randn(1, 1, 33, 20, device=DEV).masked_fill(torch.rand(33, 20, device=DEV) < 0.2, -INF)
+        kw = dict(kw, bias=bias.to(dtype).expand(1, 4, 33, 20))
     ours = _triton(q, k, v, do, **kw)
     ref = _reference(q, k, v, do, **kw)
     low = _reference(q, k, v, do, cdt=dtype, **kw)
