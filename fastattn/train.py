@@ -275,11 +275,18 @@ def build_model(model_name: str, model_kwargs: dict, impl: str, backend: Optiona
             return cls(**model_kwargs, impl=impl, backend=backend)
     except TypeError as e:
         raise TrainError(f"bad model arguments {model_kwargs} for {model_name}: {e}") from None
+    except RuntimeError as e:
+        if "impl='fastattn' needs" in str(e):
+            raise TrainError(str(e).replace("impl='torch'", "--impl torch")) from None
+        raise
 
 
 def build_optimizer(name: str, params, lr: float, impl: str):
     from fastattn.models._impl import modules
-    cls = getattr(modules(impl), {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[name])
+    try:
+        cls = getattr(modules(impl), {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[name])
+    except RuntimeError as e:
+        raise TrainError(str(e).replace("impl='torch'", "--impl torch")) from None
     if name == "sgd":
         return cls(params, lr=lr, momentum=0.9)
     if name == "adamw":
