@@ -47,10 +47,10 @@ class ConvNet(nn.Module):
 
 
 def _call_fused(fn, conv: nn.Module, x: torch.Tensor, pool: int, backend: Optional[str]) -> torch.Tensor:
-    """fastattn.conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, groups, <pool>, backend=)."""
+    """fastattn.conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, groups, pool_kernel=, backend=)."""
     params = inspect.signature(fn).parameters
     kw = {}
-    for name in ("pool_kernel_size", "pool_size", "pool_kernel", "pool"):
+    for name in ("pool_kernel", "pool_kernel_size", "pool_size"):
         if name in params:
             kw[name] = pool
             break
