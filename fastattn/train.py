@@ -49,7 +49,7 @@ CKPT_FORMAT = "fastattn-train-1"
 DEFAULTS: Dict[str, dict] = {
     "cnn": dict(optim="adam", lr=1e-3, epochs=8, batch_size=32),
     "rnn": dict(optim="adam", lr=1e-2, epochs=30, batch_size=64),
-    "seq2seq": dict(optim="adamw", lr=1e-3, epochs=8, batch_size=128),
+    "seq2seq": dict(optim="adamw", lr=2e-3, epochs=3, batch_size=128),
     "lm": dict(optim="adamw", lr=2e-3, epochs=2, batch_size=64),
 }
 # Arguments a resumed run may change; all the others must match the checkpoint.
@@ -79,6 +79,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for data splits, data order and init (default 0)")
     p.add_argument("--out", help="output folder (default runs/<model>, or the --resume folder)")
     p.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint.pt is in DIR")
+    p.add_argument("--schedule", choices=("cosine", "constant"),
+                   help="learning rate: cosine decay to 0 over all the run's steps (default) or constant")
     p.add_argument("--max-steps", type=int, help="stop (and checkpoint) after this many optimizer steps in total")
     p.add_argument("--data", help="user data: an image folder (class per subfolder) for cnn, a text file for lm")
     p.add_argument("--task", choices=("copy", "reverse", "sort", "addition"), help="seq2seq task (default reverse)")
@@ -173,6 +175,8 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         args.seed = 0
     if args.impl is None:
         args.impl = "fastattn"
+    if args.schedule is None:
+        args.schedule = "cosine"
     args.amp = bool(args.amp)
     if args.model == "seq2seq" and args.task is None:
         args.task = "reverse"
@@ -187,7 +191,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
 def config_of(args) -> dict:
     """The arguments that define a run (saved in the checkpoint)."""
     keys = ("model", "optim", "lr", "epochs", "batch_size", "device", "backend", "impl", "amp", "seed", "out",
-            "max_steps", "data", "task", "train_limit", "model_kwargs")
+            "max_steps", "data", "task", "train_limit", "model_kwargs", "schedule")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -493,6 +497,12 @@ def train(args) -> dict:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=True)
     per_rank = args.batch_size // world
+    total_steps = args.epochs * (len(sampler) // per_rank)
+
+    def lr_at(step: int) -> float:
+        if args.schedule == "constant":
+            return args.lr
+        return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{args.model}: {task.model_name} impl={args.impl} ({n_params / 1e6:.2f}M params), {len(train_ds)} train "
         f"samples, batch {args.batch_size} on {world} process(es), {args.optim} lr={args.lr}, device {device}")
@@ -517,6 +527,8 @@ def train(args) -> dict:
             bar = tqdm(bar, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
         for bi in bar:
             batch = _to(default_collate([train_ds[i] for i in batches[bi]]), device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step)
             t0 = time.perf_counter()
             with _autocast(device, args.amp):
                 loss, correct, n = task.batch_loss(model, batch)
@@ -549,7 +561,7 @@ def train(args) -> dict:
         steps_here = max(sums[3], 1)
         row = {"epoch": epoch + 1, "step": global_step, "train_loss": loss_sum / max(count, 1),
                "train_acc": correct_sum / max(count, 1), "val_loss": val["loss"], "val_acc": val["acc"],
-               "val_exact": val.get("exact"), "lr": args.lr, "epoch_time_s": round(time.perf_counter() - t_epoch, 3),
+               "val_exact": val.get("exact"), "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.perf_counter() - t_epoch, 3),
                "step_time_ms": round(1e3 * step_time / steps_here, 3)}
         history.append(row)
         epoch, batch_pos, sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
