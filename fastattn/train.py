@@ -48,12 +48,13 @@ CKPT_FORMAT = "fastattn-train-1"
 # Defaults per model: chosen to reach the README targets on a CPU in a few minutes.
 DEFAULTS: Dict[str, dict] = {
     "cnn": dict(optim="adam", lr=1e-3, epochs=8, batch_size=32),
-    "rnn": dict(optim="adam", lr=1e-2, epochs=30, batch_size=64),
+    "rnn": dict(optim="adamw", lr=1e-2, epochs=30, batch_size=32),
     "seq2seq": dict(optim="adamw", lr=2e-3, epochs=3, batch_size=128),
     "lm": dict(optim="adamw", lr=2e-3, epochs=2, batch_size=64),
 }
 # Arguments a resumed run may change; all the others must match the checkpoint.
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "out", "device", "backend", "impl", "amp", "no_progress", "resume")
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "out", "device", "backend", "impl", "amp", "threads", "no_progress",
+                     "resume")
 
 
 class TrainError(ValueError):
@@ -86,6 +87,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("copy", "reverse", "sort", "addition"), help="seq2seq task (default reverse)")
     p.add_argument("--train-limit", type=int, help="train on the first N training samples only (smoke runs)")
     p.add_argument("--model-kwargs", help='JSON object of model constructor overrides, e.g. \'{"d_model": 64}\'')
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 is fastest for "
+                   "these small models on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -131,6 +134,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_positive("batch-size", args.batch_size)
     _check_positive("max-steps", args.max_steps)
     _check_positive("train-limit", args.train_limit)
+    _check_positive("threads", getattr(args, "threads", None))
     if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
         try:
             args.model_kwargs = json.loads(args.model_kwargs)
@@ -462,6 +466,8 @@ def train(args) -> dict:
     if args.backend is not None:
         fastattn.set_backend(args.backend)
     log = print if rank == 0 else (lambda *a, **k: None)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
     task = build_task(args)
     train_ds = task.splits["train"]

@@ -13,6 +13,16 @@ from fastattn.data.text import CharVocab, char_lm
 from fastattn.models import ConvNet, LSTMClassifier, Seq2SeqTransformer, TransformerLM, modules
 from fastattn.models._impl import cached_attention_fastattn, cached_attention_torch, fastattn_missing
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and avoids OpenMP spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 warnings.filterwarnings("ignore", message="fastattn.attention: falling back")
 warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
 

@@ -9,6 +9,16 @@ import fastattn.nn
 from fastattn.patch import SWAPPABLE, constructor_kwargs, patch, unpatch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and avoids OpenMP spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def _fake(cls):
     """A stand-in 'fastattn' class: torch's, plus the keyword-only backend= our modules take."""
     class Fake(cls):

@@ -12,6 +12,16 @@ from fastattn import train
 from fastattn.__main__ import main as cli
 from fastattn.models._impl import fastattn_missing
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread is fastest, and avoids OpenMP spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME_COLUMNS = ("epoch_time_s", "step_time_ms")
 
