@@ -169,3 +169,12 @@ def test_ddp_two_processes_equal_one(tmp_path):
     m1, m2 = metrics(one)[0], metrics(two)[0]
     for k in ("train_loss", "val_loss", "val_acc"):
         assert abs(float(m1[k]) - float(m2[k])) < 1e-4, (k, m1[k], m2[k])
+
+
+def test_amp_smoke(tmp_path):
+    """--amp: bfloat16 autocast on the CPU (float16 + GradScaler on CUDA) trains and validates."""
+    out = str(tmp_path / "amp")
+    run(["lm", "--impl", "torch", "--amp", "--train-limit", "64", "--batch-size", "32", "--epochs", "1",
+         "--model-kwargs", '{"d_model": 32, "num_layers": 1, "dim_feedforward": 64, "block_size": 32}', "--out", out])
+    row = metrics(out)[0]
+    assert float(row["train_loss"]) < 6.0 and float(row["val_loss"]) < 6.0
