@@ -18,19 +18,21 @@ from fastattn import train
 RUNS = {
     "cnn": (["cnn", "--epochs", "3", "--train-limit", "768"], "test accuracy"),
     "rnn": (["rnn", "--epochs", "12"], "test accuracy"),
-    "lm": (["lm", "--epochs", "1", "--train-limit", "2048", "--model-kwargs",
+    "lm": (["lm", "--epochs", "1", "--train-limit", "3200", "--lr", "3e-3", "--model-kwargs",
             '{"d_model": 96, "num_layers": 2, "dim_feedforward": 384}'], "test next-char accuracy"),
 }
 QUICK = {"cnn": ["--epochs", "1", "--train-limit", "256"], "rnn": ["--epochs", "3"],
          "lm": ["--epochs", "1", "--train-limit", "512"]}
 
 
-def run_one(model: str, impl: str, out: str, device: str, quick: bool) -> dict:
+def run_one(model: str, impl: str, out: str, device: str, quick: bool, threads=None) -> dict:
     argv, _ = RUNS[model]
     argv = list(argv)
     if quick:
         argv += QUICK[model]
     argv += ["--impl", impl, "--device", device, "--out", os.path.join(out, f"{model}-{impl}"), "--no-progress"]
+    if threads:
+        argv += ["--threads", str(threads)]
     p = argparse.ArgumentParser()
     train.add_train_args(p)
     t0 = time.perf_counter()
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="even briefer runs (a smoke test)")
     p.add_argument("--models", default="cnn,rnn,lm")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is best on a busy machine)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
     rows = []
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
             p.error(f"--models: unknown model {model!r} (choose from {', '.join(RUNS)})")
         for impl in ("fastattn", "torch"):
             print(f"\n== {model}, impl={impl}", flush=True)
-            rows.append(run_one(model, impl, args.out, args.device, args.quick))
+            rows.append(run_one(model, impl, args.out, args.device, args.quick, args.threads))
     text = table(rows)
     print("\n" + text)
     os.makedirs(args.out, exist_ok=True)
