@@ -458,6 +458,16 @@ def _autocast(device, amp: bool):
 
 def train(args) -> dict:
     """Run (or continue) training as ``args`` (from the parser + :func:`finish_args`) say; returns the summary."""
+    import torch.distributed as dist
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        return _train(args)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args) -> dict:
     import fastattn
     from torch.nn.parallel import DistributedDataParallel
     rank, world, device = dist_setup(args.device_obj)
