@@ -178,3 +178,24 @@ def test_amp_smoke(tmp_path):
          "--model-kwargs", '{"d_model": 32, "num_layers": 1, "dim_feedforward": 64, "block_size": 32}', "--out", out])
     row = metrics(out)[0]
     assert float(row["train_loss"]) < 6.0 and float(row["val_loss"]) < 6.0
+
+
+LM_TINY = ["lm", "--train-limit", "64", "--batch-size", "32", "--model-kwargs",
+           '{"d_model": 32, "num_layers": 1, "dim_feedforward": 64, "block_size": 32}']
+
+
+@pytest.mark.skipif(bool(fastattn_missing("MultiheadAttention", "AdamW")),
+                    reason=f"{fastattn_missing('MultiheadAttention', 'AdamW')} not in this build yet")
+def test_impl_fastattn_cli_and_resume_across_impls(tmp_path, capsys):
+    """impl=fastattn trains and generates (KV-cache decode through fastattn.attention); a torch run resumes
+    under impl=fastattn from the same checkpoint (same state_dict keys)."""
+    import warnings
+    warnings.filterwarnings("ignore", message="fastattn.attention: falling back")
+    ours, mixed = str(tmp_path / "ours"), str(tmp_path / "mixed")
+    run(LM_TINY + ["--impl", "fastattn", "--epochs", "1", "--out", ours])
+    capsys.readouterr()
+    assert cli(["generate", "--ckpt", ours, "--prompt", "def ", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    run(LM_TINY + ["--impl", "torch", "--epochs", "2", "--max-steps", "2", "--out", mixed])
+    run(["lm", "--resume", mixed, "--impl", "fastattn"])
+    assert len(metrics(mixed)) == 2
