@@ -489,3 +489,20 @@ def test_cuda_opcheck():
     args = _layer_args(proj=2, lengths=True, dtype=torch.float32)
     args = [a.cuda() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     torch.library.opcheck(torch.ops.fastattn.lstm_layer_fwd.default, args)
+
+
+@pytest.mark.triton
+@triton_only
+def test_triton_gates_bf16(triton_device):
+    from fastattn.triton.lstm import lstm_gates_fwd
+    torch.manual_seed(0)
+    gates = torch.randn(3, 4 * 37) * 2
+    c = torch.randn(3, 37)
+    h, c_new, act = lstm_gates_fwd(gates.to(triton_device, torch.bfloat16), c.to(triton_device, torch.bfloat16))
+    i, f, g, o = gates.to(torch.bfloat16).float().chunk(4, 1)
+    c_ref = torch.sigmoid(f) * c.to(torch.bfloat16).float() + torch.sigmoid(i) * torch.tanh(g)
+    h_ref = torch.sigmoid(o) * torch.tanh(c_ref)
+    assert h.dtype == torch.bfloat16 and act.dtype == torch.float32
+    torch.testing.assert_close(c_new.float().cpu(), c_ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(h.float().cpu(), h_ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(act[:, 37:74].cpu(), torch.sigmoid(f), atol=1e-5, rtol=1e-5)
