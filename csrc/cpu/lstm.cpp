@@ -20,11 +20,13 @@
 // float64 runs in float64 (for gradcheck).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -108,6 +110,158 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 }
 
 // ---------------------------------------------------------------------------------------------
+// fp32 GEMM with a weight operand: C (M, N) (+)= A (M, K) op(W), AVX-512.
+// MKL runs its generic AVX2 path on AMD CPUs (about half of what AVX-512 gives on Zen 4/5), so the
+// LSTM's weight products (input projection, per-step recurrent product, projection, dx) use this
+// small kernel when the CPU has AVX-512, and sgemm_ otherwise.
+//   * op(W) is packed once per layer call into panels of 48 columns (K x 48, zero-padded), so a
+//     panel (K*192 bytes) stays in L1/L2 while it meets every row block of A;
+//   * micro-kernel: 8 rows x 48 columns of C in 24 zmm accumulators; per k three panel loads, 8
+//     broadcasts of A and 24 FMAs;
+//   * rows are taken in chunks of 128 (A's chunk stays in L2), panels split across threads.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128;
+
+struct PackedW {
+  at::Tensor buf;  // (panels, K, kNR)
+  int64_t K = 0, N = 0, panels = 0;
+};
+
+// op(W) is W^T when trans_w (W is (N, K) row-major), else W (W is (K, N) row-major).
+PackedW pack_weight(const float* W, bool trans_w, int64_t K, int64_t N) {
+  PackedW p;
+  p.K = K, p.N = N, p.panels = (N + kNR - 1) / kNR;
+  p.buf = at::zeros({p.panels * K * kNR}, at::kFloat);
+  float* dst = p.buf.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float* d = dst + (n / kNR) * K * kNR + (n % kNR);
+    for (int64_t k = 0; k < K; ++k) d[k * kNR] = trans_w ? W[n * K + k] : W[k * N + n];
+  }
+  return p;
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTATTN_HAVE_AVX512_GEMM 1
+}  // namespace
+}  // namespace fastattn
+#include <immintrin.h>
+namespace fastattn {
+namespace {
+
+// C rows [0, MR) x panel columns [0, ncols) (+)= A (MR, K) x panel (K, kNR)
+template <int MR>
+__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t lda,
+                                                     const float* __restrict panel, int64_t K, float* C,
+                                                     int64_t ldc, int64_t ncols, bool accumulate) {
+  __m512 acc[MR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[kNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) b[v] = _mm512_loadu_ps(panel + k * kNR + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  __mmask16 mask[kNV];
+#pragma GCC unroll 4
+  for (int v = 0; v < kNV; ++v) {
+    const int64_t left = ncols - 16 * v;
+    mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) {
+      __m512 x = acc[r][v];
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c + 16 * v));
+      _mm512_mask_storeu_ps(c + 16 * v, mask[v], x);
+    }
+  }
+}
+
+using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
+constexpr MicroKernel kMicroKernels[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
+                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
+                                                micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
+
+void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float* C, int64_t ldc, bool accumulate) {
+  const float* panels = W.buf.const_data_ptr<float>();
+  const int64_t K = W.K, N = W.N;
+  auto run_panels = [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMChunk) {
+      const int64_t m1 = std::min(M, m0 + kMChunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* panel = panels + p * K * kNR;
+        const int64_t ncols = std::min(kNR, N - p * kNR);
+        for (int64_t m = m0; m < m1; m += kMR) {
+          const int64_t mr = std::min(kMR, m1 - m);
+          kMicroKernels[mr](A + m * lda, lda, panel, K, C + m * ldc + p * kNR, ldc, ncols, accumulate);
+        }
+      }
+    }
+  };
+  // threads only when each gets a few hundred thousand FMAs
+  const int64_t fmas_per_panel = M * K * kNR;
+  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(fmas_per_panel, 1));
+  if (W.panels <= grain) run_panels(0, W.panels);
+  else at::parallel_for(0, W.panels, grain, run_panels);
+}
+#endif
+
+// C (M, N) = A (M, K) op(W) (+ C when accumulate) for many A with one W (a layer's weight products):
+// op(W) is W^T (W is (N, K)) when trans_w, else W (W is (K, N)). Packed AVX-512 kernel for fp32 when
+// the CPU has it and W is used enough to pay for packing, BLAS otherwise.
+template <typename T>
+struct WeightGemm {
+  const T* W;
+  bool trans_w;
+  int64_t N, K;
+  PackedW packed;
+
+  WeightGemm(const T* W_, bool trans_w_, int64_t N_, int64_t K_, int64_t rows_total)
+      : W(W_), trans_w(trans_w_), N(N_), K(K_) {
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu_has_avx512() && N > 0 && K > 0 && rows_total >= 16) packed = pack_weight(W, trans_w, K, N);
+    }
+#endif
+  }
+
+  void run(int64_t M, const T* A, bool accumulate, T* C) const {
+    if (M == 0) return;
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed.buf.defined()) {
+        gemm_packed(M, A, K, packed, C, N, accumulate);
+        return;
+      }
+    }
+#endif
+    gemm<T>(false, trans_w, M, N, K, A, K, W, trans_w ? K : N, accumulate ? T(1) : T(0), C, N);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Fused pointwise passes (one batch row at a time; vectorized over the hidden units).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -119,11 +273,15 @@ FASTATTN_INLINE T tanh_(T x) {  // 2 sigmoid(2x) - 1: exp_t vectorizes, std::tan
   return T(2) / (T(1) + simd::exp_t<T>(T(-2) * x)) - T(1);
 }
 
-// gates: the 4H pre-activations in, the activations out. c: the cell state, updated in place;
-// c_save, r: where c' and o*tanh(c') go (r2 a second copy of r, or null).
+// gates: the 4H pre-activations in (plus bias, if given), the activations out. c_in -> c_out: the cell state (may be
+// the same buffer); c_save: a second copy of c' (or null); r: o*tanh(c'); r2: a copy of r (or null).
 template <typename T>
-FASTATTN_SIMD void pointwise_fwd_row(T* __restrict gates, T* __restrict c, T* __restrict c_save,
-                                     T* __restrict r, T* __restrict r2, int64_t H) {
+FASTATTN_SIMD void pointwise_fwd_row(T* __restrict gates, const T* __restrict bias, const T* c_in, T* c_out,
+                                     T* c_save, T* __restrict r, T* __restrict r2, int64_t H) {
+  if (bias) {  // the layer adds its biases here rather than in a pass over all T*B*4H gates
+#pragma omp simd
+    for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j];
+  }
   T* gi = gates;
   T* gf = gates + H;
   T* gg = gates + 2 * H;
@@ -131,16 +289,16 @@ FASTATTN_SIMD void pointwise_fwd_row(T* __restrict gates, T* __restrict c, T* __
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T i = sigmoid(gi[j]), f = sigmoid(gf[j]), g = tanh_(gg[j]), o = sigmoid(go[j]);
-    const T cn = f * c[j] + i * g;
+    const T cn = f * c_in[j] + i * g;
     const T h = o * tanh_(cn);
     gi[j] = i;
     gf[j] = f;
     gg[j] = g;
     go[j] = o;
-    c[j] = cn;
-    c_save[j] = cn;
+    c_out[j] = cn;
     r[j] = h;
   }
+  if (c_save) std::memcpy(c_save, c_out, H * sizeof(T));
   if (r2) std::memcpy(r2, r, H * sizeof(T));
 }
 
@@ -209,8 +367,15 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The tensor in the compute type, contiguous (no copy when it already is).
-at::Tensor prep(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+// The tensor in the compute type, contiguous (no copy, and no dispatcher call, when it already is:
+// at hidden 50 a cell step is a few microseconds, and every dispatched no-op costs a fraction of one).
+at::Tensor prep(const at::Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() == ct && t.is_contiguous()) return t;
+  return t.to(ct).contiguous();
+}
+
+// The result in the caller's dtype (no dispatcher call when it already has it).
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
 void check_float(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "fastattn lstm (cpu): ", name, " must be a CPU tensor, got ", t.device());
@@ -236,6 +401,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
                                                                  const std::optional<at::Tensor>& b_ih_opt,
                                                                  const std::optional<at::Tensor>& b_hh_opt) {
   TORCH_CHECK(input.dim() == 2, "fastattn lstm_cell: input must be (batch, input_size), got ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastattn lstm_cell: input must be floating point, got ",
+              input.scalar_type());
   const int64_t B = input.size(0), I = input.size(1), H = w_hh.size(-1);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H, "fastattn lstm_cell: w_hh must be (4*hidden, hidden), got ",
               w_hh.sizes());
@@ -248,8 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
   at::Tensor b_ih, b_hh;
   if (b_ih_opt && b_ih_opt->defined()) { check_float(*b_ih_opt, "b_ih", input); check_shape(*b_ih_opt, "b_ih", {4 * H}); b_ih = prep(*b_ih_opt, ct); }
   if (b_hh_opt && b_hh_opt->defined()) { check_float(*b_hh_opt, "b_hh", input); check_shape(*b_hh_opt, "b_hh", {4 * H}); b_hh = prep(*b_hh_opt, ct); }
-  auto x = prep(input, ct), h = prep(hx, ct), wi = prep(w_ih, ct), wh = prep(w_hh, ct);
-  auto c = prep(cx, ct).clone();  // updated in place into cy
+  auto x = prep(input, ct), h = prep(hx, ct), c = prep(cx, ct), wi = prep(w_ih, ct), wh = prep(w_hh, ct);
   auto gates = at::empty({B, 4 * H}, x.options());
   auto hy = at::empty({B, H}, x.options());
   auto cy = at::empty({B, H}, x.options());
@@ -259,14 +425,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
     fill_bias<T>(G, ptr_or_null<T>(b_ih), ptr_or_null<T>(b_hh), B, 4 * H);
     gemm<T>(false, true, B, 4 * H, I, x.const_data_ptr<T>(), I, wi.const_data_ptr<T>(), I, T(1), G, 4 * H);
     gemm<T>(false, true, B, 4 * H, H, h.const_data_ptr<T>(), H, wh.const_data_ptr<T>(), H, T(1), G, 4 * H);
-    T* C = c.data_ptr<T>();
+    const T* C = c.const_data_ptr<T>();
     T* CY = cy.data_ptr<T>();
     T* HY = hy.data_ptr<T>();
     for_rows(B, 4 * H, [&](int64_t b) {
-      pointwise_fwd_row<T>(G + b * 4 * H, C + b * H, CY + b * H, HY + b * H, nullptr, H);
+      pointwise_fwd_row<T>(G + b * 4 * H, nullptr, C + b * H, CY + b * H, nullptr, HY + b * H, nullptr, H);
     });
   });
-  return {hy.to(input.scalar_type()), cy.to(input.scalar_type()), gates};
+  return {as_type(hy, input.scalar_type()), as_type(cy, input.scalar_type()), gates};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cpu(
@@ -303,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     column_sums<T>(DG, db.data_ptr<T>(), B, 4 * H);
   });
   const auto dt = input.scalar_type();
-  return {dx.to(dt), dhx.to(dt), dc.to(dt), dwi.to(dt), dwh.to(dt), db.to(dt)};
+  return {as_type(dx, dt), as_type(dhx, dt), as_type(dc, dt), as_type(dwi, dt), as_type(dwh, dt), as_type(db, dt)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,6 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_opt, const std::optional<at::Tensor>& b_hh_opt,
     const std::optional<at::Tensor>& w_hr_opt, bool reverse, const std::optional<at::Tensor>& lengths) {
   TORCH_CHECK(input.dim() == 3, "fastattn lstm: input must be (seq_len, batch, input_size), got ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastattn lstm: input must be floating point, got ",
+              input.scalar_type());
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, "fastattn lstm: w_ih must be (4*hidden, input_size), got ",
               w_ih.sizes());
   const bool proj = w_hr_opt && w_hr_opt->defined();
@@ -369,21 +537,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T_ *G = gates.data_ptr<T_>(), *O = out.data_ptr<T_>(), *CS = cells.data_ptr<T_>(),
        *R = proj ? hidden.data_ptr<T_>() : nullptr, *Hs = h.data_ptr<T_>(), *Cs = c.data_ptr<T_>();
     const T_ *WH = wh.const_data_ptr<T_>(), *WR = proj ? w_hr.const_data_ptr<T_>() : nullptr;
-    // 1. the input projection of every step, biases included
-    fill_bias<T_>(G, ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), T * B, 4 * H);
-    gemm<T_>(false, true, T * B, 4 * H, I, x.const_data_ptr<T_>(), I, wi.const_data_ptr<T_>(), I, T_(1), G, 4 * H);
+    // 1. the input projection of every step (the biases join in the pointwise pass)
+    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
+    std::vector<T_> bias_sum(4 * H);
+    const bool has_bias = b_ih.defined() || b_hh.defined();
+    if (has_bias) fill_bias<T_>(bias_sum.data(), ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), 1, 4 * H);
+    const T_* BS = has_bias ? bias_sum.data() : nullptr;
     // 2. the recurrence
+    const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
+    const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = L.time_of_step(s);
       T_* Gt = G + t * B * 4 * H;
       T_* Ot = O + t * B * P;
       T_* Ct = CS + t * B * H;
       T_* Rt = proj ? R + t * B * H : nullptr;
-      gemm<T_>(false, true, B, 4 * H, P, Hs, P, WH, P, T_(1), Gt, 4 * H);
+      hh.run(B, Hs, true, Gt);
       for_rows(B, 4 * H, [&](int64_t b) {
         if (L.active(t, b)) {
           // without a projection h goes straight to the output and the running state
-          pointwise_fwd_row<T_>(Gt + b * 4 * H, Cs + b * H, Ct + b * H, proj ? Rt + b * H : Ot + b * P,
+          pointwise_fwd_row<T_>(Gt + b * 4 * H, BS, Cs + b * H, Cs + b * H, Ct + b * H, proj ? Rt + b * H : Ot + b * P,
                                 proj ? nullptr : Hs + b * P, H);
         } else {  // finished (or, in reverse, not yet started): keep the state, output 0
           std::memcpy(Ct + b * H, Cs + b * H, H * sizeof(T_));
@@ -393,14 +566,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       });
       if (proj) {  // h = r W_hr^T; rows that sat this step out have r = 0, so their output stays 0
-        gemm<T_>(false, true, B, P, H, Rt, H, WR, H, T_(0), Ot, P);
+        hr.run(B, Rt, false, Ot);
         for (int64_t b = 0; b < B; ++b)
           if (L.active(t, b)) std::memcpy(Hs + b * P, Ot + b * P, P * sizeof(T_));
       }
     }
   });
   const auto dt = input.scalar_type();
-  return {out.to(dt), h.to(dt), c.to(dt), gates, cells, hidden};
+  return {as_type(out, dt), as_type(h, dt), as_type(c, dt), gates, cells, hidden};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
@@ -449,6 +622,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              *WH = wh.const_data_ptr<T_>(), *WR = proj ? wr.const_data_ptr<T_>() : nullptr;
     T_ *DG = dgates.data_ptr<T_>(), *DHT = dhtot.data_ptr<T_>(), *DH = dh.data_ptr<T_>(), *DC = dc.data_ptr<T_>(),
        *DR = proj ? dr.data_ptr<T_>() : nullptr, *DHN = dh_new.data_ptr<T_>(), *HP = hprev.data_ptr<T_>();
+    const WeightGemm<T_> hh(WH, /*trans_w=*/false, P, 4 * H, T * B);           // dh = dgates W_hh
+    const WeightGemm<T_> hr(WR, /*trans_w=*/false, H, P, proj ? T * B : 0);     // dr = dh W_hr
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = L.time_of_step(s);
       const bool first = s == 0;
@@ -466,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::fill(d, d + P, T_(0));
         }
       }
-      if (proj) gemm<T_>(false, false, B, H, P, DHTt, P, WR, H, T_(0), DR, H);  // dr = dh W_hr
+      if (proj) hr.run(B, DHTt, false, DR);
       const T_* dr_t = proj ? DR : DHTt;
       const int64_t ldr = proj ? H : P;
       for_rows(B, 4 * H, [&](int64_t b) {
@@ -482,24 +657,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (first || !L.active(tp, b)) std::memcpy(hp, H0 + b * P, P * sizeof(T_));
         else std::memcpy(hp, O + (tp * B + b) * P, P * sizeof(T_));
       });
-      gemm<T_>(false, false, B, P, 4 * H, DGt, 4 * H, WH, P, T_(0), DHN, P);  // dh_{t-1} = dgates W_hh
+      hh.run(B, DGt, false, DHN);
       for (int64_t b = 0; b < B; ++b)
         if (L.active(t, b)) std::memcpy(DH + b * P, DHN + b * P, P * sizeof(T_));
     }
     // 3. weight gradients over all steps at once
     const int64_t N = T * B;
-    gemm<T_>(false, false, N, I, 4 * H, DG, 4 * H, wi.const_data_ptr<T_>(), I, T_(0), dx.data_ptr<T_>(), I);
+    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, dx.data_ptr<T_>());
     gemm<T_>(true, false, 4 * H, I, N, DG, 4 * H, x.const_data_ptr<T_>(), I, T_(0), dwi.data_ptr<T_>(), I);
     gemm<T_>(true, false, 4 * H, P, N, DG, 4 * H, HP, P, T_(0), dwh.data_ptr<T_>(), P);
     column_sums<T_>(DG, db.data_ptr<T_>(), N, 4 * H);
     if (proj) gemm<T_>(true, false, P, H, N, DHT, P, r.const_data_ptr<T_>(), H, T_(0), dwr.data_ptr<T_>(), H);
   });
   const auto dt = input.scalar_type();
-  return {dx.to(dt), dh.to(dt), dc.to(dt), dwi.to(dt), dwh.to(dt), db.to(dt), dwr.to(dt)};
+  return {as_type(dx, dt), as_type(dh, dt), as_type(dc, dt), as_type(dwi, dt), as_type(dwh, dt), as_type(db, dt),
+          as_type(dwr, dt)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd of the cell step, in C++: a cell step at hidden 50 takes a few microseconds, and a
+// Python autograd kernel (torch.library.register_autograd) would cost several times that per call.
+// Device-generic: it redispatches to the CPU or CUDA kernels of lstm_cell_fwd / lstm_cell_bwd.
+// (The layer op keeps its autograd in Python, fastattn/ops/lstm.py: one call runs a whole sequence.)
+// ---------------------------------------------------------------------------------------------
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::lstm_cell_fwd", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [hy, cy, gates] = op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+    ctx->save_for_backward({input, hx, cx, cy, w_ih, w_hh, gates});
+    ctx->saved_data["bias"] = (int64_t)(b_ih && b_ih->defined() ? 1 : 0) | (b_hh && b_hh->defined() ? 2 : 0);
+    ctx->mark_non_differentiable({gates});
+    return {hy, cy, gates};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Dispatched normally: lstm_cell_bwd's own autograd (Python) raises a clear error on double backward.
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::lstm_cell_bwd", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&)>();
+    auto saved = ctx->get_saved_variables();
+    const auto &input = saved[0], &hx = saved[1], &cx = saved[2], &cy = saved[3];
+    auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(cy);
+    auto grad_cy = grads[1].defined() ? grads[1] : at::zeros_like(cy);
+    auto [dx, dh, dc, dwi, dwh, db] = op.call(grad_hy, grad_cy, input, hx, cx, cy, saved[4], saved[5], saved[6]);
+    const int64_t bias = ctx->saved_data["bias"].toInt();
+    return {dx, dh, dc, dwi, dwh, (bias & 1) ? db : at::Tensor(), (bias & 2) ? db : at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_autograd(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  // (optional arguments stay optional: Function::apply cannot take undefined tensors)
+  auto out = LstmCellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace
 }  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) { m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_autograd); }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_cpu);

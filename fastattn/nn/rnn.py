@@ -19,6 +19,8 @@ from fastattn.ops import lstm as _ops
 
 __all__ = ["LSTM", "LSTMCell"]
 
+_lstm_cell = _ops.lstm_cell
+
 
 class LSTMCell(torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` with fastattn's fused cell kernel; ``backend=`` picks the kernel."""
@@ -33,7 +35,7 @@ class LSTMCell(torch.nn.LSTMCell):
             shape = (self.hidden_size,) if input.dim() == 1 else (input.shape[0], self.hidden_size)
             z = input.new_zeros(shape)
             hx = (z, z)
-        return _ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+        return _lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                               backend=self.backend)
 
 

@@ -128,21 +128,6 @@ def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g.contiguous()
 
 
-def _cell_setup(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
-    hy, cy, gates = output
-    ctx.mark_non_differentiable(gates)
-    ctx.save_for_backward(input, hx, cx, cy, w_ih, w_hh, gates)
-    ctx.has_bias = (b_ih is not None, b_hh is not None)
-
-
-def _cell_backward(ctx, grad_hy, grad_cy, _grad_gates):
-    input, hx, cx, cy, w_ih, w_hh, gates = ctx.saved_tensors
-    dx, dh, dc, dwi, dwh, db = torch.ops.fastattn.lstm_cell_bwd(
-        _zeros_if_none(grad_hy, hx), _zeros_if_none(grad_cy, cx), input, hx, cx, cy, w_ih, w_hh, gates)
-    return (dx, dh, dc, dwi, dwh, db if ctx.has_bias[0] else None, db if ctx.has_bias[1] else None)
-
-
 def _layer_setup(ctx, inputs, output):
     input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths = inputs
     out, h_n, c_n, gates, cells, hidden = output
@@ -172,7 +157,7 @@ def _register():
     torch.library.register_fake("fastattn::lstm_cell_bwd")(_cell_bwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_fwd")(_layer_fwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_bwd")(_layer_bwd_fake)
-    torch.library.register_autograd("fastattn::lstm_cell_fwd", _cell_backward, setup_context=_cell_setup)
+    # lstm_cell_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): its per-call cost matters at hidden 50.
     torch.library.register_autograd("fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup)
     for name in ("lstm_cell_bwd", "lstm_layer_bwd"):
         torch.library.register_autograd(f"fastattn::{name}", _no_double_backward,
@@ -180,9 +165,12 @@ def _register():
     return lib.lstm_cell_fwd.default, lib.lstm_layer_fwd.default
 
 
-_cell_op = _layer_op = None
+_cell_op = _layer_op = _cell_op_raw = None
 if _ext.available() and hasattr(torch.ops.fastattn, "lstm_layer_fwd"):
     _cell_op, _layer_op = _register()
+    # The C++ entry point of the op (what OpOverload.__call__ forwards to): the thin call path of
+    # lstm_cell, which at hidden 50 costs about as much as the kernel itself.
+    _cell_op_raw = getattr(_cell_op, "_op", _cell_op)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +260,17 @@ def lstm_cell(input: Tensor, hx: Tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
               b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One LSTM step, like ``torch.nn.LSTMCell``: ``input (B, I)`` or unbatched ``(I,)``, ``hx = (h, c)``
     each ``(B, H)`` (or ``(H,)``), weights ``w_ih (4H, I)``, ``w_hh (4H, H)``. Returns ``(h', c')``."""
+    if backend is None and _cell_op_raw is not None and _backend._default == "auto":
+        # Thin path: the native kernel checks every argument itself (TORCH_CHECK); if it refuses
+        # (or no kernel runs this device/dtype), the full path below gives the clear Python error
+        # or picks another backend.
+        try:
+            if input.dim() == 2:
+                h, c = hx
+                hy, cy, _ = _cell_op_raw(input, h, c, w_ih, w_hh, b_ih, b_hh)
+                return hy, cy
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
+            pass
     _check_tensor(input, "input", (1, 2))
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError("hx must be a tuple (h, c)")
