@@ -160,11 +160,18 @@ bool cpu_has_avx512() {
 namespace fastattn {
 namespace {
 
-// C rows [0, MR) x panel columns [0, ncols) (+)= A (MR, K) x panel (K, kNR)
+// C rows [0, MR) x columns [0, ncols) (+)= A (MR, K) x Bm (K, ncols <= kNR).
+// A[r, k] at A[r * a_rs + k * a_ks]; Bm row k at Bm + k * b_ks (a packed panel: b_ks = kNR).
 template <int MR>
-__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t lda,
-                                                     const float* __restrict panel, int64_t K, float* C,
+__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t a_rs, int64_t a_ks,
+                                                     const float* __restrict Bm, int64_t b_ks, int64_t K, float* C,
                                                      int64_t ldc, int64_t ncols, bool accumulate) {
+  __mmask16 mask[kNV];
+#pragma GCC unroll 4
+  for (int v = 0; v < kNV; ++v) {
+    const int64_t left = ncols - 16 * v;
+    mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
   __m512 acc[MR][kNV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -173,19 +180,14 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, 
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[kNV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) b[v] = _mm512_loadu_ps(panel + k * kNR + 16 * v);
+    for (int v = 0; v < kNV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v);
+    const float* a_k = A + k * a_ks;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      const __m512 a = _mm512_set1_ps(a_k[r * a_rs]);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
-  }
-  __mmask16 mask[kNV];
-#pragma GCC unroll 4
-  for (int v = 0; v < kNV; ++v) {
-    const int64_t left = ncols - 16 * v;
-    mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -199,7 +201,8 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, 
   }
 }
 
-using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
+using MicroKernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t,
+                             bool);
 constexpr MicroKernel kMicroKernels[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
                                                 micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
                                                 micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
@@ -215,7 +218,7 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
         const int64_t ncols = std::min(kNR, N - p * kNR);
         for (int64_t m = m0; m < m1; m += kMR) {
           const int64_t mr = std::min(kMR, m1 - m);
-          kMicroKernels[mr](A + m * lda, lda, panel, K, C + m * ldc + p * kNR, ldc, ncols, accumulate);
+          kMicroKernels[mr](A + m * lda, lda, 1, panel, kNR, K, C + m * ldc + p * kNR, ldc, ncols, accumulate);
         }
       }
     }
@@ -226,7 +229,32 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
   if (W.panels <= grain) run_panels(0, W.panels);
   else at::parallel_for(0, W.panels, grain, run_panels);
 }
+
+// C (R, Kc) = D^T Y for D (N, R), Y (N, Kc) row-major (a weight gradient summed over N = T*B rows),
+// straight from D and Y (no packing): worth it while D and Y sit in L2; larger goes to BLAS.
+bool small_weight_grad(int64_t N, int64_t R, int64_t Kc) {
+  return cpu_has_avx512() && N * (R + Kc) * (int64_t)sizeof(float) <= (1 << 20);
+}
+
+void weight_grad_avx512(int64_t R, int64_t Kc, int64_t N, const float* D, const float* Y, float* C) {
+  for (int64_t r = 0; r < R; r += kMR) {
+    const int64_t mr = std::min(kMR, R - r);
+    for (int64_t c = 0; c < Kc; c += kNR)
+      kMicroKernels[mr](D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
+  }
+}
 #endif
+
+// C (R, Kc) = D^T Y, D (N, R) and Y (N, Kc) row-major.
+template <typename T>
+void weight_grad(int64_t R, int64_t Kc, int64_t N, const T* D, const T* Y, T* C) {
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (small_weight_grad(N, R, Kc)) return weight_grad_avx512(R, Kc, N, D, Y, C);
+  }
+#endif
+  gemm<T>(true, false, R, Kc, N, D, R, Y, Kc, T(0), C, Kc);
+}
 
 // C (M, N) = A (M, K) op(W) (+ C when accumulate) for many A with one W (a layer's weight products):
 // op(W) is W^T (W is (N, K)) when trans_w, else W (W is (K, N)). Packed AVX-512 kernel for fp32 when
@@ -464,8 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     gemm<T>(false, false, B, I, 4 * H, DG, 4 * H, wi.const_data_ptr<T>(), I, T(0), dx.data_ptr<T>(), I);
     gemm<T>(false, false, B, H, 4 * H, DG, 4 * H, wh.const_data_ptr<T>(), H, T(0), dhx.data_ptr<T>(), H);
-    gemm<T>(true, false, 4 * H, I, B, DG, 4 * H, x.const_data_ptr<T>(), I, T(0), dwi.data_ptr<T>(), I);
-    gemm<T>(true, false, 4 * H, H, B, DG, 4 * H, h.const_data_ptr<T>(), H, T(0), dwh.data_ptr<T>(), H);
+    weight_grad<T>(4 * H, I, B, DG, x.const_data_ptr<T>(), dwi.data_ptr<T>());
+    weight_grad<T>(4 * H, H, B, DG, h.const_data_ptr<T>(), dwh.data_ptr<T>());
     column_sums<T>(DG, db.data_ptr<T>(), B, 4 * H);
   });
   const auto dt = input.scalar_type();
@@ -664,10 +692,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // 3. weight gradients over all steps at once
     const int64_t N = T * B;
     WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, dx.data_ptr<T_>());
-    gemm<T_>(true, false, 4 * H, I, N, DG, 4 * H, x.const_data_ptr<T_>(), I, T_(0), dwi.data_ptr<T_>(), I);
-    gemm<T_>(true, false, 4 * H, P, N, DG, 4 * H, HP, P, T_(0), dwh.data_ptr<T_>(), P);
+    weight_grad<T_>(4 * H, I, N, DG, x.const_data_ptr<T_>(), dwi.data_ptr<T_>());
+    weight_grad<T_>(4 * H, P, N, DG, HP, dwh.data_ptr<T_>());
     column_sums<T_>(DG, db.data_ptr<T_>(), N, 4 * H);
-    if (proj) gemm<T_>(true, false, P, H, N, DHT, P, r.const_data_ptr<T_>(), H, T_(0), dwr.data_ptr<T_>(), H);
+    if (proj) weight_grad<T_>(P, H, N, DHT, r.const_data_ptr<T_>(), dwr.data_ptr<T_>());
   });
   const auto dt = input.scalar_type();
   return {as_type(dx, dt), as_type(dh, dt), as_type(dc, dt), as_type(dwi, dt), as_type(dwh, dt), as_type(db, dt),
