@@ -7,10 +7,11 @@
 //
 // Layout of the work (per layer call):
 //   1. the input projection of all T steps: one GEMM  (T*B, I) x (I, 4H) into `gates`
-//   2. per step: one GEMM h_{t-1} W_hh^T accumulated into gates[t] (BLAS sgemm_/dgemm_ on raw
-//      pointers: at hidden 50 the per-call overhead of at::mm would dominate), then one fused
-//      vectorized pointwise pass that activates the gates in place (saved for backward), updates
-//      c and writes h; with proj_size one more GEMM r_t W_hr^T
+//   2. per step: one GEMM h_{t-1} W_hh^T accumulated into gates[t], then one fused vectorized
+//      pointwise pass that adds the biases, activates the gates in place (saved for backward),
+//      updates c and writes h; with proj_size one more GEMM r_t W_hr^T
+//   GEMMs on raw pointers (at hidden 50 the per-call overhead of at::mm would dominate): fp32 on
+//   AVX-512 CPUs through our packed-weight micro-kernel (see WeightGemm), else BLAS sgemm_/dgemm_.
 //   3. backward through time: per step one pointwise pass (dgates) and one GEMM dgates W_hh;
 //      the weight gradients of all steps afterwards as single GEMMs over the T*B rows.
 // Variable lengths (packed sequences): batch row b takes part in step t iff t < lengths[b]; a row
@@ -118,9 +119,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 //     panel (K*192 bytes) stays in L1/L2 while it meets every row block of A;
 //   * micro-kernel: 8 rows x 48 columns of C in 24 zmm accumulators; per k three panel loads, 8
 //     broadcasts of A and 24 FMAs;
-//   * rows are taken in chunks of 128 (A's chunk stays in L2), panels split across threads.
+//   * rows are taken in chunks of 128 (A's chunk stays in L2), K in blocks of 256 (a panel block,
+//     48 KB, stays in L1), panels split across threads.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128;
+constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128, kKBlock = 256;
 
 struct PackedW {
   at::Tensor buf;  // (panels, K, kNR)
@@ -214,11 +216,15 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
     for (int64_t m0 = 0; m0 < M; m0 += kMChunk) {
       const int64_t m1 = std::min(M, m0 + kMChunk);
       for (int64_t p = p0; p < p1; ++p) {
-        const float* panel = panels + p * K * kNR;
         const int64_t ncols = std::min(kNR, N - p * kNR);
-        for (int64_t m = m0; m < m1; m += kMR) {
-          const int64_t mr = std::min(kMR, m1 - m);
-          kMicroKernels[mr](A + m * lda, lda, 1, panel, kNR, K, C + m * ldc + p * kNR, ldc, ncols, accumulate);
+        for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {  // a k-block of the panel (kKBlock x kNR) stays in L1
+          const int64_t kb = std::min(kKBlock, K - k0);
+          const float* panel = panels + (p * K + k0) * kNR;
+          for (int64_t m = m0; m < m1; m += kMR) {
+            const int64_t mr = std::min(kMR, m1 - m);
+            kMicroKernels[mr](A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
+                              accumulate || k0 > 0);
+          }
         }
       }
     }
