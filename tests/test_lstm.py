@@ -506,3 +506,27 @@ def test_triton_gates_bf16(triton_device):
     torch.testing.assert_close(c_new.float().cpu(), c_ref, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(h.float().cpu(), h_ref, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(act[:, 37:74].cpu(), torch.sigmoid(f), atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("T,B,I,H,proj", [(12, 5, 300, 32, 0), (20, 64, 40, 64, 24)])
+def test_fp32_kernel_paths_packed(T, B, I, H, proj):
+    """fp32 runs our AVX-512 GEMMs (where the CPU has them): K-blocking (input size 300 > 256), row
+    blocks with a remainder (B=5), the small weight-gradient kernel and the BLAS one (large T*B)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, bidirectional=True, proj_size=proj, dtype=DT)
+    ours = LSTM(I, H, bidirectional=True, proj_size=proj)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=DT)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    o1, (h1, c1) = ref(pack_padded_sequence(x.requires_grad_(), lengths, enforce_sorted=False))
+    x2 = x.detach().float().requires_grad_()
+    o2, (h2, c2) = ours(pack_padded_sequence(x2, lengths, enforce_sorted=False))
+    for a, b in ((o1.data, o2.data), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(b.double(), a, atol=2e-5, rtol=1e-4)
+    (o1.data.sum() + h1.sum() + c1.sum()).backward()
+    (o2.data.sum() + h2.sum() + c2.sum()).backward()
+    torch.testing.assert_close(x2.grad.double(), x.grad, atol=1e-4, rtol=1e-4)
+    for (n, p1), p2 in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(p2.grad.double(), p1.grad, atol=2e-4, rtol=1e-4, msg=n)
