@@ -80,6 +80,12 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha
   dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
 }
 
+// at::parallel_for grain: units with less than ~32K multiply-adds are batched, so tiny problems
+// (gradcheck, unit tests) do not pay a thread team's start-up for each call.
+inline int64_t grain(int64_t work_per_unit) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(work_per_unit, 1));
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) {  // b > 0, a any sign
   return a >= 0 ? (a + b - 1) / b : -((-a) / b);
 }
@@ -207,7 +213,7 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
   g.Cg = g.C / groups; g.Kg = g.K / groups; g.CRS = g.Cg * g.R * g.S;
   g.direct = g.Cg <= 4;
   g.pointwise = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pb == 0 && g.pl == 0 && g.pr == 0;
-  int64_t tm = std::max<int64_t>(64, (int64_t(1) << 17) / std::max<int64_t>(g.CRS, 1));
+  int64_t tm = std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(g.CRS, 1));  // ~1 MB fp32 patches
   g.TM = std::min(g.P * g.Q, tm);
   return g;
 }
@@ -263,79 +269,125 @@ FASTATTN_SIMD void im2col(const Geom& g, const double* x, int64_t m0, int64_t n,
 FASTATTN_SIMD void col2im(const Geom& g, float* x, int64_t m0, int64_t n, const float* col) { im2col_body<float, true>(g, x, m0, n, const_cast<float*>(col)); }
 FASTATTN_SIMD void col2im(const Geom& g, double* x, int64_t m0, int64_t n, const double* col) { im2col_body<double, true>(g, x, m0, n, const_cast<double*>(col)); }
 
-// ------------------------------------------------------------------------------------------
 // Direct forward: output rows [p0, p1) of one (image, group), all Kg channels.
-// xp: zero-padded input rows, [Cg][HR][WP] with HR = (p1-p0-1)*sh + (R-1)*dh + 1 rows starting
-// at input row p0*sh - pt, and WP wide enough for whole vectors of output columns.
+//
+// xp holds the input rows the block needs, zero-padded and split by column phase so that every
+// tap reads whole contiguous vectors even for stride > 1: padded column j of a row lives at
+// row[(j % sw) * WPs + j / sw], so output columns q..q+V of tap s read
+// row[((s*dw) % sw) * WPs + (s*dw) / sw + q ...]. Layout [Cg][HR][sw * WPs], HR rows from input
+// row p0*sh - pt.
+//
+// Register tile: KBt output channels x NV vectors of output columns, accumulated over (c, r, s)
+// with one vector load per tap and vector and a broadcast weight per channel (GCC vector
+// extensions; 512-bit vectors, lowered to two AVX2 or four SSE registers in the other clones).
+// Wide groups (the RGB stem) use 8 channels x 1 vector, depthwise 1 channel x 4 vectors.
 // wpack: the group's weight as [ceil(Kg/KB)][CRS][KB] (zero-padded channels).
 // dst[k*ldk + (p-p0)*Q + q]; bias (or null) for the group's channels.
-// ------------------------------------------------------------------------------------------
+struct DirectLayout {
+  int64_t HR, WPs, ld_row;  // rows, phase width, row pitch (= sw * WPs)
+};
+
 template <typename T>
-FASTATTN_INLINE void direct_rows_body(const Geom& g, const T* xp, int64_t HR, int64_t WP, const T* wpack,
-                                      int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre,
-                                      const T* bias, int64_t act) {
-  constexpr int QV = 64 / sizeof(T);  // one 512-bit vector of output columns
-  const int64_t sw = g.sw, dw = g.dw;
-  const int64_t nkb = (g.Kg + KB - 1) / KB;
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    const T* wk = wpack + kb * g.CRS * KB;
-    const int64_t kn = std::min<int64_t>(KB, g.Kg - kb * KB);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* xrow0 = xp + (p - p0) * g.sh * WP;
-      for (int64_t q0 = 0; q0 < g.Q; q0 += QV) {
-        T acc[KB][QV];
-        for (int kk = 0; kk < KB; ++kk)
-#pragma omp simd
-          for (int j = 0; j < QV; ++j) acc[kk][j] = T(0);
-        const T* w = wk;
-        for (int64_t c = 0; c < g.Cg; ++c)
-          for (int64_t r = 0; r < g.R; ++r) {
-            const T* row = xrow0 + (c * HR + r * g.dh) * WP + q0 * sw;
-            for (int64_t s = 0; s < g.S; ++s, w += KB) {
-              const T* x = row + s * dw;
-              T xv[QV];
-#pragma omp simd
-              for (int j = 0; j < QV; ++j) xv[j] = x[j * sw];
+DirectLayout direct_layout(const Geom& g, int64_t rows) {
+  constexpr int QV = 64 / sizeof(T);
+  const int64_t qc = ceil_div(g.Q, 4 * QV) * 4 * QV;  // columns rounded up to whole tiles
+  DirectLayout l;
+  l.HR = (rows - 1) * g.sh + (g.R - 1) * g.dh + 1;
+  l.WPs = qc + ((g.S - 1) * g.dw) / g.sw + 1;
+  l.ld_row = g.sw * l.WPs;
+  return l;
+}
+
+template <typename T, int KBt, int NV>
+FASTATTN_INLINE void direct_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T);
+  V acc[KBt][NV];
 #pragma GCC unroll 8
-              for (int kk = 0; kk < KB; ++kk) {
-                const T wv = w[kk];
-#pragma omp simd
-                for (int j = 0; j < QV; ++j) acc[kk][j] += wv * xv[j];
-              }
-            }
-          }
-        const int64_t qn = std::min<int64_t>(QV, g.Q - q0);
-        for (int64_t kk = 0; kk < kn; ++kk) {
-          const int64_t k = kb * KB + kk;
-          T* d = dst + k * ldk + (p - p0) * g.Q + q0;
-          for (int64_t j = 0; j < qn; ++j) d[j] = acc[kk][j];
-          epilogue_body(d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k] : T(0), act);
+  for (int a = 0; a < KBt; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NV; ++b) acc[a][b] = V{};
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
+      for (int64_t s = 0; s < g.S; ++s, w += KB) {
+        const int64_t t = s * g.dw;
+        const T* x = row + (t % g.sw) * l.WPs + t / g.sw;
+        V xv[NV];
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; ++b) std::memcpy(&xv[b], x + b * QV, sizeof(V));
+#pragma GCC unroll 8
+        for (int a = 0; a < KBt; ++a) {
+          const T wv = w[a];
+#pragma GCC unroll 4
+          for (int b = 0; b < NV; ++b) acc[a][b] += xv[b] * wv;
+        }
+      }
+    }
+#pragma GCC unroll 8
+  for (int a = 0; a < KBt; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NV; ++b) std::memcpy(out + (a * NV + b) * QV, &acc[a][b], sizeof(V));
+}
+
+template <typename T, int KBt, int NV>
+FASTATTN_INLINE void direct_rows_tiled(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack,
+                                       int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias,
+                                       int64_t act) {
+  constexpr int QV = 64 / sizeof(T), QT = NV * QV;
+  alignas(64) T tile[KBt * QT];
+  for (int64_t k0 = 0; k0 < g.Kg; k0 += KBt) {
+    const T* w = wpack + (k0 / KB) * g.CRS * KB + k0 % KB;
+    const int64_t kn = std::min<int64_t>(KBt, g.Kg - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+      for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
+        direct_tile<T, KBt, NV>(g, l, xrow + q0, w, tile);
+        const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
+        for (int64_t a = 0; a < kn; ++a) {
+          T* d = dst + (k0 + a) * ldk + (p - p0) * g.Q + q0;
+          std::memcpy(d, tile + a * QT, qn * sizeof(T));
+          epilogue_body(d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
         }
       }
     }
   }
 }
-FASTATTN_SIMD void direct_rows(const Geom& g, const float* xp, int64_t HR, int64_t WP, const float* wp, int64_t p0,
-                               int64_t p1, float* dst, int64_t ldk, float* pre, const float* b, int64_t act) {
-  direct_rows_body(g, xp, HR, WP, wp, p0, p1, dst, ldk, pre, b, act);
+
+template <typename T>
+FASTATTN_INLINE void direct_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
+                                      int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
+  if (g.Kg >= 4) direct_rows_tiled<T, 8, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else direct_rows_tiled<T, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
 }
-FASTATTN_SIMD void direct_rows(const Geom& g, const double* xp, int64_t HR, int64_t WP, const double* wp, int64_t p0,
+FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* wp, int64_t p0,
+                               int64_t p1, float* dst, int64_t ldk, float* pre, const float* b, int64_t act) {
+  direct_rows_body(g, l, xp, wp, p0, p1, dst, ldk, pre, b, act);
+}
+FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const double* xp, const double* wp, int64_t p0,
                                int64_t p1, double* dst, int64_t ldk, double* pre, const double* b, int64_t act) {
-  direct_rows_body(g, xp, HR, WP, wp, p0, p1, dst, ldk, pre, b, act);
+  direct_rows_body(g, l, xp, wp, p0, p1, dst, ldk, pre, b, act);
 }
 
-// Copy input rows [ih0, ih0 + HR) of the group's channels into a zero-padded [Cg][HR][WP] buffer
-// whose column j holds input column j - pl.
+// Fill the phase-split padded buffer (see above) from input rows [ih0, ih0 + HR).
 template <typename T>
-void pad_rows(const Geom& g, const T* x, int64_t ih0, int64_t HR, int64_t WP, T* xp) {
+void pad_rows(const Geom& g, const DirectLayout& l, const T* x, int64_t ih0, T* xp) {
+  std::fill(xp, xp + g.Cg * l.HR * l.ld_row, T(0));
+  const int64_t jmax = std::min(g.W, l.ld_row - g.pl);  // input columns that fit
   for (int64_t c = 0; c < g.Cg; ++c)
-    for (int64_t i = 0; i < HR; ++i) {
-      T* d = xp + (c * HR + i) * WP;
+    for (int64_t i = 0; i < l.HR; ++i) {
       const int64_t ih = ih0 + i;
-      std::fill(d, d + WP, T(0));
       if (ih < 0 || ih >= g.H) continue;
-      const int64_t n = std::max<int64_t>(0, std::min(g.W, WP - g.pl));
-      std::copy(x + (c * g.H + ih) * g.W, x + (c * g.H + ih) * g.W + n, d + g.pl);
+      T* d = xp + (c * l.HR + i) * l.ld_row;
+      const T* src = x + (c * g.H + ih) * g.W;
+      if (g.sw == 1) {
+        std::copy(src, src + std::max<int64_t>(jmax, 0), d + g.pl);
+      } else {
+        for (int64_t iw = 0; iw < jmax; ++iw) {
+          const int64_t j = iw + g.pl;
+          d[(j % g.sw) * l.WPs + j / g.sw] = src[iw];
+        }
+      }
     }
 }
 
@@ -354,13 +406,11 @@ struct Forward {
     const T* xg = x + (n * g.C + grp * g.Cg) * g.H * g.W;
     const T* bg = bias ? bias + grp * g.Kg : nullptr;
     if (g.direct) {
-      constexpr int QV = 64 / sizeof(T);
-      const int64_t HR = (p1 - p0 - 1) * g.sh + (g.R - 1) * g.dh + 1;
-      const int64_t WP = (ceil_div(g.Q, QV) * QV - 1) * g.sw + (g.S - 1) * g.dw + 1;
-      scratch.resize(g.Cg * HR * WP);
-      pad_rows(g, xg, p0 * g.sh - g.pt, HR, WP, scratch.data());
+      const DirectLayout l = direct_layout<T>(g, p1 - p0);
+      scratch.resize(g.Cg * l.HR * l.ld_row);
+      pad_rows(g, l, xg, p0 * g.sh - g.pt, scratch.data());
       const int64_t nkb = (g.Kg + KB - 1) / KB;
-      direct_rows(g, scratch.data(), HR, WP, wpack + grp * nkb * g.CRS * KB, p0, p1, dst, ldk, pre, bg, act);
+      direct_rows(g, l, scratch.data(), wpack + grp * nkb * g.CRS * KB, p0, p1, dst, ldk, pre, bg, act);
       return;
     }
     const T* wg = w + grp * g.Kg * g.CRS;
@@ -436,7 +486,7 @@ void forward_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t act
   if (g.direct) wpack = pack_weight(g, w);
   Forward<T> fw{g, x, w, wpack.data(), b, act};
   const int64_t rb = rows_per_unit(g), nrb = ceil_div(g.P, rb);
-  at::parallel_for(0, g.N * g.G * nrb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * g.G * nrb, grain(g.Kg * rb * g.Q * g.CRS), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / (g.G * nrb), grp = (u / nrb) % g.G, p0 = (u % nrb) * rb;
@@ -483,7 +533,7 @@ void fused_pool_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t 
   const int64_t crows = g.direct ? std::min<int64_t>(rows_per_unit(g), 8) : rows_per_unit(g);
   const int64_t ub = std::max<int64_t>(1, std::min(PH, crows / sh));
   const int64_t nub = ceil_div(PH, ub);
-  at::parallel_for(0, g.N * g.G * nub, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * g.G * nub, grain(g.Kg * ub * sh * g.Q * g.CRS), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch, conv;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / (g.G * nub), grp = (u / nub) % g.G, u0 = (u % nub) * ub;
@@ -590,7 +640,7 @@ void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
       for (int64_t k = 0; k < g.Kg; ++k)
         for (int64_t i = 0; i < g.CRS; ++i) wt[(grp * g.CRS + i) * g.Kg + k] = w[(grp * g.Kg + k) * g.CRS + i];
   }
-  at::parallel_for(0, g.N * g.G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * g.G, grain(g.Kg * PQ * g.CRS), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch;
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n = u / g.G, grp = u % g.G;
@@ -660,7 +710,7 @@ template <typename T>
 void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
   if (g.direct && g.Kg < KB) {
-    at::parallel_for(0, g.K, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.K, grain(g.N * PQ * g.CRS), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) direct_grad_weight(g, x, gz, k, dw + k * g.CRS);
     });
     return;
@@ -669,7 +719,7 @@ void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
   // result does not depend on which thread ran which chunk.
   const int64_t nchunk = std::min<int64_t>(g.N, 8), wsize = g.K * g.CRS;
   std::vector<T> part(nchunk * wsize, T(0));
-  at::parallel_for(0, nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunk, grain(g.N / nchunk * g.G * g.Kg * PQ * g.CRS), [&](int64_t begin, int64_t end) {
     std::vector<T> col;
     for (int64_t ch = begin; ch < end; ++ch) {
       T* dwp = part.data() + ch * wsize;
@@ -708,7 +758,7 @@ void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
 template <typename T>
 void grad_bias_impl(const Geom& g, const T* gz, T* db) {
   const int64_t PQ = g.P * g.Q;
-  at::parallel_for(0, g.K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.K, grain(g.N * PQ), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       T s = T(0);
       for (int64_t n = 0; n < g.N; ++n) {
@@ -802,7 +852,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_bwd(
     const scalar_t* op = o.data_ptr<scalar_t>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     scalar_t* zp = gz.data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.K, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, g.N * g.K, grain(PHW), [&](int64_t b, int64_t e) {
       for (int64_t plane = b; plane < e; ++plane)
         for (int64_t i = plane * PHW; i < (plane + 1) * PHW; ++i)
           if (op[i] > scalar_t(0)) zp[plane * PQ + ip[i]] += gp[i];
