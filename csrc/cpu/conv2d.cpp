@@ -211,8 +211,9 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
   TORCH_CHECK(g.H + g.pt + g.pb >= g.dh * (g.R - 1) + 1 && g.W + g.pl + g.pr >= g.dw * (g.S - 1) + 1,
               "conv2d: the (dilated) kernel is larger than the padded input");
   g.Cg = g.C / groups; g.Kg = g.K / groups; g.CRS = g.Cg * g.R * g.S;
-  g.direct = g.Cg <= 4;
+  // The direct kernel runs everything but 1x1/stride 1/no padding, which is a plain GEMM.
   g.pointwise = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pb == 0 && g.pl == 0 && g.pr == 0;
+  g.direct = !g.pointwise;
   int64_t tm = std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(g.CRS, 1));  // ~1 MB fp32 patches
   g.TM = std::min(g.P * g.Q, tm);
   return g;
@@ -290,7 +291,9 @@ struct DirectLayout {
 template <typename T>
 DirectLayout direct_layout(const Geom& g, int64_t rows) {
   constexpr int QV = 64 / sizeof(T);
-  const int64_t qc = ceil_div(g.Q, 4 * QV) * 4 * QV;  // columns rounded up to whole tiles
+  // columns rounded up to whole tiles (the tile widths of direct_rows_body)
+  const int64_t qt = g.Kg < 4 ? 4 * QV : (sizeof(T) == 4 && g.Q > 16) ? 2 * QV : QV;
+  const int64_t qc = ceil_div(g.Q, qt) * qt;
   DirectLayout l;
   l.HR = (rows - 1) * g.sh + (g.R - 1) * g.dh + 1;
   l.WPs = qc + ((g.S - 1) * g.dw) / g.sw + 1;
@@ -298,15 +301,18 @@ DirectLayout direct_layout(const Geom& g, int64_t rows) {
   return l;
 }
 
-template <typename T, int KBt, int NV>
+// One register tile: KBt channels x NR output rows x NC vectors of columns. xrow points at the
+// tile's first row and column; the tile's rows are sh padded rows apart.
+template <typename T, int KBt, int NR, int NC>
 FASTATTN_INLINE void direct_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
   typedef T V __attribute__((vector_size(64)));
-  constexpr int QV = 64 / sizeof(T);
+  constexpr int QV = 64 / sizeof(T), NV = NR * NC;
   V acc[KBt][NV];
 #pragma GCC unroll 8
   for (int a = 0; a < KBt; ++a)
 #pragma GCC unroll 4
     for (int b = 0; b < NV; ++b) acc[a][b] = V{};
+  const int64_t row_step = g.sh * l.ld_row;
   for (int64_t c = 0; c < g.Cg; ++c)
     for (int64_t r = 0; r < g.R; ++r) {
       const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
@@ -315,7 +321,7 @@ FASTATTN_INLINE void direct_tile(const Geom& g, const DirectLayout& l, const T* 
         const T* x = row + (t % g.sw) * l.WPs + t / g.sw;
         V xv[NV];
 #pragma GCC unroll 4
-        for (int b = 0; b < NV; ++b) std::memcpy(&xv[b], x + b * QV, sizeof(V));
+        for (int b = 0; b < NV; ++b) std::memcpy(&xv[b], x + (b / NC) * row_step + (b % NC) * QV, sizeof(V));
 #pragma GCC unroll 8
         for (int a = 0; a < KBt; ++a) {
           const T wv = w[a];
@@ -330,35 +336,50 @@ FASTATTN_INLINE void direct_tile(const Geom& g, const DirectLayout& l, const T* 
     for (int b = 0; b < NV; ++b) std::memcpy(out + (a * NV + b) * QV, &acc[a][b], sizeof(V));
 }
 
-template <typename T, int KBt, int NV>
+// Rows [p, p + NR) of channels [k0, k0 + kn): tiles along the columns, then the epilogue.
+template <typename T, int KBt, int NR, int NC>
+FASTATTN_INLINE void direct_row_block(const Geom& g, const DirectLayout& l, const T* xp, const T* w, int64_t k0,
+                                      int64_t kn, int64_t p, int64_t p0, T* dst, int64_t ldk, T* pre, const T* bias,
+                                      int64_t act) {
+  constexpr int QV = 64 / sizeof(T), QT = NC * QV;
+  alignas(64) T tile[KBt * NR * QT];
+  const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+  for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
+    direct_tile<T, KBt, NR, NC>(g, l, xrow + q0, w, tile);
+    const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
+    for (int64_t a = 0; a < kn; ++a)
+      for (int i = 0; i < NR; ++i) {
+        T* d = dst + (k0 + a) * ldk + (p + i - p0) * g.Q + q0;
+        std::memcpy(d, tile + (a * NR + i) * QT, qn * sizeof(T));
+        epilogue_body(d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
+      }
+  }
+}
+
+// All rows and channels of the block. Tile shapes (512-bit vectors V):
+//   Kg >= 4, Q > 16   8 channels x 2 V of one row   (16 accumulators)
+//   Kg >= 4, Q <= 16  8 channels x 1 V of two rows  (narrow maps: no half-empty vectors)
+//   Kg < 4 (depthwise) 1 channel x 4 V of one row
+template <typename T, int KBt, int NR, int NC>
 FASTATTN_INLINE void direct_rows_tiled(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack,
                                        int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias,
                                        int64_t act) {
-  constexpr int QV = 64 / sizeof(T), QT = NV * QV;
-  alignas(64) T tile[KBt * QT];
   for (int64_t k0 = 0; k0 < g.Kg; k0 += KBt) {
     const T* w = wpack + (k0 / KB) * g.CRS * KB + k0 % KB;
     const int64_t kn = std::min<int64_t>(KBt, g.Kg - k0);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
-      for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
-        direct_tile<T, KBt, NV>(g, l, xrow + q0, w, tile);
-        const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
-        for (int64_t a = 0; a < kn; ++a) {
-          T* d = dst + (k0 + a) * ldk + (p - p0) * g.Q + q0;
-          std::memcpy(d, tile + a * QT, qn * sizeof(T));
-          epilogue_body(d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
-        }
-      }
-    }
+    int64_t p = p0;
+    for (; p + NR <= p1; p += NR) direct_row_block<T, KBt, NR, NC>(g, l, xp, w, k0, kn, p, p0, dst, ldk, pre, bias, act);
+    for (; p < p1; ++p) direct_row_block<T, KBt, 1, NC>(g, l, xp, w, k0, kn, p, p0, dst, ldk, pre, bias, act);
   }
 }
 
 template <typename T>
 FASTATTN_INLINE void direct_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
                                       int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
-  if (g.Kg >= 4) direct_rows_tiled<T, 8, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
-  else direct_rows_tiled<T, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  if (g.Kg < 4) direct_rows_tiled<T, 1, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else if (sizeof(T) == 8) direct_rows_tiled<T, 8, 1, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else if (g.Q > 16) direct_rows_tiled<T, 8, 1, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else direct_rows_tiled<T, 8, 2, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
 }
 FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* wp, int64_t p0,
                                int64_t p1, float* dst, int64_t ldk, float* pre, const float* b, int64_t act) {
@@ -522,6 +543,41 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& input, const at:
 // Pool output size (no padding, floor mode, like max_pool2d's defaults).
 inline int64_t pool_out(int64_t n, int64_t k, int64_t s) { return n >= k ? (n - k) / s + 1 : 0; }
 
+// One pooled row: out[v] = max over the window rows [0, kh) x columns [v*sw, v*sw + kw) of conv
+// (rows of Q values; conv row 0 is absolute row row0). Like max_pool2d: the first maximum in scan
+// order wins, NaN propagates; idx[v] = flat index h*Q + w of the winner.
+template <typename T>
+FASTATTN_INLINE void pool_row_body(const T* conv, int64_t Q, int64_t PW, int64_t kh, int64_t kw, int64_t sw,
+                                   int64_t row0, T* out, int64_t* idx) {
+  for (int64_t v = 0; v < PW; ++v) out[v] = -std::numeric_limits<T>::infinity();
+  if (idx)
+    for (int64_t v = 0; v < PW; ++v) idx[v] = row0 * Q + v * sw;
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      const T* src = conv + i * Q + j;
+      const int64_t base = (row0 + i) * Q + j;
+      if (idx) {
+#pragma omp simd
+        for (int64_t v = 0; v < PW; ++v) {
+          const T val = src[v * sw];
+          const bool take = val > out[v] || val != val;
+          out[v] = take ? val : out[v];
+          idx[v] = take ? base + v * sw : idx[v];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t v = 0; v < PW; ++v) {
+          const T val = src[v * sw];
+          out[v] = (val > out[v] || val != val) ? val : out[v];
+        }
+      }
+    }
+}
+FASTATTN_SIMD void pool_row(const float* c, int64_t Q, int64_t PW, int64_t kh, int64_t kw, int64_t sw, int64_t row0,
+                            float* out, int64_t* idx) { pool_row_body(c, Q, PW, kh, kw, sw, row0, out, idx); }
+FASTATTN_SIMD void pool_row(const double* c, int64_t Q, int64_t PW, int64_t kh, int64_t kw, int64_t sw, int64_t row0,
+                            double* out, int64_t* idx) { pool_row_body(c, Q, PW, kh, kw, sw, row0, out, idx); }
+
 template <typename T>
 void fused_pool_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t kh, int64_t kw, int64_t sh,
                      int64_t sw, T* out, int64_t* idx) {
@@ -546,18 +602,8 @@ void fused_pool_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t 
         const T* ck = conv.data() + k * ldk;
         const int64_t plane = (n * g.K + grp * g.Kg + k) * PH * PW;
         for (int64_t uu = u0; uu < u1; ++uu)
-          for (int64_t v = 0; v < PW; ++v) {
-            T best = -std::numeric_limits<T>::infinity();
-            int64_t at = (uu * sh) * g.Q + v * sw;
-            for (int64_t i = 0; i < kh; ++i)
-              for (int64_t j = 0; j < kw; ++j) {
-                const int64_t ph = uu * sh + i, qw = v * sw + j;
-                const T val = ck[(ph - p0) * g.Q + qw];
-                if (val > best || std::isnan(val)) { best = val; at = ph * g.Q + qw; if (std::isnan(val)) { i = kh; break; } }
-              }
-            out[plane + uu * PW + v] = best;
-            if (idx) idx[plane + uu * PW + v] = at;
-          }
+          pool_row(ck + (uu * sh - p0) * g.Q, g.Q, PW, kh, kw, sw, uu * sh, out + plane + uu * PW,
+                   idx ? idx + plane + uu * PW : nullptr);
       }
     }
   });
@@ -631,10 +677,40 @@ FASTATTN_SIMD void direct_grad_input(const Geom& g, const float* gz, const float
 FASTATTN_SIMD void direct_grad_input(const Geom& g, const double* gz, const double* wt, double* dxp, int64_t Hp, int64_t Wp) { direct_grad_input_body(g, gz, wt, dxp, Hp, Wp); }
 
 template <typename T>
+void forward_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t act, T* out, T* pre);
+
+// With stride 1, grad-input is itself a convolution: of gz with the weight flipped in (r, s) and
+// its channel axes swapped, padded by dilation*(kernel-1) - padding; run by the forward kernels.
+template <typename T>
+bool grad_input_as_conv(const Geom& g, const T* gz, const T* w, T* dx) {
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  if (g.sh != 1 || g.sw != 1 || g.pointwise || g.pt > eh || g.pb > eh || g.pl > ew || g.pr > ew) return false;
+  Geom t = g;
+  t.C = g.K; t.H = g.P; t.W = g.Q; t.K = g.C; t.P = g.H; t.Q = g.W; t.Cg = g.Kg; t.Kg = g.Cg;
+  t.CRS = t.Cg * g.R * g.S;
+  t.pt = eh - g.pt; t.pb = eh - g.pb; t.pl = ew - g.pl; t.pr = ew - g.pr;
+  t.pointwise = false;
+  t.direct = true;
+  const int64_t RS = g.R * g.S;
+  std::vector<T> wf(g.K * g.CRS);  // [G][Cg][Kg][R][S]
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    for (int64_t c = 0; c < g.Cg; ++c)
+      for (int64_t k = 0; k < g.Kg; ++k)
+        for (int64_t r = 0; r < g.R; ++r)
+          for (int64_t s = 0; s < g.S; ++s)
+            wf[((grp * g.Cg + c) * g.Kg + k) * RS + r * g.S + s] =
+                w[((grp * g.Kg + k) * g.Cg + c) * RS + (g.R - 1 - r) * g.S + (g.S - 1 - s)];
+  forward_impl<T>(t, gz, wf.data(), nullptr, kNone, dx, nullptr);
+  return true;
+}
+
+template <typename T>
 void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
+  if (grad_input_as_conv(g, gz, w, dx)) return;
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
+  const bool few = g.Cg <= 4;  // few input channels per group: accumulate directly, else W^T * dY + col2im
   std::vector<T> wt;
-  if (g.direct) {  // [G][CRS][Kg]
+  if (few) {  // [G][CRS][Kg]
     wt.resize(g.G * g.CRS * g.Kg);
     for (int64_t grp = 0; grp < g.G; ++grp)
       for (int64_t k = 0; k < g.Kg; ++k)
@@ -646,7 +722,7 @@ void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
       const int64_t n = u / g.G, grp = u % g.G;
       const T* gzg = gz + (n * g.K + grp * g.Kg) * PQ;
       T* dxg = dx + (n * g.C + grp * g.Cg) * HW;
-      if (g.direct) {
+      if (few) {
         const int64_t Hp = (g.P - 1) * g.sh + (g.R - 1) * g.dh + 1, Wp = (g.Q - 1) * g.sw + (g.S - 1) * g.dw + 1;
         scratch.assign(g.Cg * Hp * Wp, T(0));
         direct_grad_input(g, gzg, wt.data() + grp * g.CRS * g.Kg, scratch.data(), Hp, Wp);
@@ -675,43 +751,71 @@ void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
   });
 }
 
-// grad_weight, direct (few channels per group and few outputs per group, e.g. depthwise): each
-// output channel k sums gz[n,k,p,q] * x[n,c,p*sh-pt+r*dh,q*sw-pl+s*dw] over n, p, q.
+// grad_weight, direct (few channels per group and few outputs per group, e.g. depthwise): output
+// channel k sums gz[n,k,p,q] * x[n,c,p*sh-pt+r*dh,q*sw-pl+s*dw] over n, p, q. Each image's input
+// plane goes through the forward's phase-split padded buffer, so every tap reads whole vectors;
+// one vector accumulator per tap, summed across lanes at the end.
 template <typename T>
-FASTATTN_INLINE void direct_grad_weight_body(const Geom& g, const T* x, const T* gz, int64_t k, T* dwk) {
-  const int64_t grp = k / g.Kg, PQ = g.P * g.Q, sw = g.sw;
-  for (int64_t i = 0; i < g.CRS; ++i) dwk[i] = T(0);
+FASTATTN_INLINE void direct_grad_weight_body(const Geom& g, const DirectLayout& l, const T* x, const T* gz, int64_t k,
+                                             T* dwk, T* xp, T* accbuf) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T);
+  const int64_t grp = k / g.Kg, PQ = g.P * g.Q, qfull = g.Q / QV * QV;
+  V* acc = reinterpret_cast<V*>(accbuf);  // [CRS] vectors, 64-byte aligned
+  T* tail = accbuf + g.CRS * QV;          // [CRS] scalars for the last partial vector of each row
+  for (int64_t i = 0; i < g.CRS; ++i) { acc[i] = V{}; tail[i] = T(0); }
   for (int64_t n = 0; n < g.N; ++n) {
-    const T* xg = x + (n * g.C + grp * g.Cg) * g.H * g.W;
+    pad_rows(g, l, x + (n * g.C + grp * g.Cg) * g.H * g.W, -g.pt, xp);
     for (int64_t p = 0; p < g.P; ++p) {
       const T* z = gz + (n * g.K + k) * PQ + p * g.Q;
       for (int64_t c = 0; c < g.Cg; ++c)
         for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t ih = p * g.sh - g.pt + r * g.dh;
-          if (ih < 0 || ih >= g.H) continue;
+          const T* row = xp + (c * l.HR + p * g.sh + r * g.dh) * l.ld_row;
+          V* a = acc + (c * g.R + r) * g.S;
+          T* ta = tail + (c * g.R + r) * g.S;
           for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t off = s * g.dw - g.pl;
-            int64_t qlo, qhi;
-            valid_cols(off, sw, g.W, g.Q, qlo, qhi);
-            const T* xr = xg + (c * g.H + ih) * g.W + off;
-            T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t q = qlo; q < qhi; ++q) sum += z[q] * xr[q * sw];
-            dwk[(c * g.R + r) * g.S + s] += sum;
+            const int64_t t = s * g.dw;
+            const T* xs = row + (t % g.sw) * l.WPs + t / g.sw;
+            V sum = a[s];
+            for (int64_t q0 = 0; q0 < qfull; q0 += QV) {
+              V zv, xv;
+              std::memcpy(&zv, z + q0, sizeof(V));
+              std::memcpy(&xv, xs + q0, sizeof(V));
+              sum += zv * xv;
+            }
+            a[s] = sum;
+            T ts = T(0);
+            for (int64_t q = qfull; q < g.Q; ++q) ts += z[q] * xs[q];
+            ta[s] += ts;
           }
         }
     }
   }
+  for (int64_t i = 0; i < g.CRS; ++i) {
+    T v = tail[i];
+    for (int j = 0; j < QV; ++j) v += acc[i][j];
+    dwk[i] = v;
+  }
 }
-FASTATTN_SIMD void direct_grad_weight(const Geom& g, const float* x, const float* gz, int64_t k, float* dwk) { direct_grad_weight_body(g, x, gz, k, dwk); }
-FASTATTN_SIMD void direct_grad_weight(const Geom& g, const double* x, const double* gz, int64_t k, double* dwk) { direct_grad_weight_body(g, x, gz, k, dwk); }
+FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, const float* x, const float* gz, int64_t k,
+                                      float* dwk, float* xp, float* acc) {
+  direct_grad_weight_body(g, l, x, gz, k, dwk, xp, acc);
+}
+FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, const double* x, const double* gz,
+                                      int64_t k, double* dwk, double* xp, double* acc) {
+  direct_grad_weight_body(g, l, x, gz, k, dwk, xp, acc);
+}
 
 template <typename T>
 void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
-  if (g.direct && g.Kg < KB) {
+  if (g.Cg <= 4 && g.Kg < KB) {
+    const DirectLayout l = direct_layout<T>(g, g.P);
     at::parallel_for(0, g.K, grain(g.N * PQ * g.CRS), [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) direct_grad_weight(g, x, gz, k, dw + k * g.CRS);
+      std::vector<T> xp(g.Cg * l.HR * l.ld_row);
+      std::vector<T> acc(g.CRS * (64 / sizeof(T) + 1) + 64 / sizeof(T));
+      T* acc_aligned = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(acc.data()) + 63) & ~uintptr_t(63));
+      for (int64_t k = begin; k < end; ++k) direct_grad_weight(g, l, x, gz, k, dw + k * g.CRS, xp.data(), acc_aligned);
     });
     return;
   }
