@@ -149,6 +149,31 @@ FASTATTN_INLINE void epilogue_body(T* y, T* pre, int64_t n, T bias, int64_t act)
       for (int64_t i = 0; i < n; ++i) y[i] += bias;
   }
 }
+// y[i] = act(src[i] + bias) (and pre[i] = src[i] + bias): the epilogue fused with the copy out of a tile.
+template <typename T>
+FASTATTN_INLINE void epilogue_copy_body(const T* src, T* y, T* pre, int64_t n, T bias, int64_t act) {
+  if (pre) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) pre[i] = src[i] + bias;
+  }
+  switch (act) {
+    case kRelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) { T v = src[i] + bias; y[i] = v > T(0) ? v : T(0); }
+      break;
+    case kGelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = gelu(src[i] + bias);
+      break;
+    case kSilu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = silu(src[i] + bias);
+      break;
+    default:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = src[i] + bias;
+  }
+}
 FASTATTN_SIMD void epilogue(float* y, float* pre, int64_t n, float bias, int64_t act) { epilogue_body(y, pre, n, bias, act); }
 FASTATTN_SIMD void epilogue(double* y, double* pre, int64_t n, double bias, int64_t act) { epilogue_body(y, pre, n, bias, act); }
 
@@ -350,8 +375,8 @@ FASTATTN_INLINE void direct_row_block(const Geom& g, const DirectLayout& l, cons
     for (int64_t a = 0; a < kn; ++a)
       for (int i = 0; i < NR; ++i) {
         T* d = dst + (k0 + a) * ldk + (p + i - p0) * g.Q + q0;
-        std::memcpy(d, tile + (a * NR + i) * QT, qn * sizeof(T));
-        epilogue_body(d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
+        epilogue_copy_body(tile + (a * NR + i) * QT, d, pre ? pre + (d - dst) : (T*)nullptr, qn,
+                           bias ? bias[k0 + a] : T(0), act);
       }
   }
 }
