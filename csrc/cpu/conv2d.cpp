@@ -32,6 +32,10 @@
 
 #include "simd.h"
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   // activation: 0 none, 1 relu, 2 gelu (exact, erf), 3 silu. padding: (top, bottom, left, right).
   // save_preact: also return the pre-activation (input + bias before the activation), which
@@ -310,7 +314,8 @@ FASTATTN_SIMD void col2im(const Geom& g, double* x, int64_t m0, int64_t n, const
 // wpack: the group's weight as [ceil(Kg/KB)][CRS][KB] (zero-padded channels).
 // dst[k*ldk + (p-p0)*Q + q]; bias (or null) for the group's channels.
 struct DirectLayout {
-  int64_t HR, WPs, ld_row;  // rows, phase width, row pitch (= sw * WPs)
+  int64_t HR, WPs, ld_row;   // rows, phase width, row pitch (= sw * WPs)
+  std::vector<int64_t> tap;  // tap[s] = (s*dw % sw) * WPs + s*dw / sw: where tap s starts in a row
 };
 
 template <typename T>
@@ -323,6 +328,8 @@ DirectLayout direct_layout(const Geom& g, int64_t rows) {
   l.HR = (rows - 1) * g.sh + (g.R - 1) * g.dh + 1;
   l.WPs = qc + ((g.S - 1) * g.dw) / g.sw + 1;
   l.ld_row = g.sw * l.WPs;
+  l.tap.resize(g.S);
+  for (int64_t s = 0; s < g.S; ++s) l.tap[s] = (s * g.dw % g.sw) * l.WPs + s * g.dw / g.sw;
   return l;
 }
 
@@ -338,12 +345,12 @@ FASTATTN_INLINE void direct_tile(const Geom& g, const DirectLayout& l, const T* 
 #pragma GCC unroll 4
     for (int b = 0; b < NV; ++b) acc[a][b] = V{};
   const int64_t row_step = g.sh * l.ld_row;
+  const int64_t* tap = l.tap.data();
   for (int64_t c = 0; c < g.Cg; ++c)
     for (int64_t r = 0; r < g.R; ++r) {
       const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
       for (int64_t s = 0; s < g.S; ++s, w += KB) {
-        const int64_t t = s * g.dw;
-        const T* x = row + (t % g.sw) * l.WPs + t / g.sw;
+        const T* x = row + tap[s];
         V xv[NV];
 #pragma GCC unroll 4
         for (int b = 0; b < NV; ++b) std::memcpy(&xv[b], x + (b / NC) * row_step + (b % NC) * QV, sizeof(V));
@@ -503,6 +510,23 @@ int64_t rows_per_unit(const Geom& g) {
   return ceil_div(g.P, std::max<int64_t>(splits, 1));
 }
 
+// A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
+// costs more than the seed layer's whole convolution (15 ms for its 33 MB output here), so ask
+// for transparent huge pages (2 MB) on the buffer before the kernel first touches it.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes >= 2 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+  }
+#endif
+  return t;
+}
+
 bool low_precision(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
@@ -552,8 +576,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& input, const at:
   Geom g = make_geom(input, weight, stride, padding, dilation, groups);
   at::Tensor x = compute_tensor(input), w = compute_tensor(weight);
   at::Tensor b = bias.has_value() && bias->defined() ? compute_tensor(*bias) : at::Tensor();
-  at::Tensor out = at::empty({g.N, g.K, g.P, g.Q}, x.options());
-  at::Tensor pre = save_preact ? at::empty_like(out) : at::empty({0}, x.options());
+  at::Tensor out = empty_output({g.N, g.K, g.P, g.Q}, x.options());
+  at::Tensor pre = save_preact ? empty_output({g.N, g.K, g.P, g.Q}, x.options()) : at::empty({0}, x.options());
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd", [&] {
       forward_impl<scalar_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
@@ -799,8 +823,7 @@ FASTATTN_INLINE void direct_grad_weight_body(const Geom& g, const DirectLayout& 
           V* a = acc + (c * g.R + r) * g.S;
           T* ta = tail + (c * g.R + r) * g.S;
           for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t t = s * g.dw;
-            const T* xs = row + (t % g.sw) * l.WPs + t / g.sw;
+            const T* xs = row + l.tap[s];
             V sum = a[s];
             for (int64_t q0 = 0; q0 < qfull; q0 += QV) {
               V zv, xv;
@@ -910,7 +933,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from_gz(const Geom& g, c
   at::Tensor x = want_w ? compute_tensor(input) : at::Tensor();
   at::Tensor w = want_x ? compute_tensor(weight) : at::Tensor();
   auto opts = gz.options();
-  at::Tensor dx = want_x ? at::empty({g.N, g.C, g.H, g.W}, opts) : at::empty({0}, opts);
+  at::Tensor dx = want_x ? empty_output({g.N, g.C, g.H, g.W}, opts) : at::empty({0}, opts);
   at::Tensor dw = want_w ? at::empty({g.K, g.Cg, g.R, g.S}, opts) : at::empty({0}, opts);
   at::Tensor db = want_b ? at::empty({g.K}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "conv2d_bwd", [&] {
