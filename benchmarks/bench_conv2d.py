@@ -9,7 +9,8 @@ forward+backward (all three gradients). GFLOP/s count 2*N*K*P*Q*C/groups*R*S per
 that for forward+backward. Writes benchmarks/out/conv2d_<device>.md/.csv/.png.
 
 ``--cpu-time`` times with the process's CPU clock instead of the wall clock (use with
-``--threads 1``): on a machine shared with other jobs the wall clock mostly measures waiting.
+``--threads 1``), alternating ours and torch and keeping each one's fastest round: on a machine
+shared with other jobs the wall clock mostly measures waiting.
 """
 from __future__ import annotations
 
@@ -42,21 +43,25 @@ def flops(N, C, H, K, k, stride, pad, groups):
     return 2.0 * N * K * P * P * (C // groups) * k * k
 
 
-def bench_cpu_time(fn, min_time=0.3, warmup=2):
-    """Median CPU seconds (all threads of the process) per call, over 5 rounds."""
+def bench_cpu_time_pair(f_ours, f_torch, min_time=0.3, warmup=2, rounds=7):
+    """CPU seconds (all threads of the process) per call of each, rounds alternating between the
+    two, the fastest round of each: other jobs on the machine only ever slow a round down."""
     for _ in range(warmup):
-        fn()
-    t0 = time.process_time()
-    fn()
-    once = max(time.process_time() - t0, 1e-6)
-    reps = max(1, int(min_time / 5 / once))
-    rounds = []
-    for _ in range(5):
+        f_ours()
+        f_torch()
+    reps = []
+    for f in (f_ours, f_torch):
         t0 = time.process_time()
-        for _ in range(reps):
-            fn()
-        rounds.append((time.process_time() - t0) / reps)
-    return statistics.median(rounds)
+        f()
+        reps.append(max(1, int(min_time / rounds / max(time.process_time() - t0, 1e-6))))
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, f in enumerate((f_ours, f_torch)):
+            t0 = time.process_time()
+            for _ in range(reps[i]):
+                f()
+            best[i] = min(best[i], (time.process_time() - t0) / reps[i])
+    return best[0], best[1]
 
 
 def fwd_bwd(f, x, w, b):
@@ -81,10 +86,10 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     channels_last = device.type == "cuda"
 
-    def timer(fn):
+    def timer(fo, ft):
         if args.cpu_time and device.type == "cpu":
-            return bench_cpu_time(fn, args.min_time)
-        return common.bench(fn, device, args.min_time)
+            return bench_cpu_time_pair(fo, ft, args.min_time)
+        return common.bench(fo, device, args.min_time), common.bench(ft, device, args.min_time)
 
     table = common.Table(f"conv2d_{device.type}", ["case", "layer", "N", "pass", "impl", "ms", "GFLOP/s", "vs torch"])
     for name, N, C, H, K, k, stride, pad, groups in LAYERS:
@@ -108,15 +113,16 @@ def main():
         timings = []
         with torch.no_grad():
             for mode, fo, ft in cases:
-                timings.append((mode, fl, timer(lambda: fo(x, w, b)), timer(lambda: ft(x, w, b))))
+                timings.append((mode, fl) + timer(lambda: fo(x, w, b), lambda: ft(x, w, b)))
         if not args.no_backward:
             xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-            timings.append(("fwd+bwd", 3 * fl, timer(fwd_bwd(ours, xs, ws, bs)), timer(fwd_bwd(theirs, xs, ws, bs))))
+            timings.append(("fwd+bwd", 3 * fl) + timer(fwd_bwd(ours, xs, ws, bs), fwd_bwd(theirs, xs, ws, bs)))
         for mode, f, t_o, t_t in timings:
             for impl, t in ((f"fastattn {device.type}", t_o), ("torch", t_t)):
                 table.add(case=f"{name} {mode}", layer=name, N=N, **{"pass": mode}, impl=impl, ms=t * 1e3,
                           **{"GFLOP/s": f / t / 1e9, "vs torch": t_t / t})
-    clock = "process CPU time" if args.cpu_time and device.type == "cpu" else "wall clock"
+    clock = ("process CPU time, fastest of 7 alternating rounds" if args.cpu_time and device.type == "cpu"
+             else "wall clock, median")
     note = (f"{str(dtype).replace('torch.', '')}, {'channels_last' if channels_last else 'NCHW'}, timed by {clock}; "
             "'vs torch' = torch time / ours (> 1: we are faster).")
     table.finish(args, plot=dict(x="case", y="GFLOP/s", group="impl"), note=note)

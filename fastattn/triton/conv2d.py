@@ -23,7 +23,15 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+
+try:
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # torch < 2.6: a plain custom op that launches the kernels itself
+    def triton_op(name, mutates_args=()):
+        return lambda fn: torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+
+    def wrap_triton(kernel):
+        return kernel
 
 __all__ = ["triton_conv2d_fwd", "triton_conv2d_bwd"]
 
