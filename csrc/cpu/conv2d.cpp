@@ -6,20 +6,20 @@
 // are widened to float, computed with float accumulation, and rounded once at the end.
 //
 // Two ways to compute a block of output rows of one (image, group):
-//  * direct   (few input channels per group, e.g. an RGB stem, and depthwise): the input rows
-//             are copied once into a zero-padded buffer; a register tile of 8 output channels x
-//             one vector of output columns accumulates over (c, r, s) with broadcast weights.
-//  * im2col   (wide layers): the (C*R*S) x M patch matrix of a tile of M output pixels is built
-//             in a thread-local buffer and multiplied by the group's (K x C*R*S) weight with
-//             BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu); 1x1/stride 1/no padding uses
-//             the input itself as the patch matrix.
-// Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it
-// is still in cache. Work is split over (image, group, block of output rows).
+//  * direct   (every conv but 1x1/stride 1/no padding): the input rows are copied once into a
+//             zero-padded buffer (split by column phase for strides > 1); a register tile of 8
+//             output channels x 2 vectors of output columns (or x 2 rows for narrow maps; 1
+//             channel x 4 vectors for depthwise) accumulates over (c, r, s) with broadcast weights.
+//  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
+//             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
+// Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
+// still in cache. Work is split over (image, group, block of output rows).
 //
-// Backward: grad-input is the transposed conv (direct: accumulate into a padded buffer;
-// im2col: W^T * dY then col2im), parallel over (image, group); grad-weight is a GEMM over the
-// N*P*Q output pixels with one partial sum per fixed chunk of images, added in chunk order
-// (deterministic), or, for depthwise-like layers, a direct per-output-channel reduction.
+// Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
+// and runs on the direct kernel; with stride > 1 it accumulates directly into a padded buffer (few
+// channels) or is W^T * dY + col2im (wide). grad-weight is a GEMM over the N*P*Q output pixels
+// (im2col tiles + BLAS) with one partial sum per fixed chunk of images, added in chunk order
+// (deterministic), or, for depthwise-like layers, a vectorized per-output-channel reduction.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -210,7 +210,7 @@ FASTATTN_SIMD void act_backward(const double* g, const double* s, double* gz, in
 struct Geom {
   int64_t N, C, H, W, K, R, S, P, Q, G, Cg, Kg, CRS;
   int64_t sh, sw, pt, pb, pl, pr, dh, dw;
-  bool direct;     // direct kernel (few input channels per group) instead of im2col + GEMM
+  bool direct;     // direct kernel, else (pointwise) GEMM
   bool pointwise;  // 1x1, stride 1, no padding: the input is its own patch matrix
   int64_t TM;      // output pixels per im2col tile
 };
