@@ -581,3 +581,17 @@ def test_cuda_opcheck_and_grad_scaler():
         theirs = train(lambda ps: torch_cls(ps, lr=0.01, foreach=False))
         ours = train(lambda ps: cls(ps, lr=0.01, backend="cuda"))
         assert_same(ours, theirs, exact=False, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_triton_opcheck_on_gpu():
+    from fastattn.triton import optim as triton_optim  # noqa: F401  (registers the ops)
+    params, grads, m, v, vmax, steps = _adam_op_inputs([(5, 3), (1,), (40000,)], device="cuda")
+    torch.library.opcheck(torch.ops.fastattn.adam_step_triton.default,
+                          (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
+                           None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda")))
+    params, grads, bufs, _, _, _ = _adam_op_inputs([(5, 3), (1,), (40000,)], device="cuda")
+    torch.library.opcheck(torch.ops.fastattn.sgd_step_triton.default,
+                          (params, grads, bufs, [True, False, True], 0.01, 0.9, 0.0, 0.01, True, False,
+                           None, None, None))
