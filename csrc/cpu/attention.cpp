@@ -1,0 +1,816 @@
+// Fused attention on the CPU: flash-style forward and backward.
+//
+// The contract (layouts, window rule, softcap, dropout hash, empty rows) is the docstring of
+// fastattn/ops/attention.py; every backend implements the same one.
+//
+// Blocking. The scores of one (batch, head) are cut into BLOCK_M query rows x BLOCK_N keys tiles;
+// the L x S matrix never exists. Tile products (Q Kᵀ, P V, and the four of the backward) are
+// BLAS sgemm_/dgemm_ calls on raw pointers (fp16/bf16 tiles are converted to fp32 in per-thread
+// scratch first); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
+// FASTATTN_SIMD functions, compiled per ISA.
+//
+// Forward: one task = one query block of one (batch, head): online softmax over its visible key
+// blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)). With few query rows
+// (decoding, L <= 16) a task is additionally one slice of the key blocks (split-KV): each slice
+// writes its partial (acc, m, l) and a reduce pass combines them.
+// Backward: delta = rowsum(dO * O); P is recomputed from the saved lse. "fused" mode: one task =
+// one (batch, kv head), walking key blocks outer and (query head of the group, query block) inner,
+// so dK/dV of a key block and dQ of the task's heads are owned by the task (no atomics; 5 GEMMs a
+// tile). "split" mode, when there are too few (batch, kv head) pairs to keep the threads busy:
+// pass 1 one task per key block computes dK/dV, pass 2 one task per query block computes dQ.
+// Tasks are handed out dynamically, but each result is summed in a fixed order: deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/simd.h"
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  m.def(
+      "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_bias, float dropout_p, "
+      "float scale, int window_left, int window_right, int diag_offset, float softcap, int seed) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+      "Tensor? attn_bias, float dropout_p, float scale, int window_left, int window_right, "
+      "int diag_offset, float softcap, int seed) -> (Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+// Fortran BLAS, exported by libtorch_cpu (MKL). Column-major.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace fastattn {
+namespace attn_cpu {
+
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Row-major GEMMs on raw pointers. BLAS is column-major, and a row-major X is a column-major Xᵀ,
+// so C = A·B is computed as Cᵀ = Bᵀ·Aᵀ (operands swapped).
+// ---------------------------------------------------------------------------------------------
+inline void blas(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                 const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// C[M×N] = alpha·A[M×K]·B[N×K]ᵀ + beta·C
+template <typename T>
+void gemm_abt(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  if (M > 0 && N > 0) blas('T', 'N', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+// C[M×N] = alpha·A[M×K]·B[K×N] + beta·C
+template <typename T>
+void gemm_ab(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  if (M > 0 && N > 0) blas('N', 'N', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+// C[M×N] = alpha·A[K×M]ᵀ·B[K×N] + beta·C
+template <typename T>
+void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
+  if (M > 0 && N > 0) blas('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise tile work (vectorized per ISA). Tiles are `rows` x `n`, row stride `ld`.
+// ---------------------------------------------------------------------------------------------
+FASTATTN_INLINE uint32_t mix32(uint32_t x) {  // lowbias32, as _mix32 in attention.py
+  x ^= x >> 16;
+  x *= 0x7FEB352DU;
+  x ^= x >> 15;
+  x *= 0x846CA68BU;
+  x ^= x >> 16;
+  return x;
+}
+
+FASTATTN_INLINE float tanh_t(float x) {
+  float e = simd::exp_f32(2.0f * x);  // +inf for large x: 1 - 0; 0 for very negative x: 1 - 2
+  return 1.0f - 2.0f / (e + 1.0f);
+}
+FASTATTN_INLINE double tanh_t(double x) { return std::tanh(x); }
+
+// s = cap·tanh(s / cap); t (if given) keeps tanh(s / cap) for the backward's chain rule.
+template <typename T>
+FASTATTN_INLINE void softcap_impl(T* s, T* t, int64_t ld, int64_t rows, int64_t n, T cap) {
+  const T inv = T(1) / cap;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = s + r * ld;
+    if (t) {
+      T* y = t + r * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        T th = tanh_t(x[j] * inv);
+        y[j] = th;
+        x[j] = cap * th;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) x[j] = cap * tanh_t(x[j] * inv);
+    }
+  }
+}
+FASTATTN_SIMD void softcap_tile(float* s, float* t, int64_t ld, int64_t rows, int64_t n, float cap) {
+  softcap_impl(s, t, ld, rows, n, cap);
+}
+void softcap_tile(double* s, double* t, int64_t ld, int64_t rows, int64_t n, double cap) {
+  softcap_impl(s, t, ld, rows, n, cap);
+}
+
+// One online-softmax step. On entry s holds the scores of one key block; on exit exp(s - m_new).
+// m, l: running row max and sum (updated); alpha: the factor the row's accumulator must take.
+template <typename T>
+FASTATTN_INLINE void online_softmax_impl(T* s, int64_t ld, int64_t rows, int64_t n, T* m, T* l, T* alpha) {
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = s + r * ld;
+    T mx = -inf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+    const T m_new = std::max(m[r], mx);
+    const T base = m_new == -inf ? T(0) : m_new;  // nothing visible yet: exp(-inf - 0) = 0
+    const T a = m[r] == -inf ? T(0) : simd::exp_t<T>(m[r] - m_new);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      T p = simd::exp_t<T>(x[j] - base);
+      x[j] = p;
+      sum += p;
+    }
+    l[r] = a * l[r] + sum;
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+FASTATTN_SIMD void online_softmax(float* s, int64_t ld, int64_t rows, int64_t n, float* m, float* l, float* alpha) {
+  online_softmax_impl(s, ld, rows, n, m, l, alpha);
+}
+void online_softmax(double* s, int64_t ld, int64_t rows, int64_t n, double* m, double* l, double* alpha) {
+  online_softmax_impl(s, ld, rows, n, m, l, alpha);
+}
+
+// acc row r *= alpha[r] (skipped where alpha is 1)
+template <typename T>
+FASTATTN_INLINE void scale_rows_impl(T* acc, int64_t ld, int64_t rows, int64_t n, const T* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T a = alpha[r];
+    if (a == T(1)) continue;
+    T* x = acc + r * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] *= a;
+  }
+}
+FASTATTN_SIMD void scale_rows(float* acc, int64_t ld, int64_t rows, int64_t n, const float* alpha) {
+  scale_rows_impl(acc, ld, rows, n, alpha);
+}
+void scale_rows(double* acc, int64_t ld, int64_t rows, int64_t n, const double* alpha) {
+  scale_rows_impl(acc, ld, rows, n, alpha);
+}
+
+// Dropout multipliers of one tile: keep[r][j] = 1/(1-p) if entry (row_hash[r], j0 + j) is kept, else 0.
+template <typename T>
+FASTATTN_INLINE void dropout_keep_impl(T* keep, int64_t ld, int64_t rows, int64_t n, const uint32_t* row_hash,
+                                       uint32_t j0, uint32_t threshold, T inv_keep) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* y = keep + r * ld;
+    const uint32_t rh = row_hash[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      uint32_t h = mix32(rh ^ (j0 + static_cast<uint32_t>(j)));
+      y[j] = h >= threshold ? inv_keep : T(0);
+    }
+  }
+}
+FASTATTN_SIMD void dropout_keep(float* keep, int64_t ld, int64_t rows, int64_t n, const uint32_t* row_hash,
+                                uint32_t j0, uint32_t threshold, float inv_keep) {
+  dropout_keep_impl(keep, ld, rows, n, row_hash, j0, threshold, inv_keep);
+}
+void dropout_keep(double* keep, int64_t ld, int64_t rows, int64_t n, const uint32_t* row_hash, uint32_t j0,
+                  uint32_t threshold, double inv_keep) {
+  dropout_keep_impl(keep, ld, rows, n, row_hash, j0, threshold, inv_keep);
+}
+
+// out = a ∘ b (element-wise)
+template <typename T>
+FASTATTN_INLINE void mul_tile_impl(T* out, const T* a, const T* b, int64_t ld, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[r * ld + j] = a[r * ld + j] * b[r * ld + j];
+  }
+}
+FASTATTN_SIMD void mul_tile(float* out, const float* a, const float* b, int64_t ld, int64_t rows, int64_t n) {
+  mul_tile_impl(out, a, b, ld, rows, n);
+}
+void mul_tile(double* out, const double* a, const double* b, int64_t ld, int64_t rows, int64_t n) {
+  mul_tile_impl(out, a, b, ld, rows, n);
+}
+
+// Backward: s (scores) -> P = exp(s - lse); lse = +inf (an empty row) gives 0.
+template <typename T>
+FASTATTN_INLINE void probs_from_lse_impl(T* s, int64_t ld, int64_t rows, int64_t n, const T* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = s + r * ld;
+    const T b = lse[r];
+    if (b == std::numeric_limits<T>::infinity()) {
+      std::fill(x, x + n, T(0));
+      continue;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = simd::exp_t<T>(x[j] - b);
+  }
+}
+FASTATTN_SIMD void probs_from_lse(float* s, int64_t ld, int64_t rows, int64_t n, const float* lse) {
+  probs_from_lse_impl(s, ld, rows, n, lse);
+}
+void probs_from_lse(double* s, int64_t ld, int64_t rows, int64_t n, const double* lse) {
+  probs_from_lse_impl(s, ld, rows, n, lse);
+}
+
+// Backward: dp (= dO·Vᵀ) becomes the gradient of the raw scores:
+//   dS = P ∘ (dP ∘ keep − Δ), then ∘ (1 − t²) through the softcap.
+template <typename T>
+FASTATTN_INLINE void score_grad_impl(T* dp, const T* p, const T* keep, const T* t, int64_t ld, int64_t rows,
+                                     int64_t n, const T* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* g = dp + r * ld;
+    const T* pr = p + r * ld;
+    const T d = delta[r];
+    if (keep) {
+      const T* kr = keep + r * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) g[j] = pr[j] * (g[j] * kr[j] - d);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) g[j] = pr[j] * (g[j] - d);
+    }
+    if (t) {
+      const T* tr = t + r * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) g[j] *= T(1) - tr[j] * tr[j];
+    }
+  }
+}
+FASTATTN_SIMD void score_grad(float* dp, const float* p, const float* keep, const float* t, int64_t ld, int64_t rows,
+                              int64_t n, const float* delta) {
+  score_grad_impl(dp, p, keep, t, ld, rows, n, delta);
+}
+void score_grad(double* dp, const double* p, const double* keep, const double* t, int64_t ld, int64_t rows,
+                int64_t n, const double* delta) {
+  score_grad_impl(dp, p, keep, t, ld, rows, n, delta);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description shared by forward and backward.
+// ---------------------------------------------------------------------------------------------
+struct Problem {
+  int64_t B, Hq, Hkv, L, S, E, Ev, group;
+  double scale, softcap, dropout_p;
+  int64_t window_left, window_right, diag;
+  uint32_t seed_hash, threshold;
+  int64_t qs[4], ks[4], vs[4], bs[4];  // element strides of q, k, v, bias
+  bool has_bias;
+
+  // Visible keys of query row i: [key_lo(i), key_hi(i)] (unclipped; may be empty).
+  int64_t key_lo(int64_t i) const { return window_left >= 0 ? i + diag - window_left : INT64_MIN / 4; }
+  int64_t key_hi(int64_t i) const { return window_right >= 0 ? i + diag + window_right : INT64_MAX / 4; }
+  // Query rows that see key j: [query_lo(j), query_hi(j)].
+  int64_t query_lo(int64_t j) const { return window_right >= 0 ? j - diag - window_right : INT64_MIN / 4; }
+  int64_t query_hi(int64_t j) const { return window_left >= 0 ? j - diag + window_left : INT64_MAX / 4; }
+  bool windowed() const { return window_left >= 0 || window_right >= 0; }
+  // Does every (i, j) of rows [i0, i1) x keys [j0, j1) pass the window rule?
+  bool all_visible(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return j0 >= key_lo(i1 - 1) && j1 - 1 <= key_hi(i0);
+  }
+  uint32_t row_hash(int64_t b, int64_t h, int64_t i) const {
+    return mix32(seed_hash ^ static_cast<uint32_t>(static_cast<uint64_t>((b * Hq + h) * L + i)));
+  }
+};
+
+// Rows [0, n) of a (n × width) matrix with row stride `stride`, as acc_t: the matrix itself when it
+// already is acc_t with a BLAS-usable stride, else converted into `buf` (row stride `width`).
+template <typename acc_t>
+struct Tile {
+  const acc_t* ptr;
+  int ld;
+};
+template <typename scalar_t, typename acc_t>
+Tile<acc_t> load_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t width, acc_t* buf) {
+  const int dense_ld = static_cast<int>(std::max<int64_t>(width, 1));
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n == 1) return {src, dense_ld};
+    if (stride >= width && stride >= 1 && stride <= INT32_MAX) return {src, static_cast<int>(stride)};
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* x = src + r * stride;
+    acc_t* y = buf + r * width;
+    for (int64_t c = 0; c < width; ++c) y[c] = static_cast<acc_t>(x[c]);
+  }
+  return {buf, dense_ld};
+}
+
+// s[r][j] += bias[r * s_row + j * s_col] (any strides, 0 included)
+template <typename scalar_t, typename acc_t>
+void add_bias(acc_t* s, int64_t ld, int64_t rows, int64_t n, const scalar_t* bias, int64_t s_row, int64_t s_col) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* x = s + r * ld;
+    const scalar_t* b = bias + r * s_row;
+    if (s_col == 1) {
+      for (int64_t j = 0; j < n; ++j) x[j] += static_cast<acc_t>(b[j]);
+    } else if (s_col == 0) {
+      const acc_t v = static_cast<acc_t>(b[0]);
+      for (int64_t j = 0; j < n; ++j) x[j] += v;
+    } else {
+      for (int64_t j = 0; j < n; ++j) x[j] += static_cast<acc_t>(b[j * s_col]);
+    }
+  }
+}
+
+// Scores outside the window of rows [i0, i0 + rows) x keys [j0, j0 + n) become -inf.
+template <typename acc_t>
+void mask_window(acc_t* s, int64_t ld, int64_t rows, int64_t n, int64_t i0, int64_t j0, const Problem& p) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* x = s + r * ld;
+    const int64_t lo = std::clamp<int64_t>(p.key_lo(i0 + r) - j0, 0, n);      // first visible
+    const int64_t hi = std::clamp<int64_t>(p.key_hi(i0 + r) - j0 + 1, 0, n);  // one past the last
+    for (int64_t j = 0; j < std::min(lo, n); ++j) x[j] = ninf;
+    for (int64_t j = std::max(hi, lo); j < n; ++j) x[j] = ninf;
+  }
+}
+
+// Scores of one tile: s = scale·Q·Kᵀ, softcap (tanh kept in t if given), bias, window.
+template <typename scalar_t, typename acc_t>
+void tile_scores(const Problem& p, acc_t* s, acc_t* t, int ld, int64_t rows, int64_t n, Tile<acc_t> q,
+                 Tile<acc_t> k, const scalar_t* bias, int64_t b, int64_t h, int64_t i0, int64_t j0) {
+  gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
+  if (p.softcap > 0) softcap_tile(s, t, ld, rows, n, static_cast<acc_t>(p.softcap));
+  if (p.has_bias) {
+    const scalar_t* bp = bias + b * p.bs[0] + h * p.bs[1] + i0 * p.bs[2] + j0 * p.bs[3];
+    add_bias(s, ld, rows, n, bp, p.bs[2], p.bs[3]);
+  }
+  if (p.windowed() && !p.all_visible(i0, i0 + rows, j0, j0 + n)) mask_window(s, ld, rows, n, i0, j0, p);
+}
+
+// Run tasks [0, ntasks) on the thread pool, handed out one at a time (uneven causal tasks balance).
+// make_worker() is called once per thread and returns a callable worker(task) owning its scratch.
+template <typename MakeWorker>
+void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
+  if (ntasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntasks);
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    auto worker = make_worker();
+    for (int64_t task = next.fetch_add(1); task < ntasks; task = next.fetch_add(1)) worker(task);
+  });
+}
+
+constexpr int64_t kFwdBlockM = 64, kFwdBlockN = 256;  // forward tile: query rows x keys
+constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 128;  // backward tile
+constexpr int64_t kDecodeMaxRows = 16;                // L <= this: split the keys across tasks
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* bias,
+                    scalar_t* out, void* lse_out) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
+  acc_t* lse = static_cast<acc_t*>(lse_out);
+  const int64_t n_qblocks = (L + BM - 1) / BM;
+  const int64_t n_kblocks = (S + BN - 1) / BN;
+  const int64_t n_bh = p.B * p.Hq;
+
+  // Split-KV for decoding: too few query blocks to feed the threads -> slice the keys too.
+  int64_t n_split = 1;
+  if (L <= kDecodeMaxRows && n_kblocks > 1) {
+    const int64_t want_tasks = 8 * at::get_num_threads();
+    n_split = std::min(n_kblocks, (want_tasks + n_bh * n_qblocks - 1) / (n_bh * n_qblocks));
+    n_split = std::max<int64_t>(n_split, 1);
+  }
+  const int64_t ntasks = n_bh * n_qblocks * n_split;
+  // Partial results of the slices (only with n_split > 1): acc (unnormalised), m, l per row.
+  std::vector<acc_t> part_acc, part_m, part_l;
+  if (n_split > 1) {
+    part_acc.resize(ntasks * BM * Ev);
+    part_m.resize(ntasks * BM);
+    part_l.resize(ntasks * BM);
+  }
+  const bool dropout = p.dropout_p > 0;
+  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
+
+  run_tasks(ntasks, [&]() {
+    // Per-thread scratch.
+    std::vector<acc_t> qbuf(BM * E), kbuf(BN * E), vbuf(BN * Ev), s(BM * BN), keep(dropout ? BM * BN : 0);
+    std::vector<acc_t> acc(BM * Ev), m(BM), l(BM), alpha(BM);
+    std::vector<uint32_t> row_hash(BM);
+    return [&p, &part_acc, &part_m, &part_l, q, k, v, bias, out, lse, BM, BN, L, S, E, Ev, n_qblocks, n_kblocks,
+            n_split, dropout, inv_keep, qbuf = std::move(qbuf), kbuf = std::move(kbuf), vbuf = std::move(vbuf),
+            s = std::move(s), keep = std::move(keep), acc = std::move(acc), m = std::move(m), l = std::move(l),
+            alpha = std::move(alpha), row_hash = std::move(row_hash)](int64_t task) mutable {
+      const int64_t split = task % n_split;
+      const int64_t qb = (task / n_split) % n_qblocks;
+      const int64_t bh = task / (n_split * n_qblocks);
+      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
+      const int64_t i0 = qb * BM, rows = std::min(BM, L - i0);
+
+      // Key blocks this query block can see, then this task's slice of them.
+      int64_t kb_begin = 0, kb_end = n_kblocks;
+      if (p.windowed()) {
+        const int64_t lo = std::max<int64_t>(0, p.key_lo(i0));
+        const int64_t hi = std::min<int64_t>(S - 1, p.key_hi(i0 + rows - 1));
+        if (hi < lo) {
+          kb_begin = kb_end = 0;
+        } else {
+          kb_begin = lo / BN;
+          kb_end = hi / BN + 1;
+        }
+      }
+      if (n_split > 1) {
+        const int64_t nkb = kb_end - kb_begin, per = (nkb + n_split - 1) / n_split;
+        const int64_t a = std::min(kb_end, kb_begin + split * per), e = std::min(kb_end, a + per);
+        kb_begin = a;
+        kb_end = e;
+      }
+
+      const Tile<acc_t> qt = load_rows(q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2], p.qs[2], rows, E, qbuf.data());
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.begin() + rows, acc_t(0));
+      std::fill(acc.begin(), acc.begin() + rows * Ev, acc_t(0));
+      if (dropout)
+        for (int64_t r = 0; r < rows; ++r) row_hash[r] = p.row_hash(b, h, i0 + r);
+
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * BN, n = std::min(BN, S - j0);
+        const Tile<acc_t> kt = load_rows(k + b * p.ks[0] + hk * p.ks[1] + j0 * p.ks[2], p.ks[2], n, E, kbuf.data());
+        const Tile<acc_t> vt = load_rows(v + b * p.vs[0] + hk * p.vs[1] + j0 * p.vs[2], p.vs[2], n, Ev, vbuf.data());
+        tile_scores<scalar_t, acc_t>(p, s.data(), nullptr, BN, rows, n, qt, kt, bias, b, h, i0, j0);
+        online_softmax(s.data(), BN, rows, n, m.data(), l.data(), alpha.data());
+        scale_rows(acc.data(), Ev, rows, Ev, alpha.data());
+        if (dropout) {
+          dropout_keep(keep.data(), BN, rows, n, row_hash.data(), static_cast<uint32_t>(j0), p.threshold, inv_keep);
+          mul_tile(s.data(), s.data(), keep.data(), BN, rows, n);
+        }
+        gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s.data(), BN, vt.ptr, vt.ld, acc_t(1), acc.data(), Ev);
+      }
+
+      if (n_split > 1) {
+        std::copy(acc.begin(), acc.begin() + rows * Ev, part_acc.begin() + task * BM * Ev);
+        std::copy(m.begin(), m.begin() + rows, part_m.begin() + task * BM);
+        std::copy(l.begin(), l.begin() + rows, part_l.begin() + task * BM);
+        return;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = bh * L + i0 + r;
+        const acc_t inv_l = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+        scalar_t* o = out + row * Ev;
+        for (int64_t c = 0; c < Ev; ++c) o[c] = static_cast<scalar_t>(acc[r * Ev + c] * inv_l);
+        lse[row] = l[r] > 0 ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
+      }
+    };
+  });
+
+  if (n_split == 1) return;
+  // Combine the slices: m = max m_s, l = Σ l_s·e^{m_s - m}, out = Σ acc_s·e^{m_s - m} / l.
+  at::parallel_for(0, n_bh * L, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> o(Ev);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / L, i = row % L, qb = i / BM, r = i % BM;
+      const int64_t task0 = (bh * n_qblocks + qb) * n_split;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t sp = 0; sp < n_split; ++sp) mx = std::max(mx, part_m[(task0 + sp) * BM + r]);
+      scalar_t* dst = out + row * Ev;
+      if (mx == -std::numeric_limits<acc_t>::infinity()) {
+        for (int64_t c = 0; c < Ev; ++c) dst[c] = static_cast<scalar_t>(0);
+        lse[row] = std::numeric_limits<acc_t>::infinity();
+        continue;
+      }
+      std::fill(o.begin(), o.end(), acc_t(0));
+      acc_t sum = 0;
+      for (int64_t sp = 0; sp < n_split; ++sp) {
+        const int64_t t = task0 + sp;
+        const acc_t ms = part_m[t * BM + r];
+        if (ms == -std::numeric_limits<acc_t>::infinity()) continue;
+        const acc_t w = std::exp(ms - mx);
+        sum += w * part_l[t * BM + r];
+        const acc_t* a = part_acc.data() + (t * BM + r) * Ev;
+        for (int64_t c = 0; c < Ev; ++c) o[c] += w * a[c];
+      }
+      for (int64_t c = 0; c < Ev; ++c) dst[c] = static_cast<scalar_t>(o[c] / sum);
+      lse[row] = mx + std::log(sum);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                     const scalar_t* v, const scalar_t* out, const void* lse_in, const scalar_t* bias,
+                     scalar_t* dq, scalar_t* dk, scalar_t* dv, bool fused) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev, G = p.group;
+  const acc_t* lse = static_cast<const acc_t*>(lse_in);
+  const int64_t n_qblocks = (L + BM - 1) / BM, n_kblocks = (S + BN - 1) / BN;
+  const bool dropout = p.dropout_p > 0;
+  const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  // delta = rowsum(dO ∘ O); dout and out are contiguous (B, Hq, L, Ev).
+  std::vector<acc_t> delta(p.B * p.Hq * L);
+  at::parallel_for(0, p.B * p.Hq * L, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < Ev; ++c)
+        sum += static_cast<acc_t>(dout[row * Ev + c]) * static_cast<acc_t>(out[row * Ev + c]);
+      delta[row] = sum;
+    }
+  });
+
+  // dQ accumulates over key blocks in acc_t (B, Hq, L, E): the output itself when it is acc_t.
+  std::vector<acc_t> dq_buf;
+  acc_t* dq_acc;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    dq_acc = dq;
+  } else {
+    dq_buf.assign(p.B * p.Hq * L * E, acc_t(0));
+    dq_acc = dq_buf.data();
+  }
+
+  // Per-thread scratch for one tile and the dK/dV accumulators of one key block.
+  struct Scratch {
+    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc;
+    std::vector<uint32_t> row_hash;
+  };
+  auto make_scratch = [&]() {
+    Scratch sc;
+    sc.qbuf.resize(BM * E);
+    sc.dobuf.resize(BM * Ev);
+    sc.kbuf.resize(BN * E);
+    sc.vbuf.resize(BN * Ev);
+    sc.s.resize(BM * BN);
+    sc.dp.resize(BM * BN);
+    if (p.softcap > 0) sc.t.resize(BM * BN);
+    if (dropout) {
+      sc.keep.resize(BM * BN);
+      sc.pd.resize(BM * BN);
+    }
+    sc.dk_acc.resize(BN * E);
+    sc.dv_acc.resize(BN * Ev);
+    sc.row_hash.resize(BM);
+    return sc;
+  };
+
+  // One tile: query block (b, h, rows [i0, i0+rows)) x key block (kv head hk, keys [j0, j0+n)).
+  // Adds its share to dk_acc/dv_acc (n × E / n × Ev) and dq_rows (rows × E) where those are given.
+  auto tile = [&](Scratch& sc, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n,
+                  Tile<acc_t> kt, Tile<acc_t> vt, bool want_dkdv, bool want_dq) {
+    const int64_t row0 = (b * p.Hq + h) * L + i0;
+    const Tile<acc_t> qt = load_rows(q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2], p.qs[2], rows, E, sc.qbuf.data());
+    const Tile<acc_t> dot = load_rows(dout + row0 * Ev, Ev, rows, Ev, sc.dobuf.data());
+    acc_t* s = sc.s.data();
+    acc_t* t = p.softcap > 0 ? sc.t.data() : nullptr;
+    tile_scores<scalar_t, acc_t>(p, s, t, BN, rows, n, qt, kt, bias, b, h, i0, j0);
+    probs_from_lse(s, BN, rows, n, lse + row0);  // s is now P
+    const acc_t* keep = nullptr;
+    const acc_t* pd = s;  // the probabilities after dropout
+    if (dropout) {
+      for (int64_t r = 0; r < rows; ++r) sc.row_hash[r] = p.row_hash(b, h, i0 + r);
+      dropout_keep(sc.keep.data(), BN, rows, n, sc.row_hash.data(), static_cast<uint32_t>(j0), p.threshold, inv_keep);
+      mul_tile(sc.pd.data(), s, sc.keep.data(), BN, rows, n);
+      keep = sc.keep.data();
+      pd = sc.pd.data();
+    }
+    if (want_dkdv)  // dV += Pdᵀ·dO
+      gemm_atb<acc_t>(n, Ev, rows, acc_t(1), pd, BN, dot.ptr, dot.ld, acc_t(1), sc.dv_acc.data(), Ev);
+    acc_t* dp = sc.dp.data();  // dP = dO·Vᵀ, then dS in place
+    gemm_abt<acc_t>(rows, n, Ev, acc_t(1), dot.ptr, dot.ld, vt.ptr, vt.ld, acc_t(0), dp, BN);
+    score_grad(dp, s, keep, t, BN, rows, n, delta.data() + row0);
+    if (want_dkdv)  // dK += scale·dSᵀ·Q
+      gemm_atb<acc_t>(n, E, rows, scale, dp, BN, qt.ptr, qt.ld, acc_t(1), sc.dk_acc.data(), E);
+    if (want_dq)  // dQ += scale·dS·K
+      gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_acc + row0 * E, E);
+  };
+
+  auto load_kv = [&](Scratch& sc, int64_t b, int64_t hk, int64_t j0, int64_t n) {
+    Tile<acc_t> kt = load_rows(k + b * p.ks[0] + hk * p.ks[1] + j0 * p.ks[2], p.ks[2], n, E, sc.kbuf.data());
+    Tile<acc_t> vt = load_rows(v + b * p.vs[0] + hk * p.vs[1] + j0 * p.vs[2], p.vs[2], n, Ev, sc.vbuf.data());
+    return std::make_pair(kt, vt);
+  };
+
+  // dK/dV of key block kb of (b, hk): all query heads of the group, all query blocks that see it.
+  auto key_block = [&](Scratch& sc, int64_t b, int64_t hk, int64_t kb, bool want_dq) {
+    const int64_t j0 = kb * BN, n = std::min(BN, S - j0);
+    std::fill(sc.dk_acc.begin(), sc.dk_acc.begin() + n * E, acc_t(0));
+    std::fill(sc.dv_acc.begin(), sc.dv_acc.begin() + n * Ev, acc_t(0));
+    const int64_t i_lo = std::max<int64_t>(0, p.query_lo(j0));
+    const int64_t i_hi = std::min<int64_t>(L - 1, p.query_hi(j0 + n - 1));
+    if (i_lo <= i_hi) {
+      auto [kt, vt] = load_kv(sc, b, hk, j0, n);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
+        for (int64_t qb = i_lo / BM; qb <= i_hi / BM; ++qb) {
+          const int64_t i0 = qb * BM;
+          tile(sc, b, h, i0, std::min(BM, L - i0), j0, n, kt, vt, true, want_dq);
+        }
+    }
+    scalar_t* dk_dst = dk + ((b * p.Hkv + hk) * S + j0) * E;
+    scalar_t* dv_dst = dv + ((b * p.Hkv + hk) * S + j0) * Ev;
+    for (int64_t x = 0; x < n * E; ++x) dk_dst[x] = static_cast<scalar_t>(sc.dk_acc[x]);
+    for (int64_t x = 0; x < n * Ev; ++x) dv_dst[x] = static_cast<scalar_t>(sc.dv_acc[x]);
+  };
+
+  if (fused) {
+    // One task per (b, kv head): owns dK/dV of its keys and dQ of its group's query heads.
+    run_tasks(p.B * p.Hkv, [&]() {
+      return [&, sc = make_scratch()](int64_t task) mutable {
+        const int64_t b = task / p.Hkv, hk = task % p.Hkv;
+        for (int64_t kb = 0; kb < n_kblocks; ++kb) key_block(sc, b, hk, kb, true);
+      };
+    });
+  } else {
+    // Pass 1: dK/dV, one task per key block.
+    run_tasks(p.B * p.Hkv * n_kblocks, [&]() {
+      return [&, sc = make_scratch()](int64_t task) mutable {
+        const int64_t kb = task % n_kblocks, bhk = task / n_kblocks;
+        key_block(sc, bhk / p.Hkv, bhk % p.Hkv, kb, false);
+      };
+    });
+    // Pass 2: dQ, one task per query block.
+    run_tasks(p.B * p.Hq * n_qblocks, [&]() {
+      return [&, sc = make_scratch()](int64_t task) mutable {
+        const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
+        const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / G;
+        const int64_t i0 = qb * BM, rows = std::min(BM, L - i0);
+        const int64_t j_lo = std::max<int64_t>(0, p.key_lo(i0));
+        const int64_t j_hi = std::min<int64_t>(S - 1, p.key_hi(i0 + rows - 1));
+        if (j_lo > j_hi) return;
+        for (int64_t kb = j_lo / BN; kb <= j_hi / BN; ++kb) {
+          const int64_t j0 = kb * BN, n = std::min(BN, S - j0);
+          auto [kt, vt] = load_kv(sc, b, hk, j0, n);
+          tile(sc, b, h, i0, rows, j0, n, kt, vt, false, true);
+        }
+      };
+    });
+  }
+
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    const int64_t total = p.B * p.Hq * L * E;
+    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t x = begin; x < end; ++x) dq[x] = static_cast<scalar_t>(dq_acc[x]);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks and dispatch
+// ---------------------------------------------------------------------------------------------
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& bias, double dropout_p, double scale, int64_t window_left,
+                     int64_t window_right, int64_t diag_offset, double softcap, int64_t seed) {
+  TORCH_CHECK(q.dim() == 4, "attention: query must be 4-D (B, Hq, L, E), got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 4, "attention: key must be 4-D (B, Hkv, S, E), got ", k.dim(), "-D");
+  TORCH_CHECK(v.dim() == 4, "attention: value must be 4-D (B, Hkv, S, Ev), got ", v.dim(), "-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "attention (CPU kernel): query, key and value must be CPU tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attention: query, key and value must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "attention: query must be floating point, got ", q.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, "attention: key and value must have the query's batch size ", B,
+              ", got ", k.size(0), " and ", v.size(0));
+  TORCH_CHECK(k.size(3) == E, "attention: key head size ", k.size(3), " != query head size ", E);
+  TORCH_CHECK(v.size(1) == Hkv && v.size(2) == S, "attention: value must be (B, ", Hkv, ", ", S, ", Ev), got ",
+              v.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention: query heads (", Hq, ") must be a multiple of key heads (", Hkv,
+              ")");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(softcap >= 0.0, "attention: softcap must be >= 0, got ", softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "attention: window_left/window_right must be >= -1, got ",
+              window_left, ", ", window_right);
+  Problem p{};
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.L = L; p.S = S; p.E = E; p.Ev = Ev; p.group = Hq / Hkv;
+  p.scale = scale; p.softcap = softcap; p.dropout_p = dropout_p;
+  p.window_left = window_left; p.window_right = window_right; p.diag = diag_offset;
+  p.seed_hash = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed)));
+  p.threshold = static_cast<uint32_t>(std::min<uint64_t>(static_cast<uint64_t>(dropout_p * 4294967296.0), 0xFFFFFFFFull));
+  for (int d = 0; d < 4; ++d) {
+    p.qs[d] = q.stride(d);
+    p.ks[d] = k.stride(d);
+    p.vs[d] = v.stride(d);
+    p.bs[d] = 0;
+  }
+  p.has_bias = bias.has_value() && bias->defined();
+  if (p.has_bias) {
+    const at::Tensor& bt = *bias;
+    TORCH_CHECK(bt.device().is_cpu(), "attention: attn_bias must be a CPU tensor");
+    TORCH_CHECK(bt.scalar_type() == q.scalar_type(), "attention: attn_bias must have the query's dtype ",
+                q.scalar_type(), ", got ", bt.scalar_type());
+    TORCH_CHECK(bt.dim() == 4 && bt.size(0) == B && bt.size(1) == Hq && bt.size(2) == L && bt.size(3) == S,
+                "attention: attn_bias must be (B, Hq, L, S) = (", B, ", ", Hq, ", ", L, ", ", S, "), got ", bt.sizes());
+    for (int d = 0; d < 4; ++d) p.bs[d] = bt.stride(d);
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, const std::optional<at::Tensor>& attn_bias,
+                                                     double dropout_p, double scale, int64_t window_left,
+                                                     int64_t window_right, int64_t diag_offset, double softcap,
+                                                     int64_t seed) {
+  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
+  const Problem p = make_problem(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
+                                 softcap, seed);
+  at::Tensor out = at::empty({p.B, p.Hq, p.L, p.Ev}, q.options());
+  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options().dtype(lse_dtype));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
+    const scalar_t* bias = p.has_bias ? attn_bias->const_data_ptr<scalar_t>() : nullptr;
+    forward_kernel<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                             v.const_data_ptr<scalar_t>(), bias, out.mutable_data_ptr<scalar_t>(), lse.data_ptr());
+  });
+  return {out, lse};
+}
+
+// Backward work split: "fused" (one task per (batch, kv head)) when that keeps the threads busy,
+// else "split" (two passes). FASTATTN_ATTN_BWD=fused|split forces one (tests use it).
+bool use_fused_backward(int64_t n_bhkv) {
+  if (const char* env = std::getenv("FASTATTN_ATTN_BWD")) {
+    if (std::strcmp(env, "fused") == 0) return true;
+    if (std::strcmp(env, "split") == 0) return false;
+  }
+  const int64_t nt = at::get_num_threads();
+  return n_bhkv % nt == 0 || n_bhkv >= 4 * nt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, int64_t diag_offset, double softcap, int64_t seed) {
+  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
+  const Problem p = make_problem(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
+                                 softcap, seed);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, p.Ev}), "attention_bwd: grad_out must be (",
+              p.B, ", ", p.Hq, ", ", p.L, ", ", p.Ev, "), got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "attention_bwd: out must be shaped like grad_out ", grad_out.sizes(),
+              ", got ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "attention_bwd: grad_out and out must have the query's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), "attention_bwd: lse must be (", p.B, ", ", p.Hq,
+              ", ", p.L, "), got ", lse.sizes());
+  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(),
+              "attention_bwd (CPU kernel): grad_out, out and lse must be CPU tensors");
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == acc_dtype, "attention_bwd: lse must be ", acc_dtype, ", got ", lse.scalar_type());
+  const at::Tensor dO = grad_out.contiguous(), o = out.contiguous(), lse_c = lse.contiguous();
+
+  at::Tensor dq = (q.scalar_type() == acc_dtype) ? at::zeros({p.B, p.Hq, p.L, p.E}, q.options())
+                                                 : at::empty({p.B, p.Hq, p.L, p.E}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Hkv, p.S, p.E}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Hkv, p.S, p.Ev}, q.options());
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  const bool fused = use_fused_backward(p.B * p.Hkv);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
+    const scalar_t* bias = p.has_bias ? attn_bias->const_data_ptr<scalar_t>() : nullptr;
+    backward_kernel<scalar_t>(p, dO.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+                              lse_c.const_data_ptr(), bias, dq.mutable_data_ptr<scalar_t>(),
+                              dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), fused);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace attn_cpu
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention_fwd", &fastattn::attn_cpu::attention_fwd_cpu);
+  m.impl("attention_bwd", &fastattn::attn_cpu::attention_bwd_cpu);
+}
