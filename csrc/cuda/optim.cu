@@ -155,7 +155,7 @@ __device__ __forceinline__ bool chunk_is_vectorizable(T* const (&ptr)[N], int64_
 __device__ __forceinline__ bool skipped(const Hyper& h) { return h.found_inf != nullptr && *h.found_inf != 0.f; }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListArgs<3> args, Hyper h) {
+__global__ void __launch_bounds__(kThreads, 2) sgd_kernel(TensorListArgs<3> args, Hyper h) {
   if (skipped(h)) return;
   const int t = args.block_to_tensor[blockIdx.x];
   const int64_t base = static_cast<int64_t>(args.block_to_chunk[blockIdx.x]) * kChunk;
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(TensorListArgs<3> args, H
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) adam_kernel(TensorListArgs<5> args, Hyper h) {
+__global__ void __launch_bounds__(kThreads, 2) adam_kernel(TensorListArgs<5> args, Hyper h) {
   if (skipped(h)) return;
   const int t = args.block_to_tensor[blockIdx.x];
   const int64_t base = static_cast<int64_t>(args.block_to_chunk[blockIdx.x]) * kChunk;
