@@ -48,7 +48,11 @@ def optimizer(kind: str, impl: str, params):
 def main():
     p = common.parser("optim")
     p.add_argument("--optims", default="sgd,adam,adamw")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--cases", default=None, help="e.g. 10000000/10,1000000/100 (numel/tensors)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.quick:
         cases = [(1_000_000, 10)]
@@ -56,6 +60,8 @@ def main():
         cases = [(1_000_000, 10), (10_000_000, 10), (10_000_000, 200), (100_000_000, 200)]
     else:
         cases = [(1_000_000, 10), (1_000_000, 100), (10_000_000, 10), (10_000_000, 200)]
+    if args.cases:
+        cases = [tuple(int(x) for x in c.split("/")) for c in args.cases.split(",")]
     impls = ["fastattn", "torch for-loop", "torch foreach", "torch fused"]
     if device.type == "cuda":
         impls.insert(1, "fastattn triton")

@@ -335,6 +335,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   }
   if (skip_step(found_inf)) return;
   if (lr_tensor.has_value()) lr = scalar_value(*lr_tensor, "lr_tensor");
+  std::vector<char> is_new(params.size(), 0);
+  for (size_t i = 0; has_momentum && i < params.size(); ++i) is_new[i] = new_buffers.get(i);
   const double scale = grad_scale.has_value() ? scalar_value(*grad_scale, "grad_scale") : 1.0;
 
   auto args_for = [&](auto zero, bool new_buffer) {
@@ -355,7 +357,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   };
   for_each_chunk(make_chunks(numels_of(params)), [&](const Chunk& c) {
     const at::Tensor& p = params[c.tensor];
-    const bool new_buffer = has_momentum && new_buffers.get(c.tensor);
+    const bool new_buffer = has_momentum && is_new[c.tensor];
     const int64_t n = c.end - c.begin;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_step_", [&] {
       using T = at::opmath_type<scalar_t>;

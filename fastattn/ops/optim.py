@@ -25,7 +25,6 @@ Native contract (the same for every backend, so the tests can hold them all to o
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -233,14 +232,6 @@ def _scalar_on(t: Optional[Tensor], device: torch.device, backend: str) -> Optio
     if backend in ("cuda", "triton"):
         return t.to(device=device, dtype=torch.float32)
     return t
-
-
-def _split_by_dtype(params):
-    """Indices of params per dtype (the GPU kernels launch once per dtype)."""
-    groups = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
-    return list(groups.values())
 
 
 # --------------------------------------------------------------------------------------------
