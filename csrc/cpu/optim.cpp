@@ -18,8 +18,9 @@
 //   a.lerp_(b, w)            -> |w| < 0.5 ? fma(w, b - a, a) : fma(-(b - a), 1 - w, b)
 //   a.addcmul_(b, c, value=s)-> fma(s * b, c, a)
 //   a.addcdiv_(b, c, value=s)-> a + (s * b) / c
-//   a.sqrt()                 -> MKL's vsSqrt when libtorch has MKL (torch's CPU sqrt uses it; it
-//                               is not the correctly rounded IEEE sqrt), else std::sqrt
+//   a.sqrt()                 -> torch's CPU sqrt is MKL's vsSqrt, which is not the correctly rounded
+//                               IEEE sqrt; with FASTATTN_OPTIM_SQRT=torch we call it too (bit-exact,
+//                               slower), by default std::sqrt (1 ulp off in some elements)
 // The file is compiled without floating-point contraction so that only the fma() calls fuse.
 #pragma GCC optimize("fp-contract=off")
 
@@ -31,6 +32,8 @@
 #include <dlfcn.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -103,13 +106,22 @@ FASTATTN_SIMD void sqrt_ieee(T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);
 }
 
-void sqrt_like_torch(float* x, int64_t n) {
-  int ni = static_cast<int>(n);
-  if (vml().f32) vml().f32(&ni, x, x); else sqrt_ieee(x, n);
+// FASTATTN_OPTIM_SQRT=torch: Adam's sqrt through MKL as torch's CPU sqrt does, so float32 results
+// are bit-identical to torch.optim.Adam(foreach=False); about 2x slower (MKL's high-accuracy sqrt
+// costs as much as the rest of the step). Default: the correctly rounded sqrt (vsqrtps), which
+// differs from MKL's by 1 ulp in some elements (as torch's own fused=True Adam does).
+bool torch_sqrt_requested() {
+  const char* mode = std::getenv("FASTATTN_OPTIM_SQRT");
+  return mode != nullptr && std::string(mode) == "torch";
 }
-void sqrt_like_torch(double* x, int64_t n) {
+
+void sqrt_tile(float* x, int64_t n, bool like_torch) {
   int ni = static_cast<int>(n);
-  if (vml().f64) vml().f64(&ni, x, x); else sqrt_ieee(x, n);
+  if (like_torch && vml().f32) vml().f32(&ni, x, x); else sqrt_ieee(x, n);
+}
+void sqrt_tile(double* x, int64_t n, bool like_torch) {
+  int ni = static_cast<int>(n);
+  if (like_torch && vml().f64) vml().f64(&ni, x, x); else sqrt_ieee(x, n);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -135,16 +147,21 @@ struct SgdArgs {
   bool has_momentum, nesterov, maximize, has_weight_decay, unscale, new_buffer;
 };
 
+// grad /= grad_scale, in place (torch's fused optimizers leave the gradients unscaled too). A
+// separate pass keeps the update loops free of conditional stores, so they vectorize.
+template <typename T>
+FASTATTN_SIMD void unscale_tile(T* __restrict g, int64_t n, T scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / scale;
+}
+
 // One tile: p, g, b are float32/float64 arrays of n elements (b unused without momentum).
 template <typename T>
-FASTATTN_SIMD void sgd_tile(T* __restrict p, T* __restrict g, T* __restrict b, int64_t n, SgdArgs<T> a) {
-  const T scale = a.inv_scale_div;
+FASTATTN_SIMD void sgd_tile(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t n, SgdArgs<T> a) {
   if (a.has_momentum) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      T gi = a.unscale ? g[i] / scale : g[i];                           // grad / grad_scale
-      if (a.unscale) g[i] = gi;
-      gi = a.maximize ? -gi : gi;                                       // -grad
+      T gi = a.maximize ? -g[i] : g[i];                                 // -grad
       gi = a.has_weight_decay ? std::fma(a.weight_decay, p[i], gi) : gi;  // grad.add(param, alpha=wd)
       T bi = a.new_buffer ? gi : std::fma(a.one_minus_dampening, gi, b[i] * a.momentum);  // buf.mul_(m).add_(g, alpha=1-d)
       b[i] = bi;
@@ -154,9 +171,7 @@ FASTATTN_SIMD void sgd_tile(T* __restrict p, T* __restrict g, T* __restrict b, i
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      T gi = a.unscale ? g[i] / scale : g[i];
-      if (a.unscale) g[i] = gi;
-      gi = a.maximize ? -gi : gi;
+      T gi = a.maximize ? -g[i] : g[i];
       gi = a.has_weight_decay ? std::fma(a.weight_decay, p[i], gi) : gi;
       p[i] = std::fma(a.neg_lr, gi, p[i]);
     }
@@ -166,6 +181,7 @@ FASTATTN_SIMD void sgd_tile(T* __restrict p, T* __restrict g, T* __restrict b, i
 template <typename S, typename T>
 void sgd_range(S* p, S* g, S* b, int64_t n, const SgdArgs<T>& a) {
   if constexpr (std::is_same_v<S, T>) {
+    if (a.unscale) unscale_tile<T>(g, n, a.inv_scale_div);
     sgd_tile<T>(p, g, b, n, a);
   } else {
     float tp[TILE], tg[TILE], tb[TILE];
@@ -174,6 +190,7 @@ void sgd_range(S* p, S* g, S* b, int64_t n, const SgdArgs<T>& a) {
       load_tile(p + s, tp, m);
       load_tile(g + s, tg, m);
       if (a.has_momentum && !a.new_buffer) load_tile(b + s, tb, m);
+      if (a.unscale) unscale_tile<float>(tg, m, a.inv_scale_div);
       sgd_tile<float>(tp, tg, tb, m, a);
       store_tile(tp, p + s, m);
       if (a.unscale) store_tile(tg, g + s, m);
@@ -187,22 +204,20 @@ void sgd_range(S* p, S* g, S* b, int64_t n, const SgdArgs<T>& a) {
 // ------------------------------------------------------------------------------------------
 template <typename T>
 struct AdamArgs {
-  T lerp_w, one_minus_lerp_w, beta2, one_minus_beta2, weight_decay, eps, inv_scale_div;
+  T lerp_w, one_minus_lerp_w, beta2, one_minus_beta2, weight_decay, eps, inv_scale_div;  // grad / inv_scale_div
   T bias_correction2_sqrt, neg_step_size, decay;  // per tensor (depend on its step)
-  bool amsgrad, maximize, l2_decay, decoupled_decay, unscale;
+  bool amsgrad, maximize, l2_decay, decoupled_decay, unscale, torch_sqrt;
 };
 
 // Pass 1 over a tile: gradient, first and second moments; writes the value whose sqrt is the
 // denominator (exp_avg_sq or max_exp_avg_sq) into `den`.
 template <typename T>
-FASTATTN_SIMD void adam_moments(const T* __restrict p, T* __restrict g, T* __restrict m, T* __restrict v,
+FASTATTN_SIMD void adam_moments(const T* __restrict p, const T* __restrict g, T* __restrict m, T* __restrict v,
                                 T* __restrict vmax, T* __restrict den, int64_t n, AdamArgs<T> a) {
   const bool low_weight = std::abs(a.lerp_w) < T(0.5);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T gi = a.unscale ? g[i] / a.inv_scale_div : g[i];
-    if (a.unscale) g[i] = gi;
-    gi = a.maximize ? -gi : gi;
+    T gi = a.maximize ? -g[i] : g[i];
     gi = a.l2_decay ? std::fma(a.weight_decay, p[i], gi) : gi;  // grad.add(param, alpha=wd)
     T diff = gi - m[i];                                          // exp_avg.lerp_(grad, 1-beta1)
     T mi = low_weight ? std::fma(a.lerp_w, diff, m[i]) : std::fma(-diff, a.one_minus_lerp_w, gi);
@@ -242,8 +257,9 @@ void adam_range(S* p, S* g, S* m, S* v, S* vmax, int64_t n, const AdamArgs<T>& a
   if constexpr (std::is_same_v<S, T>) {
     for (int64_t s = 0; s < n; s += TILE) {
       int64_t k = std::min(TILE, n - s);
+      if (a.unscale) unscale_tile<T>(g + s, k, a.inv_scale_div);
       adam_moments<T>(p + s, g + s, m + s, v + s, a.amsgrad ? vmax + s : nullptr, den, k, a);
-      sqrt_like_torch(den, k);
+      sqrt_tile(den, k, a.torch_sqrt);
       adam_update<T>(p + s, m + s, den, k, a);
     }
   } else {
@@ -255,8 +271,9 @@ void adam_range(S* p, S* g, S* m, S* v, S* vmax, int64_t n, const AdamArgs<T>& a
       load_tile(m + s, tm, k);
       load_tile(v + s, tv, k);
       if (a.amsgrad) load_tile(vmax + s, tx, k);
+      if (a.unscale) unscale_tile<float>(tg, k, a.inv_scale_div);
       adam_moments<float>(tp, tg, tm, tv, tx, den, k, a);
-      sqrt_like_torch(den, k);
+      sqrt_tile(den, k, a.torch_sqrt);
       adam_update<float>(tp, tm, den, k, a);
       store_tile(tp, p + s, k);
       if (a.unscale) store_tile(tg, g + s, k);
@@ -389,6 +406,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (skip_step(found_inf)) return;
   const double scale = grad_scale.has_value() ? scalar_value(*grad_scale, "grad_scale") : 1.0;
   const bool tensor_lr = lr_tensor.has_value();
+  const bool torch_sqrt = torch_sqrt_requested();
   if (tensor_lr) lr = scalar_value(*lr_tensor, "lr_tensor");
 
   // Per tensor: step += 1, then the scalars torch derives from it in Python (double) math.
@@ -439,6 +457,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
     a.l2_decay = weight_decay != 0.0 && !decoupled_weight_decay;
     a.decoupled_decay = weight_decay != 0.0 && decoupled_weight_decay;
     a.unscale = grad_scale.has_value();
+    a.torch_sqrt = torch_sqrt;
     return a;
   };
   for_each_chunk(make_chunks(numels_of(params)), [&](const Chunk& c) {
