@@ -331,8 +331,16 @@ std::vector<int64_t> numels_of(const at::TensorList& params) {
   return n;
 }
 
+// Chunks in parallel; a call with little work in all runs on the calling thread (waking the
+// thread pool costs more than updating a few thousand elements).
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
+  int64_t total = 0;
+  for (const auto& c : chunks) total += c.end - c.begin;
+  if (total < 2 * CHUNK) {
+    for (const auto& c : chunks) f(c);
+    return;
+  }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) f(chunks[c]);
   });

@@ -214,6 +214,9 @@ def _contiguous_lists(*lists):
     """Contiguous versions of every tensor list, and the (original, copy) pairs to write back."""
     out, write_back = [], []
     for ts in lists:
+        if all(t.is_contiguous() for t in ts):
+            out.append(ts)
+            continue
         row = []
         for t in ts:
             c = t if t.is_contiguous() else t.contiguous()
@@ -258,7 +261,16 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
         _check_scalar_tensor(name, t)
     if not params:
         return
+    _sgd_run(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+             lr_tensor, grad_scale, found_inf, backend, device)
+
+
+def _sgd_run(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay, nesterov,
+             maximize, lr_tensor, grad_scale, found_inf, backend, device) -> None:
+    """sgd_step_ after its checks (fastattn.optim calls this: its lists are consistent by construction)."""
     name = _backend.select("sgd_step_", backend, device, _reasons(params), native_op="sgd_step_")
+    if momentum == 0:
+        momentum_buffers, new_buffers = [], []
     scalars = [_scalar_on(t, device, name) for t in (lr_tensor, grad_scale, found_inf)]
     new_buffers = [bool(b) for b in new_buffers]
     hyper = (float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
@@ -302,7 +314,16 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
         _check_scalar_tensor(name, t)
     if not params:
         return
+    _adam_run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+              amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale, found_inf, backend, device)
+
+
+def _adam_run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+              weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale, found_inf, backend,
+              device) -> None:
+    """adam_step_ after its checks (fastattn.optim calls this: its lists are consistent by construction)."""
     name = _backend.select("adam_step_", backend, device, _reasons(params, state_steps), native_op="adam_step_")
+    max_exp_avg_sqs = max_exp_avg_sqs if amsgrad else []
     scalars = [_scalar_on(t, device, name) for t in (lr_tensor, grad_scale, found_inf)]
     hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
              bool(maximize), bool(decoupled_weight_decay))

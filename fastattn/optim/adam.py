@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastattn.ops.optim import adam_step_
-from fastattn.optim.sgd import amp_args, as_real, by_device, check_backend, check_unsupported, lr_args
+from fastattn.ops.optim import _adam_run
+from fastattn.optim.sgd import amp_args, by_device, check_backend, check_unsupported, lr_args, real_lists
 
 __all__ = ["Adam", "AdamW"]
 
@@ -110,13 +110,12 @@ class Adam(Optimizer):
             ps = [params[i] for i in idx]
             states = [self._state_for(p, amsgrad) for p in ps]
             scale, found = amp_args(self, ps[0].device)
-            adam_step_([as_real(p) for p in ps], [as_real(p.grad) for p in ps],
-                       [as_real(s["exp_avg"]) for s in states], [as_real(s["exp_avg_sq"]) for s in states],
-                       [as_real(s["max_exp_avg_sq"]) for s in states] if amsgrad else [],
-                       [s["step"] for s in states], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
-                       decoupled_weight_decay=group["decoupled_weight_decay"], lr_tensor=lr_tensor,
-                       grad_scale=scale, found_inf=found, backend=self.backend)
+            lists = real_lists(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states],
+                               [s["max_exp_avg_sq"] for s in states] if amsgrad else [])
+            _adam_run(*lists, [s["step"] for s in states], lr, beta1, beta2, group["eps"], group["weight_decay"],
+                      amsgrad, group["maximize"], group["decoupled_weight_decay"], lr_tensor, scale, found,
+                      self.backend, ps[0].device)
 
 
 class AdamW(Adam):

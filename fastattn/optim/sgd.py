@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastattn import backend as _backend
-from fastattn.ops.optim import sgd_step_
+from fastattn.ops.optim import _check_hyper, _sgd_run
 
 __all__ = ["SGD"]
 
@@ -30,6 +30,13 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
 def as_real(t: Optional[Tensor]) -> Optional[Tensor]:
     """Complex tensors are updated through their real view (elementwise math, as torch does)."""
     return torch.view_as_real(t) if t is not None and torch.is_complex(t) else t
+
+
+def real_lists(params: List[Tensor], *lists: List[Tensor]):
+    """The lists with complex tensors as real views (untouched when no param is complex)."""
+    if not any(p.is_complex() for p in params):
+        return (params,) + lists
+    return tuple([as_real(t) for t in ts] for ts in (params,) + lists)
 
 
 def lr_args(lr) -> Tuple[float, Optional[Tensor]]:
@@ -108,6 +115,7 @@ class SGD(Optimizer):
     def _step_group(self, group) -> None:
         momentum = group["momentum"]
         lr, lr_tensor = lr_args(group["lr"])
+        _check_hyper(lr, momentum=momentum, weight_decay=group["weight_decay"])
         hyper = dict(lr=lr, momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
                      nesterov=group["nesterov"], maximize=group["maximize"], lr_tensor=lr_tensor)
         dense, sparse = [], []
@@ -127,8 +135,9 @@ class SGD(Optimizer):
                         buf = state["momentum_buffer"] = torch.empty_like(p.grad)
                     bufs.append(buf)
             scale, found = amp_args(self, params[0].device)
-            sgd_step_([as_real(t) for t in params], [as_real(t) for t in grads], [as_real(t) for t in bufs], new,
-                      grad_scale=scale, found_inf=found, backend=self.backend, **hyper)
+            params, grads, bufs = real_lists(params, grads, bufs)
+            _sgd_run(params, grads, bufs, new, hyper["lr"], momentum, hyper["dampening"], hyper["weight_decay"],
+                     hyper["nesterov"], hyper["maximize"], lr_tensor, scale, found, self.backend, params[0].device)
         for p in sparse:  # torch's single-tensor math (plain tensor ops) handles sparse gradients
             self._sparse_step(p, group, lr_tensor.item() if lr_tensor is not None else lr)
 
