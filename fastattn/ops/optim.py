@@ -12,8 +12,11 @@ Native contract (the same for every backend, so the tests can hold them all to o
   ``[i]`` share dtype (float32, float64, float16 or bfloat16; the math runs in float32, float64 for
   float64), shape and device, and are contiguous (this module copies the others).
 * The math is torch's ``_single_tensor_sgd`` / ``_single_tensor_adam`` step for step (see
-  :func:`sgd_step_reference` / :func:`adam_step_reference`); on the CPU the float32 result is
-  bit-identical to ``torch.optim.SGD/Adam/AdamW(foreach=False)``.
+  :func:`sgd_step_reference` / :func:`adam_step_reference`). On the CPU the float32 result of SGD
+  is bit-identical to ``torch.optim.SGD(foreach=False)``; Adam's too with env
+  ``FASTATTN_OPTIM_SQRT=torch`` (torch's CPU sqrt is MKL's, not the correctly rounded one; calling
+  it costs ~2x), by default Adam uses the IEEE sqrt and differs from torch by an ulp here and there
+  (as torch's own ``fused=True`` does).
 * SGD momentum: ``momentum_buffers``/``new_buffers`` are empty when ``momentum == 0``; a buffer
   with ``new_buffers[i]`` true is initialised from the gradient (torch's first step).
 * Adam: ``state_steps[i]`` is a 1-element float32 (or float64) tensor on the parameter's device (CPU
