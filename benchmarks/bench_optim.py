@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -45,6 +46,31 @@ def optimizer(kind: str, impl: str, params):
     return torch_cls(params, **kw, **flags)
 
 
+def interleaved_best(fns, device, min_time: float, rounds: int = 7):
+    """Best (minimum) seconds per call of each fn, the fns timed in turn in every round.
+
+    Interleaving and taking the best round keeps the comparison fair on a shared, busy machine
+    (a slow round hits every implementation alike; the minimum drops the rounds that were disturbed).
+    On a GPU each fn is timed by common.bench (triton's do_bench: CUDA events, L2 flushed).
+    """
+    if torch.device(device).type == "cuda":
+        return {name: common.bench(fn, device, min_time) for name, fn in fns.items()}
+    reps = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        reps[name] = max(1, int(min_time / rounds / max(time.perf_counter() - t0, 1e-6)))
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name])
+    return best
+
+
 def main():
     p = common.parser("optim")
     p.add_argument("--optims", default="sgd,adam,adamw")
@@ -70,19 +96,16 @@ def main():
     for kind in args.optims.split(","):
         for numel, tensors in cases:
             case = f"{kind} {numel / 1e6:g}M/{tensors}"
-            times = {}
-            for impl in impls:
-                params = make(numel, tensors, device)
-                opt = optimizer(kind, impl, params)
-                times[impl] = common.bench(opt.step, device, args.min_time)
-                del opt, params
+            steps = {impl: optimizer(kind, impl, make(numel, tensors, device)).step for impl in impls}
+            times = interleaved_best(steps, device, args.min_time)
             for impl in impls:
                 t = times[impl]
                 table.add(case=case, impl=impl, **{
                     "ms/step": t * 1e3, "GB/s": BYTES_PER_ELEMENT[kind] * numel / t / 1e9,
                     "ours speedup": t / times["fastattn"]})
+            del steps
     note = ("N float32 parameters over T tensors (case N/T); 'ours speedup' = that row's time / fastattn's "
-            "time (> 1: fastattn is faster). SGD uses momentum 0.9.")
+            "time (> 1: fastattn is faster). SGD uses momentum 0.9. CPU: best of 7 interleaved rounds.")
     table.finish(args, plot=dict(x="case", y="GB/s", group="impl"), note=note)
 
 
