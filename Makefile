@@ -12,7 +12,7 @@ export MAX_JOBS
 
 help:
 	@echo "make test       create $(VENV), install deps, build (CPU + CUDA sources), run pytest and the C++ test"
-	@echo "make demo       set up, then run the main job (fastattn info + a small benchmark)"
+	@echo "make demo       set up, then run the main job (train the seed CNN, RNN and a small Transformer, fastattn vs torch)"
 	@echo "make bench      run all benchmarks (writes benchmarks/out/)"
 	@echo "make gpu-check  on a CUDA machine: build, GPU tests, compute-sanitizer, benchmarks -> reports/"
 	@echo "make cmake-test build the C++ library with CMake (find_package(Torch)) and run ctest"
@@ -56,9 +56,11 @@ cmake-test: venv
 info: build
 	$(PY) -m fastattn info
 
+# The main job: train the seed CNN, the seed RNN and a small Transformer LM briefly on CPU,
+# impl=fastattn vs impl=torch, then print the table and write plots under runs/demo.
 demo: build
 	$(PY) -m fastattn info
-	$(PY) benchmarks/bench_attention.py --quick
+	$(PY) -m fastattn.demo --threads $${DEMO_THREADS:-2}
 
 bench: build
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
