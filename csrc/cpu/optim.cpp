@@ -239,13 +239,15 @@ FASTATTN_SIMD void adam_moments(const T* __restrict p, const T* __restrict g, T*
   }
 }
 
-// Pass 2: den holds sqrt(v); the parameter update.
-template <typename T>
+// Pass 2: the parameter update; den holds sqrt(v) (TAKE_SQRT = false: the sqrt came from MKL) or
+// v (TAKE_SQRT = true: the IEEE sqrt is taken here).
+template <typename T, bool TAKE_SQRT>
 FASTATTN_SIMD void adam_update(T* __restrict p, const T* __restrict m, const T* __restrict den, int64_t n,
                                AdamArgs<T> a) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T d = den[i] / a.bias_correction2_sqrt + a.eps;    // (sqrt(v) / bc2_sqrt).add_(eps)
+    T s = TAKE_SQRT ? std::sqrt(den[i]) : den[i];
+    T d = s / a.bias_correction2_sqrt + a.eps;          // (sqrt(v) / bc2_sqrt).add_(eps)
     T pi = a.decoupled_decay ? p[i] * a.decay : p[i];  // param.mul_(1 - lr*wd)
     p[i] = pi + (a.neg_step_size * m[i]) / d;          // param.addcdiv_(m, d, value=-step_size)
   }
@@ -259,8 +261,12 @@ void adam_range(S* p, S* g, S* m, S* v, S* vmax, int64_t n, const AdamArgs<T>& a
       int64_t k = std::min(TILE, n - s);
       if (a.unscale) unscale_tile<T>(g + s, k, a.inv_scale_div);
       adam_moments<T>(p + s, g + s, m + s, v + s, a.amsgrad ? vmax + s : nullptr, den, k, a);
-      sqrt_tile(den, k, a.torch_sqrt);
-      adam_update<T>(p + s, m + s, den, k, a);
+      if (a.torch_sqrt) {
+        sqrt_tile(den, k, true);
+        adam_update<T, false>(p + s, m + s, den, k, a);
+      } else {
+        adam_update<T, true>(p + s, m + s, den, k, a);
+      }
     }
   } else {
     float tp[TILE], tg[TILE], tm[TILE], tv[TILE], tx[TILE];
@@ -273,8 +279,12 @@ void adam_range(S* p, S* g, S* m, S* v, S* vmax, int64_t n, const AdamArgs<T>& a
       if (a.amsgrad) load_tile(vmax + s, tx, k);
       if (a.unscale) unscale_tile<float>(tg, k, a.inv_scale_div);
       adam_moments<float>(tp, tg, tm, tv, tx, den, k, a);
-      sqrt_tile(den, k, a.torch_sqrt);
-      adam_update<float>(tp, tm, den, k, a);
+      if (a.torch_sqrt) {
+        sqrt_tile(den, k, true);
+        adam_update<float, false>(tp, tm, den, k, a);
+      } else {
+        adam_update<float, true>(tp, tm, den, k, a);
+      }
       store_tile(tp, p + s, k);
       if (a.unscale) store_tile(tg, g + s, k);
       store_tile(tm, m + s, k);
