@@ -57,7 +57,7 @@ def gencode_flags(archs):
 
 
 def extension():
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unused-parameter"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unused-parameter"]
     define = [("FASTATTN_VERSION", f'"{VERSION}"')]
     sources = [os.path.join("csrc", "fastattn.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]

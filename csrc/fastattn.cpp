@@ -4,9 +4,11 @@
 // schemas in a TORCH_LIBRARY_FRAGMENT at the top of its CPU file (csrc/cpu/<op>.cpp, always
 // compiled), next to its CPU kernels; csrc/cuda/<op>.cu adds the CUDA kernels for the same names.
 // This file opens the library and exposes build information through pybind11.
-#include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
+#ifndef FASTATTN_NO_PYTHON  // the CMake library for libtorch users has no Python module
+#include <torch/extension.h>
+#endif
 
 #include <string>
 
@@ -46,6 +48,7 @@ std::string compiler() {
 
 }  // namespace
 
+#ifndef FASTATTN_NO_PYTHON
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn native kernels (CPU, and CUDA when compiled)";
   m.def("version", [] { return std::string(FASTATTN_VERSION); });
@@ -62,3 +65,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("openmp", [] { return false; });
 #endif
 }
+#endif  // FASTATTN_NO_PYTHON

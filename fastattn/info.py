@@ -9,9 +9,15 @@ import torch
 
 from fastattn import _ext, backend as _backend
 
-# op name in the public API -> (registered native op, a probe call's inputs builder)
+# public op name -> the registered native op (fastattn::<name>) its cpu/cuda backends call
 OPS = {
     "attention": "attention_fwd",
+    "conv2d": "conv2d_fwd",
+    "conv2d_relu_maxpool2d": "conv2d_relu_maxpool2d_fwd",
+    "lstm_cell": "lstm_cell_fwd",
+    "lstm": "lstm_layer_fwd",
+    "sgd_step_": "sgd_step_",
+    "adam_step_": "adam_step_",
 }
 
 

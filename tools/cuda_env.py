@@ -45,10 +45,31 @@ def nvidia_pip_include_dirs():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def cmake_args():
+    """-D flags that let torch's CMake config find CUDA here (toolkit root; nvrtc from pip if the toolkit lacks it)."""
+    import torch
+    args = ["-DCMAKE_PREFIX_PATH=" + torch.utils.cmake_prefix_path]
+    if torch.version.cuda is None:
+        return args
+    home = find_cuda_home()
+    if home:
+        args += ["-DCUDA_TOOLKIT_ROOT_DIR=" + home, "-DCUDAToolkit_ROOT=" + home,
+                 "-DCMAKE_CUDA_COMPILER=" + os.path.join(home, "bin", "nvcc")]
+        if not glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")):
+            site = sysconfig.get_paths()["purelib"]
+            found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
+            found = [f for f in found if "builtins" not in f and ".alt." not in f]
+            if found:
+                args.append("-DCUDA_nvrtc_LIBRARY=" + found[0])
+    return args
+
+
 if __name__ == "__main__":
     import sys
     what = sys.argv[1] if len(sys.argv) > 1 else "home"
     if what == "home":
         print(find_cuda_home() or "")
+    elif what == "cmake":
+        print(" ".join(cmake_args()))
     else:
         print(";".join(nvidia_pip_include_dirs()))

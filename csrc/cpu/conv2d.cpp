@@ -1,0 +1,1025 @@
+// 2-D convolution on the CPU: forward with a fused bias + activation epilogue, the fused
+// conv -> ReLU -> max-pool of a CNN's first block, and the backward passes.
+//
+// Layout: NCHW inside (a channels_last input is made contiguous first; the Python op puts the
+// result back in the input's memory format). float and double run natively; float16/bfloat16
+// are widened to float, computed with float accumulation, and rounded once at the end.
+//
+// Two ways to compute a block of output rows of one (image, group):
+//  * direct   (every conv but 1x1/stride 1/no padding): the input rows are copied once into a
+//             zero-padded buffer (split by column phase for strides > 1); a register tile of 8
+//             output channels x 2 vectors of output columns (or x 2 rows for narrow maps; 1
+//             channel x 4 vectors for depthwise) accumulates over (c, r, s) with broadcast weights.
+//  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
+//             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
+// Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
+// still in cache. Work is split over (image, group, block of output rows).
+//
+// Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
+// and runs on the direct kernel; with stride > 1 it accumulates directly into a padded buffer (few
+// channels) or is W^T * dY + col2im (wide). grad-weight is a GEMM over the N*P*Q output pixels
+// (im2col tiles + BLAS) with one partial sum per fixed chunk of images, added in chunk order
+// (deterministic), or, for depthwise-like layers, a vectorized per-output-channel reduction.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "simd.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  // activation: 0 none, 1 relu, 2 gelu (exact, erf), 3 silu. padding: (top, bottom, left, right).
+  // save_preact: also return the pre-activation (input + bias before the activation), which
+  // backward needs for gelu/silu; otherwise the second output is empty.
+  m.def("conv2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups, int activation, bool save_preact) -> (Tensor, Tensor)");
+  // saved: the forward output for relu, the pre-activation for gelu/silu, None for no activation.
+  // output_mask: which of (grad_input, grad_weight, grad_bias) to compute; the others are empty.
+  m.def("conv2d_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor? saved, int[2] stride, "
+        "int[4] padding, int[2] dilation, int groups, int activation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  // max_pool2d(relu(conv2d(...)), pool_kernel, pool_stride) without writing the conv output.
+  // indices (int64, flat h*Q+w into the conv output plane, like max_pool2d_with_indices) are
+  // returned when save_indices, else empty.
+  m.def("conv2d_relu_maxpool2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+        "int[4] padding, int[2] dilation, int groups, int[2] pool_kernel, int[2] pool_stride, "
+        "bool save_indices) -> (Tensor, Tensor)");
+  m.def("conv2d_relu_maxpool2d_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor out, "
+        "Tensor indices, int[2] stride, int[4] padding, int[2] dilation, int groups, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace fastattn {
+namespace conv2d_cpu {
+
+enum Activation : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
+
+// Column-major BLAS GEMM: C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  int mi = (int)m, ni = (int)n, ki = (int)k, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  int mi = (int)m, ni = (int)n, ki = (int)k, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+// at::parallel_for grain: units with less than ~32K multiply-adds are batched, so tiny problems
+// (gradcheck, unit tests) do not pay a thread team's start-up for each call.
+inline int64_t grain(int64_t work_per_unit) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(work_per_unit, 1));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) {  // b > 0, a any sign
+  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+}
+
+// ------------------------------------------------------------------------------------------
+// Activations (vectorizable float versions; double uses libm for exactness in gradcheck).
+// ------------------------------------------------------------------------------------------
+FASTATTN_INLINE float erf_f32(float x) {
+  // Abramowitz & Stegun 7.1.26, |error| < 1.5e-7.
+  float ax = std::fabs(x);
+  float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+             0.254829592f) * t;
+  float y = 1.0f - p * simd::exp_f32(-ax * ax);
+  return x < 0 ? -y : y;
+}
+FASTATTN_INLINE float gelu(float z) { return 0.5f * z * (1.0f + erf_f32(z * 0.70710678118654752f)); }
+FASTATTN_INLINE double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752)); }
+FASTATTN_INLINE float silu(float z) { return z / (1.0f + simd::exp_f32(-z)); }
+FASTATTN_INLINE double silu(double z) { return z / (1.0 + std::exp(-z)); }
+FASTATTN_INLINE float gelu_grad(float z) {
+  float cdf = 0.5f * (1.0f + erf_f32(z * 0.70710678118654752f));
+  float pdf = 0.39894228040143268f * simd::exp_f32(-0.5f * z * z);
+  return cdf + z * pdf;
+}
+FASTATTN_INLINE double gelu_grad(double z) {
+  double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752));
+  return cdf + z * 0.39894228040143268 * std::exp(-0.5 * z * z);
+}
+FASTATTN_INLINE float silu_grad(float z) {
+  float s = 1.0f / (1.0f + simd::exp_f32(-z));
+  return s * (1.0f + z * (1.0f - s));
+}
+FASTATTN_INLINE double silu_grad(double z) {
+  double s = 1.0 / (1.0 + std::exp(-z));
+  return s * (1.0 + z * (1.0 - s));
+}
+
+// y[i] = act(y[i] + bias), keeping y[i] + bias in pre[i] when pre is given.
+template <typename T>
+FASTATTN_INLINE void epilogue_body(T* y, T* pre, int64_t n, T bias, int64_t act) {
+  if (pre) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) pre[i] = y[i] + bias;
+  }
+  switch (act) {
+    case kRelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) { T v = y[i] + bias; y[i] = v > T(0) ? v : T(0); }
+      break;
+    case kGelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = gelu(y[i] + bias);
+      break;
+    case kSilu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = silu(y[i] + bias);
+      break;
+    default:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] += bias;
+  }
+}
+// y[i] = act(src[i] + bias) (and pre[i] = src[i] + bias): the epilogue fused with the copy out of a tile.
+template <typename T>
+FASTATTN_INLINE void epilogue_copy_body(const T* src, T* y, T* pre, int64_t n, T bias, int64_t act) {
+  if (pre) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) pre[i] = src[i] + bias;
+  }
+  switch (act) {
+    case kRelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) { T v = src[i] + bias; y[i] = v > T(0) ? v : T(0); }
+      break;
+    case kGelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = gelu(src[i] + bias);
+      break;
+    case kSilu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = silu(src[i] + bias);
+      break;
+    default:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = src[i] + bias;
+  }
+}
+FASTATTN_SIMD void epilogue(float* y, float* pre, int64_t n, float bias, int64_t act) { epilogue_body(y, pre, n, bias, act); }
+FASTATTN_SIMD void epilogue(double* y, double* pre, int64_t n, double bias, int64_t act) { epilogue_body(y, pre, n, bias, act); }
+
+// gz[i] = g[i] * act'(saved[i]) (saved: output for relu, pre-activation for gelu/silu).
+template <typename T>
+FASTATTN_INLINE void act_backward_body(const T* g, const T* saved, T* gz, int64_t n, int64_t act) {
+  switch (act) {
+    case kRelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) gz[i] = saved[i] > T(0) ? g[i] : T(0);
+      break;
+    case kGelu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) gz[i] = g[i] * gelu_grad(saved[i]);
+      break;
+    case kSilu:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) gz[i] = g[i] * silu_grad(saved[i]);
+      break;
+    default:
+      std::copy(g, g + n, gz);
+  }
+}
+FASTATTN_SIMD void act_backward(const float* g, const float* s, float* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
+FASTATTN_SIMD void act_backward(const double* g, const double* s, double* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
+
+// ------------------------------------------------------------------------------------------
+// Problem geometry.
+// ------------------------------------------------------------------------------------------
+struct Geom {
+  int64_t N, C, H, W, K, R, S, P, Q, G, Cg, Kg, CRS;
+  int64_t sh, sw, pt, pb, pl, pr, dh, dw;
+  bool direct;     // direct kernel, else (pointwise) GEMM
+  bool pointwise;  // 1x1, stride 1, no padding: the input is its own patch matrix
+  int64_t TM;      // output pixels per im2col tile
+};
+
+constexpr int KB = 8;  // output channels per register tile of the direct kernel
+
+Geom make_geom(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "conv2d: input must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 4, "conv2d: weight must be 4-D (K, C/groups, R, S), got ", w.dim(), "-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 4 && dilation.size() == 2,
+              "conv2d: stride and dilation take 2 values, padding 4 (top, bottom, left, right)");
+  TORCH_CHECK(groups >= 1, "conv2d: groups must be >= 1, got ", groups);
+  Geom g{};
+  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.K = w.size(0); g.R = w.size(2); g.S = w.size(3); g.G = groups;
+  TORCH_CHECK(g.C == w.size(1) * groups, "conv2d: input has ", g.C, " channels but weight expects ",
+              w.size(1), " x groups ", groups, " = ", w.size(1) * groups);
+  TORCH_CHECK(g.K % groups == 0, "conv2d: out_channels ", g.K, " must be divisible by groups ", groups);
+  g.sh = stride[0]; g.sw = stride[1]; g.dh = dilation[0]; g.dw = dilation[1];
+  g.pt = padding[0]; g.pb = padding[1]; g.pl = padding[2]; g.pr = padding[3];
+  TORCH_CHECK(g.sh > 0 && g.sw > 0, "conv2d: stride must be positive");
+  TORCH_CHECK(g.dh > 0 && g.dw > 0, "conv2d: dilation must be positive");
+  TORCH_CHECK(g.pt >= 0 && g.pb >= 0 && g.pl >= 0 && g.pr >= 0, "conv2d: padding must be >= 0");
+  g.P = (g.H + g.pt + g.pb - g.dh * (g.R - 1) - 1) / g.sh + 1;
+  g.Q = (g.W + g.pl + g.pr - g.dw * (g.S - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.H + g.pt + g.pb >= g.dh * (g.R - 1) + 1 && g.W + g.pl + g.pr >= g.dw * (g.S - 1) + 1,
+              "conv2d: the (dilated) kernel is larger than the padded input");
+  g.Cg = g.C / groups; g.Kg = g.K / groups; g.CRS = g.Cg * g.R * g.S;
+  // The direct kernel runs everything but 1x1/stride 1/no padding, which is a plain GEMM.
+  g.pointwise = g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pb == 0 && g.pl == 0 && g.pr == 0;
+  g.direct = !g.pointwise;
+  int64_t tm = std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(g.CRS, 1));  // ~1 MB fp32 patches
+  g.TM = std::min(g.P * g.Q, tm);
+  return g;
+}
+
+// ------------------------------------------------------------------------------------------
+// im2col / col2im on a tile of output pixels [m0, m0 + mlen) of one (image, group).
+// x: the group's input channels [Cg][H][W]; col: [CRS][mlen].
+// ------------------------------------------------------------------------------------------
+// The output columns q of row p whose input column q*sw + off lies inside [0, W).
+inline void valid_cols(int64_t off, int64_t sw, int64_t W, int64_t Q, int64_t& qlo, int64_t& qhi) {
+  qlo = std::min(std::max<int64_t>(ceil_div(-off, sw), 0), Q);
+  qhi = std::max(std::min<int64_t>(ceil_div(W - off, sw), Q), qlo);
+}
+
+template <typename T, bool kAdd>
+FASTATTN_INLINE void im2col_body(const Geom& g, T* x, int64_t m0, int64_t mlen, T* col) {
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s) {
+        T* dst = col + ((c * g.R + r) * g.S + s) * mlen;
+        const int64_t off = s * g.dw - g.pl;
+        int64_t qlo, qhi;
+        valid_cols(off, g.sw, g.W, g.Q, qlo, qhi);
+        for (int64_t i = 0; i < mlen;) {
+          const int64_t m = m0 + i, p = m / g.Q, q = m % g.Q, len = std::min(g.Q - q, mlen - i);
+          const int64_t ih = p * g.sh - g.pt + r * g.dh;
+          T* d = dst + i - q;  // d[q'] for q' in [q, q + len)
+          if (ih < 0 || ih >= g.H) {
+            if (!kAdd) std::fill(d + q, d + q + len, T(0));
+          } else {
+            T* xr = x + (c * g.H + ih) * g.W + off;  // xr[q'*sw] = input column q'*sw + off
+            const int64_t a = std::max(q, qlo), b = std::min(q + len, qhi);
+            if (!kAdd) {
+              for (int64_t j = q; j < std::min(a, q + len); ++j) d[j] = T(0);
+              for (int64_t j = std::max(b, q); j < q + len; ++j) d[j] = T(0);
+            }
+            const int64_t sw = g.sw;
+            if (kAdd) {
+#pragma omp simd
+              for (int64_t j = a; j < b; ++j) xr[j * sw] += d[j];
+            } else {
+#pragma omp simd
+              for (int64_t j = a; j < b; ++j) d[j] = xr[j * sw];
+            }
+          }
+          i += len;
+        }
+      }
+}
+FASTATTN_SIMD void im2col(const Geom& g, const float* x, int64_t m0, int64_t n, float* col) { im2col_body<float, false>(g, const_cast<float*>(x), m0, n, col); }
+FASTATTN_SIMD void im2col(const Geom& g, const double* x, int64_t m0, int64_t n, double* col) { im2col_body<double, false>(g, const_cast<double*>(x), m0, n, col); }
+// x[...] += col (the adjoint of im2col).
+FASTATTN_SIMD void col2im(const Geom& g, float* x, int64_t m0, int64_t n, const float* col) { im2col_body<float, true>(g, x, m0, n, const_cast<float*>(col)); }
+FASTATTN_SIMD void col2im(const Geom& g, double* x, int64_t m0, int64_t n, const double* col) { im2col_body<double, true>(g, x, m0, n, const_cast<double*>(col)); }
+
+// Direct forward: output rows [p0, p1) of one (image, group), all Kg channels.
+//
+// xp holds the input rows the block needs, zero-padded and split by column phase so that every
+// tap reads whole contiguous vectors even for stride > 1: padded column j of a row lives at
+// row[(j % sw) * WPs + j / sw], so output columns q..q+V of tap s read
+// row[((s*dw) % sw) * WPs + (s*dw) / sw + q ...]. Layout [Cg][HR][sw * WPs], HR rows from input
+// row p0*sh - pt.
+//
+// Register tile: KBt output channels x NV vectors of output columns, accumulated over (c, r, s)
+// with one vector load per tap and vector and a broadcast weight per channel (GCC vector
+// extensions; 512-bit vectors, lowered to two AVX2 or four SSE registers in the other clones).
+// Wide groups (the RGB stem) use 8 channels x 1 vector, depthwise 1 channel x 4 vectors.
+// wpack: the group's weight as [ceil(Kg/KB)][CRS][KB] (zero-padded channels).
+// dst[k*ldk + (p-p0)*Q + q]; bias (or null) for the group's channels.
+struct DirectLayout {
+  int64_t HR, WPs, ld_row;   // rows, phase width, row pitch (= sw * WPs)
+  std::vector<int64_t> tap;  // tap[s] = (s*dw % sw) * WPs + s*dw / sw: where tap s starts in a row
+};
+
+template <typename T>
+DirectLayout direct_layout(const Geom& g, int64_t rows) {
+  constexpr int QV = 64 / sizeof(T);
+  // columns rounded up to whole tiles (the tile widths of direct_rows_body)
+  const int64_t qt = g.Kg < 4 ? 4 * QV : (sizeof(T) == 4 && g.Q > 16) ? 2 * QV : QV;
+  const int64_t qc = ceil_div(g.Q, qt) * qt;
+  DirectLayout l;
+  l.HR = (rows - 1) * g.sh + (g.R - 1) * g.dh + 1;
+  l.WPs = qc + ((g.S - 1) * g.dw) / g.sw + 1;
+  l.ld_row = g.sw * l.WPs;
+  l.tap.resize(g.S);
+  for (int64_t s = 0; s < g.S; ++s) l.tap[s] = (s * g.dw % g.sw) * l.WPs + s * g.dw / g.sw;
+  return l;
+}
+
+// One register tile: KBt channels x NR output rows x NC vectors of columns. xrow points at the
+// tile's first row and column; the tile's rows are sh padded rows apart.
+template <typename T, int KBt, int NR, int NC>
+FASTATTN_INLINE void direct_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T), NV = NR * NC;
+  V acc[KBt][NV];
+#pragma GCC unroll 8
+  for (int a = 0; a < KBt; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NV; ++b) acc[a][b] = V{};
+  const int64_t row_step = g.sh * l.ld_row;
+  const int64_t* tap = l.tap.data();
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
+      for (int64_t s = 0; s < g.S; ++s, w += KB) {
+        const T* x = row + tap[s];
+        V xv[NV];
+#pragma GCC unroll 4
+        for (int b = 0; b < NV; ++b) std::memcpy(&xv[b], x + (b / NC) * row_step + (b % NC) * QV, sizeof(V));
+#pragma GCC unroll 8
+        for (int a = 0; a < KBt; ++a) {
+          const T wv = w[a];
+#pragma GCC unroll 4
+          for (int b = 0; b < NV; ++b) acc[a][b] += xv[b] * wv;
+        }
+      }
+    }
+#pragma GCC unroll 8
+  for (int a = 0; a < KBt; ++a)
+#pragma GCC unroll 4
+    for (int b = 0; b < NV; ++b) std::memcpy(out + (a * NV + b) * QV, &acc[a][b], sizeof(V));
+}
+
+// Rows [p, p + NR) of channels [k0, k0 + kn): tiles along the columns, then the epilogue.
+template <typename T, int KBt, int NR, int NC>
+FASTATTN_INLINE void direct_row_block(const Geom& g, const DirectLayout& l, const T* xp, const T* w, int64_t k0,
+                                      int64_t kn, int64_t p, int64_t p0, T* dst, int64_t ldk, T* pre, const T* bias,
+                                      int64_t act) {
+  constexpr int QV = 64 / sizeof(T), QT = NC * QV;
+  alignas(64) T tile[KBt * NR * QT];
+  const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+  for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
+    direct_tile<T, KBt, NR, NC>(g, l, xrow + q0, w, tile);
+    const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
+    for (int64_t a = 0; a < kn; ++a)
+      for (int i = 0; i < NR; ++i) {
+        T* d = dst + (k0 + a) * ldk + (p + i - p0) * g.Q + q0;
+        epilogue_copy_body(tile + (a * NR + i) * QT, d, pre ? pre + (d - dst) : (T*)nullptr, qn,
+                           bias ? bias[k0 + a] : T(0), act);
+      }
+  }
+}
+
+// All rows and channels of the block. Tile shapes (512-bit vectors V):
+//   Kg >= 4, Q > 16   8 channels x 2 V of one row   (16 accumulators)
+//   Kg >= 4, Q <= 16  8 channels x 1 V of two rows  (narrow maps: no half-empty vectors)
+//   Kg < 4 (depthwise) 1 channel x 4 V of one row
+template <typename T, int KBt, int NR, int NC>
+FASTATTN_INLINE void direct_rows_tiled(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack,
+                                       int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias,
+                                       int64_t act) {
+  for (int64_t k0 = 0; k0 < g.Kg; k0 += KBt) {
+    const T* w = wpack + (k0 / KB) * g.CRS * KB + k0 % KB;
+    const int64_t kn = std::min<int64_t>(KBt, g.Kg - k0);
+    int64_t p = p0;
+    for (; p + NR <= p1; p += NR) direct_row_block<T, KBt, NR, NC>(g, l, xp, w, k0, kn, p, p0, dst, ldk, pre, bias, act);
+    for (; p < p1; ++p) direct_row_block<T, KBt, 1, NC>(g, l, xp, w, k0, kn, p, p0, dst, ldk, pre, bias, act);
+  }
+}
+
+template <typename T>
+FASTATTN_INLINE void direct_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
+                                      int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
+  if (g.Kg < 4) direct_rows_tiled<T, 1, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else if (sizeof(T) == 8) direct_rows_tiled<T, 8, 1, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else if (g.Q > 16) direct_rows_tiled<T, 8, 1, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  else direct_rows_tiled<T, 8, 2, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+}
+FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* wp, int64_t p0,
+                               int64_t p1, float* dst, int64_t ldk, float* pre, const float* b, int64_t act) {
+  direct_rows_body(g, l, xp, wp, p0, p1, dst, ldk, pre, b, act);
+}
+FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const double* xp, const double* wp, int64_t p0,
+                               int64_t p1, double* dst, int64_t ldk, double* pre, const double* b, int64_t act) {
+  direct_rows_body(g, l, xp, wp, p0, p1, dst, ldk, pre, b, act);
+}
+
+// Fill the phase-split padded buffer (see above) from input rows [ih0, ih0 + HR).
+template <typename T>
+void pad_rows(const Geom& g, const DirectLayout& l, const T* x, int64_t ih0, T* xp) {
+  std::fill(xp, xp + g.Cg * l.HR * l.ld_row, T(0));
+  const int64_t jmax = std::min(g.W, l.ld_row - g.pl);  // input columns that fit
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t i = 0; i < l.HR; ++i) {
+      const int64_t ih = ih0 + i;
+      if (ih < 0 || ih >= g.H) continue;
+      T* d = xp + (c * l.HR + i) * l.ld_row;
+      const T* src = x + (c * g.H + ih) * g.W;
+      if (g.sw == 1) {
+        std::copy(src, src + std::max<int64_t>(jmax, 0), d + g.pl);
+      } else {
+        for (int64_t iw = 0; iw < jmax; ++iw) {
+          const int64_t j = iw + g.pl;
+          d[(j % g.sw) * l.WPs + j / g.sw] = src[iw];
+        }
+      }
+    }
+}
+
+// The forward of one (image, group, rows [p0, p1)) into dst (see direct_rows), either way.
+template <typename T>
+struct Forward {
+  const Geom& g;
+  const T* x;      // [N][C][H][W]
+  const T* w;      // [K][CRS]
+  const T* wpack;  // direct: [G][ceil(Kg/KB)][CRS][KB]
+  const T* bias;   // [K] or null
+  int64_t act;
+
+  void rows(int64_t n, int64_t grp, int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre,
+            std::vector<T>& scratch) const {
+    const T* xg = x + (n * g.C + grp * g.Cg) * g.H * g.W;
+    const T* bg = bias ? bias + grp * g.Kg : nullptr;
+    if (g.direct) {
+      const DirectLayout l = direct_layout<T>(g, p1 - p0);
+      scratch.resize(g.Cg * l.HR * l.ld_row);
+      pad_rows(g, l, xg, p0 * g.sh - g.pt, scratch.data());
+      const int64_t nkb = (g.Kg + KB - 1) / KB;
+      direct_rows(g, l, scratch.data(), wpack + grp * nkb * g.CRS * KB, p0, p1, dst, ldk, pre, bg, act);
+      return;
+    }
+    const T* wg = w + grp * g.Kg * g.CRS;
+    const int64_t mbeg = p0 * g.Q, mend = p1 * g.Q;
+    if (!g.pointwise) scratch.resize(g.CRS * std::min(g.TM, mend - mbeg));
+    for (int64_t m0 = mbeg; m0 < mend; m0 += g.TM) {
+      const int64_t mlen = std::min(g.TM, mend - m0);
+      const T* col;
+      int64_t ldcol;
+      if (g.pointwise) {
+        col = xg + m0;
+        ldcol = g.H * g.W;
+      } else {
+        im2col(g, xg, m0, mlen, scratch.data());
+        col = scratch.data();
+        ldcol = mlen;
+      }
+      // out (Kg x mlen, row-major, ld ldk) = Wg (Kg x CRS) * col (CRS x mlen); column-major
+      // that is out^T (mlen x Kg) = col^T (mlen x CRS) * Wg^T (CRS x Kg).
+      T* d = dst + (m0 - mbeg);
+      gemm('N', 'N', mlen, g.Kg, g.CRS, T(1), col, ldcol, wg, g.CRS, T(0), d, ldk);
+      for (int64_t k = 0; k < g.Kg; ++k)
+        epilogue(d + k * ldk, pre ? pre + (d - dst) + k * ldk : (T*)nullptr, mlen, bg ? bg[k] : T(0), act);
+    }
+  }
+};
+
+template <typename T>
+std::vector<T> pack_weight(const Geom& g, const T* w) {
+  const int64_t nkb = (g.Kg + KB - 1) / KB;
+  std::vector<T> wp(g.G * nkb * g.CRS * KB, T(0));
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    for (int64_t k = 0; k < g.Kg; ++k)
+      for (int64_t i = 0; i < g.CRS; ++i)
+        wp[((grp * nkb + k / KB) * g.CRS + i) * KB + k % KB] = w[(grp * g.Kg + k) * g.CRS + i];
+  return wp;
+}
+
+// Rows per unit of work: GEMM tiles of ~TM pixels; direct: enough units for all threads.
+int64_t rows_per_unit(const Geom& g) {
+  if (!g.direct) return std::max<int64_t>(1, std::min(g.P, g.TM / std::max<int64_t>(g.Q, 1)));
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t splits = std::min(g.P, ceil_div(want, g.N * g.G));
+  return ceil_div(g.P, std::max<int64_t>(splits, 1));
+}
+
+// A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
+// costs more than the seed layer's whole convolution (15 ms for its 33 MB output here), so ask
+// for transparent huge pages (2 MB) on the buffer before the kernel first touches it.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes >= 2 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+  }
+#endif
+  return t;
+}
+
+bool low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+at::Tensor compute_tensor(const at::Tensor& t) {  // contiguous, float for 16-bit input
+  return (low_precision(t) ? t.to(at::kFloat) : t).contiguous();
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "conv2d (cpu): input and weight must be CPU tensors");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "conv2d: input and weight must have one dtype, got ",
+              x.scalar_type(), " and ", w.scalar_type());
+  auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              "conv2d (cpu): dtype must be float32, float64, bfloat16 or float16, got ", st);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "conv2d: bias must have shape (", w.size(0), ")");
+    TORCH_CHECK(bias->scalar_type() == st && bias->device().is_cpu(), "conv2d: bias must match input's dtype and device");
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward ops.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+void forward_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t act, T* out, T* pre) {
+  std::vector<T> wpack;
+  if (g.direct) wpack = pack_weight(g, w);
+  Forward<T> fw{g, x, w, wpack.data(), b, act};
+  const int64_t rb = rows_per_unit(g), nrb = ceil_div(g.P, rb);
+  at::parallel_for(0, g.N * g.G * nrb, grain(g.Kg * rb * g.Q * g.CRS), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / (g.G * nrb), grp = (u / nrb) % g.G, p0 = (u % nrb) * rb;
+      const int64_t p1 = std::min(g.P, p0 + rb);
+      const int64_t off = ((n * g.K + grp * g.Kg) * g.P + p0) * g.Q;
+      fw.rows(n, grp, p0, p1, out + off, g.P * g.Q, pre ? pre + off : nullptr, scratch);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& input, const at::Tensor& weight,
+                                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                              int64_t activation, bool save_preact) {
+  check_common(input, weight, bias);
+  TORCH_CHECK(activation >= 0 && activation <= 3, "conv2d: activation must be 0..3, got ", activation);
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  at::Tensor x = compute_tensor(input), w = compute_tensor(weight);
+  at::Tensor b = bias.has_value() && bias->defined() ? compute_tensor(*bias) : at::Tensor();
+  at::Tensor out = empty_output({g.N, g.K, g.P, g.Q}, x.options());
+  at::Tensor pre = save_preact ? empty_output({g.N, g.K, g.P, g.Q}, x.options()) : at::empty({0}, x.options());
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd", [&] {
+      forward_impl<scalar_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                             b.defined() ? b.data_ptr<scalar_t>() : nullptr, activation, out.data_ptr<scalar_t>(),
+                             save_preact ? pre.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  if (low_precision(input)) return {out.to(input.scalar_type()), pre.to(input.scalar_type())};
+  return {out, pre};
+}
+
+// Pool output size (no padding, floor mode, like max_pool2d's defaults).
+inline int64_t pool_out(int64_t n, int64_t k, int64_t s) { return n >= k ? (n - k) / s + 1 : 0; }
+
+// One pooled row: out[v] = max over the window rows [0, kh) x columns [v*sw, v*sw + kw) of conv
+// (rows of Q values; conv row 0 is absolute row row0). Like max_pool2d: the first maximum in scan
+// order wins, NaN propagates; idx[v] = flat index h*Q + w of the winner.
+template <typename T>
+FASTATTN_INLINE void pool_row_body(const T* conv, int64_t Q, int64_t PW, int64_t kh, int64_t kw, int64_t sw,
+                                   int64_t row0, T* out, int64_t* idx) {
+  for (int64_t v = 0; v < PW; ++v) out[v] = -std::numeric_limits<T>::infinity();
+  if (idx)
+    for (int64_t v = 0; v < PW; ++v) idx[v] = row0 * Q + v * sw;
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      const T* src = conv + i * Q + j;
+      const int64_t base = (row0 + i) * Q + j;
+      if (idx) {
+#pragma omp simd
+        for (int64_t v = 0; v < PW; ++v) {
+          const T val = src[v * sw];
+          const bool take = val > out[v] || val != val;
+          out[v] = take ? val : out[v];
+          idx[v] = take ? base + v * sw : idx[v];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t v = 0; v < PW; ++v) {
+          const T val = src[v * sw];
+          out[v] = (val > out[v] || val != val) ? val : out[v];
+        }
+      }
+    }
+}
+FASTATTN_SIMD void pool_row(const float* c, int64_t Q, int64_t PW, int64_t kh, int64_t kw, int64_t sw, int64_t row0,
+                            float* out, int64_t* idx) { pool_row_body(c, Q, PW, kh, kw, sw, row0, out, idx); }
+FASTATTN_SIMD void pool_row(const double* c, int64_t Q, int64_t PW, int64_t kh, int64_t kw, int64_t sw, int64_t row0,
+                            double* out, int64_t* idx) { pool_row_body(c, Q, PW, kh, kw, sw, row0, out, idx); }
+
+template <typename T>
+void fused_pool_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t kh, int64_t kw, int64_t sh,
+                     int64_t sw, T* out, int64_t* idx) {
+  std::vector<T> wpack;
+  if (g.direct) wpack = pack_weight(g, w);
+  Forward<T> fw{g, x, w, wpack.data(), b, kRelu};
+  const int64_t PH = pool_out(g.P, kh, sh), PW = pool_out(g.Q, kw, sw);
+  // Pooled rows per unit: ~one im2col tile of conv rows, or a share of the rows for the threads.
+  const int64_t crows = g.direct ? std::min<int64_t>(rows_per_unit(g), 8) : rows_per_unit(g);
+  const int64_t ub = std::max<int64_t>(1, std::min(PH, crows / sh));
+  const int64_t nub = ceil_div(PH, ub);
+  at::parallel_for(0, g.N * g.G * nub, grain(g.Kg * ub * sh * g.Q * g.CRS), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch, conv;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / (g.G * nub), grp = (u / nub) % g.G, u0 = (u % nub) * ub;
+      const int64_t u1 = std::min(PH, u0 + ub);
+      const int64_t p0 = u0 * sh, p1 = (u1 - 1) * sh + kh;  // conv rows the pooled rows need
+      const int64_t ldk = (p1 - p0) * g.Q;
+      conv.resize(g.Kg * ldk);
+      fw.rows(n, grp, p0, p1, conv.data(), ldk, nullptr, scratch);
+      for (int64_t k = 0; k < g.Kg; ++k) {
+        const T* ck = conv.data() + k * ldk;
+        const int64_t plane = (n * g.K + grp * g.Kg + k) * PH * PW;
+        for (int64_t uu = u0; uu < u1; ++uu)
+          pool_row(ck + (uu * sh - p0) * g.Q, g.Q, PW, kh, kw, sw, uu * sh, out + plane + uu * PW,
+                   idx ? idx + plane + uu * PW : nullptr);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_fwd(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::IntArrayRef pool_kernel,
+    at::IntArrayRef pool_stride, bool save_indices) {
+  check_common(input, weight, bias);
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(pool_kernel.size() == 2 && pool_stride.size() == 2, "conv2d_relu_maxpool2d: pool_kernel and pool_stride take 2 values");
+  const int64_t kh = pool_kernel[0], kw = pool_kernel[1], sh = pool_stride[0], sw = pool_stride[1];
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0, "conv2d_relu_maxpool2d: pool kernel and stride must be positive");
+  TORCH_CHECK(g.P >= kh && g.Q >= kw, "conv2d_relu_maxpool2d: the conv output (", g.P, "x", g.Q,
+              ") is smaller than the pool kernel (", kh, "x", kw, ")");
+  const int64_t PH = pool_out(g.P, kh, sh), PW = pool_out(g.Q, kw, sw);
+  at::Tensor x = compute_tensor(input), w = compute_tensor(weight);
+  at::Tensor b = bias.has_value() && bias->defined() ? compute_tensor(*bias) : at::Tensor();
+  at::Tensor out = at::empty({g.N, g.K, PH, PW}, x.options());
+  at::Tensor idx = save_indices ? at::empty({g.N, g.K, PH, PW}, x.options().dtype(at::kLong))
+                                : at::empty({0}, x.options().dtype(at::kLong));
+  if (out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_relu_maxpool2d_fwd", [&] {
+      fused_pool_impl<scalar_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                b.defined() ? b.data_ptr<scalar_t>() : nullptr, kh, kw, sh, sw,
+                                out.data_ptr<scalar_t>(), save_indices ? idx.data_ptr<int64_t>() : nullptr);
+    });
+  }
+  if (low_precision(input)) out = out.to(input.scalar_type());
+  return {out, idx};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward.
+// ------------------------------------------------------------------------------------------
+// grad_input, direct: per (image, group) accumulate into a padded [Cg][Hp][Wp] buffer, where
+// output pixel (p, q) and tap (r, s) touch padded position (p*sh + r*dh, q*sw + s*dw).
+template <typename T>
+FASTATTN_INLINE void direct_grad_input_body(const Geom& g, const T* gz, const T* wt /*[CRS][Kg]*/, T* dxp,
+                                            int64_t Hp, int64_t Wp) {
+  constexpr int QV = 64 / sizeof(T);
+  const int64_t PQ = g.P * g.Q, sw = g.sw;
+  for (int64_t p = 0; p < g.P; ++p)
+    for (int64_t c = 0; c < g.Cg; ++c)
+      for (int64_t r = 0; r < g.R; ++r) {
+        T* row = dxp + (c * Hp + p * g.sh + r * g.dh) * Wp;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const T* wv = wt + ((c * g.R + r) * g.S + s) * g.Kg;
+          T* d = row + s * g.dw;
+          for (int64_t q0 = 0; q0 < g.Q; q0 += QV) {
+            const int64_t qn = std::min<int64_t>(QV, g.Q - q0);
+            T acc[QV];
+            for (int j = 0; j < qn; ++j) acc[j] = d[(q0 + j) * sw];
+            for (int64_t k = 0; k < g.Kg; ++k) {
+              const T* z = gz + k * PQ + p * g.Q + q0;
+              const T wk = wv[k];
+              if (qn == QV) {
+#pragma omp simd
+                for (int j = 0; j < QV; ++j) acc[j] += wk * z[j];
+              } else {
+                for (int j = 0; j < qn; ++j) acc[j] += wk * z[j];
+              }
+            }
+            for (int j = 0; j < qn; ++j) d[(q0 + j) * sw] = acc[j];
+          }
+        }
+      }
+}
+FASTATTN_SIMD void direct_grad_input(const Geom& g, const float* gz, const float* wt, float* dxp, int64_t Hp, int64_t Wp) { direct_grad_input_body(g, gz, wt, dxp, Hp, Wp); }
+FASTATTN_SIMD void direct_grad_input(const Geom& g, const double* gz, const double* wt, double* dxp, int64_t Hp, int64_t Wp) { direct_grad_input_body(g, gz, wt, dxp, Hp, Wp); }
+
+template <typename T>
+void forward_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t act, T* out, T* pre);
+
+// With stride 1, grad-input is itself a convolution: of gz with the weight flipped in (r, s) and
+// its channel axes swapped, padded by dilation*(kernel-1) - padding; run by the forward kernels.
+template <typename T>
+bool grad_input_as_conv(const Geom& g, const T* gz, const T* w, T* dx) {
+  const int64_t eh = g.dh * (g.R - 1), ew = g.dw * (g.S - 1);
+  if (g.sh != 1 || g.sw != 1 || g.pointwise || g.pt > eh || g.pb > eh || g.pl > ew || g.pr > ew) return false;
+  Geom t = g;
+  t.C = g.K; t.H = g.P; t.W = g.Q; t.K = g.C; t.P = g.H; t.Q = g.W; t.Cg = g.Kg; t.Kg = g.Cg;
+  t.CRS = t.Cg * g.R * g.S;
+  t.pt = eh - g.pt; t.pb = eh - g.pb; t.pl = ew - g.pl; t.pr = ew - g.pr;
+  t.pointwise = false;
+  t.direct = true;
+  const int64_t RS = g.R * g.S;
+  std::vector<T> wf(g.K * g.CRS);  // [G][Cg][Kg][R][S]
+  for (int64_t grp = 0; grp < g.G; ++grp)
+    for (int64_t c = 0; c < g.Cg; ++c)
+      for (int64_t k = 0; k < g.Kg; ++k)
+        for (int64_t r = 0; r < g.R; ++r)
+          for (int64_t s = 0; s < g.S; ++s)
+            wf[((grp * g.Cg + c) * g.Kg + k) * RS + r * g.S + s] =
+                w[((grp * g.Kg + k) * g.Cg + c) * RS + (g.R - 1 - r) * g.S + (g.S - 1 - s)];
+  forward_impl<T>(t, gz, wf.data(), nullptr, kNone, dx, nullptr);
+  return true;
+}
+
+template <typename T>
+void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
+  if (grad_input_as_conv(g, gz, w, dx)) return;
+  const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
+  const bool few = g.Cg <= 4;  // few input channels per group: accumulate directly, else W^T * dY + col2im
+  std::vector<T> wt;
+  if (few) {  // [G][CRS][Kg]
+    wt.resize(g.G * g.CRS * g.Kg);
+    for (int64_t grp = 0; grp < g.G; ++grp)
+      for (int64_t k = 0; k < g.Kg; ++k)
+        for (int64_t i = 0; i < g.CRS; ++i) wt[(grp * g.CRS + i) * g.Kg + k] = w[(grp * g.Kg + k) * g.CRS + i];
+  }
+  at::parallel_for(0, g.N * g.G, grain(g.Kg * PQ * g.CRS), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / g.G, grp = u % g.G;
+      const T* gzg = gz + (n * g.K + grp * g.Kg) * PQ;
+      T* dxg = dx + (n * g.C + grp * g.Cg) * HW;
+      if (few) {
+        const int64_t Hp = (g.P - 1) * g.sh + (g.R - 1) * g.dh + 1, Wp = (g.Q - 1) * g.sw + (g.S - 1) * g.dw + 1;
+        scratch.assign(g.Cg * Hp * Wp, T(0));
+        direct_grad_input(g, gzg, wt.data() + grp * g.CRS * g.Kg, scratch.data(), Hp, Wp);
+        for (int64_t c = 0; c < g.Cg; ++c)
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t x = 0; x < g.W; ++x) {
+              const int64_t hp = h + g.pt, xp = x + g.pl;
+              dxg[(c * g.H + h) * g.W + x] = (hp < Hp && xp < Wp) ? scratch[(c * Hp + hp) * Wp + xp] : T(0);
+            }
+        continue;
+      }
+      const T* wg = w + grp * g.Kg * g.CRS;
+      if (g.pointwise) {  // dx (Cg x HW) = Wg^T (Cg x Kg) * gz (Kg x HW)
+        gemm('N', 'T', HW, g.Cg, g.Kg, T(1), gzg, PQ, wg, g.CRS, T(0), dxg, HW);
+        continue;
+      }
+      std::fill(dxg, dxg + g.Cg * HW, T(0));
+      scratch.resize(g.CRS * std::min(g.TM, PQ));
+      for (int64_t m0 = 0; m0 < PQ; m0 += g.TM) {
+        const int64_t mlen = std::min(g.TM, PQ - m0);
+        // dcol (CRS x mlen) = Wg^T * gz[:, m0:m0+mlen]; column-major: dcol^T = gz^T * Wg.
+        gemm('N', 'T', mlen, g.CRS, g.Kg, T(1), gzg + m0, PQ, wg, g.CRS, T(0), scratch.data(), mlen);
+        col2im(g, dxg, m0, mlen, scratch.data());
+      }
+    }
+  });
+}
+
+// grad_weight, direct (few channels per group and few outputs per group, e.g. depthwise): output
+// channel k sums gz[n,k,p,q] * x[n,c,p*sh-pt+r*dh,q*sw-pl+s*dw] over n, p, q. Each image's input
+// plane goes through the forward's phase-split padded buffer, so every tap reads whole vectors;
+// one vector accumulator per tap, summed across lanes at the end.
+template <typename T>
+FASTATTN_INLINE void direct_grad_weight_body(const Geom& g, const DirectLayout& l, const T* x, const T* gz, int64_t k,
+                                             T* dwk, T* xp, T* accbuf) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T);
+  const int64_t grp = k / g.Kg, PQ = g.P * g.Q, qfull = g.Q / QV * QV;
+  V* acc = reinterpret_cast<V*>(accbuf);  // [CRS] vectors, 64-byte aligned
+  T* tail = accbuf + g.CRS * QV;          // [CRS] scalars for the last partial vector of each row
+  for (int64_t i = 0; i < g.CRS; ++i) { acc[i] = V{}; tail[i] = T(0); }
+  for (int64_t n = 0; n < g.N; ++n) {
+    pad_rows(g, l, x + (n * g.C + grp * g.Cg) * g.H * g.W, -g.pt, xp);
+    for (int64_t p = 0; p < g.P; ++p) {
+      const T* z = gz + (n * g.K + k) * PQ + p * g.Q;
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int64_t r = 0; r < g.R; ++r) {
+          const T* row = xp + (c * l.HR + p * g.sh + r * g.dh) * l.ld_row;
+          V* a = acc + (c * g.R + r) * g.S;
+          T* ta = tail + (c * g.R + r) * g.S;
+          for (int64_t s = 0; s < g.S; ++s) {
+            const T* xs = row + l.tap[s];
+            V sum = a[s];
+            for (int64_t q0 = 0; q0 < qfull; q0 += QV) {
+              V zv, xv;
+              std::memcpy(&zv, z + q0, sizeof(V));
+              std::memcpy(&xv, xs + q0, sizeof(V));
+              sum += zv * xv;
+            }
+            a[s] = sum;
+            T ts = T(0);
+            for (int64_t q = qfull; q < g.Q; ++q) ts += z[q] * xs[q];
+            ta[s] += ts;
+          }
+        }
+    }
+  }
+  for (int64_t i = 0; i < g.CRS; ++i) {
+    T v = tail[i];
+    for (int j = 0; j < QV; ++j) v += acc[i][j];
+    dwk[i] = v;
+  }
+}
+FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, const float* x, const float* gz, int64_t k,
+                                      float* dwk, float* xp, float* acc) {
+  direct_grad_weight_body(g, l, x, gz, k, dwk, xp, acc);
+}
+FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, const double* x, const double* gz,
+                                      int64_t k, double* dwk, double* xp, double* acc) {
+  direct_grad_weight_body(g, l, x, gz, k, dwk, xp, acc);
+}
+
+template <typename T>
+void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
+  const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
+  if (g.Cg <= 4 && g.Kg < KB) {
+    const DirectLayout l = direct_layout<T>(g, g.P);
+    at::parallel_for(0, g.K, grain(g.N * PQ * g.CRS), [&](int64_t begin, int64_t end) {
+      std::vector<T> xp(g.Cg * l.HR * l.ld_row);
+      std::vector<T> acc(g.CRS * (64 / sizeof(T) + 1) + 64 / sizeof(T));
+      T* acc_aligned = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(acc.data()) + 63) & ~uintptr_t(63));
+      for (int64_t k = begin; k < end; ++k) direct_grad_weight(g, l, x, gz, k, dw + k * g.CRS, xp.data(), acc_aligned);
+    });
+    return;
+  }
+  // A fixed split of the images into chunks, one partial dW each, summed in chunk order: the
+  // result does not depend on which thread ran which chunk.
+  const int64_t nchunk = std::min<int64_t>(g.N, 8), wsize = g.K * g.CRS;
+  std::vector<T> part(nchunk * wsize, T(0));
+  at::parallel_for(0, nchunk, grain(g.N / nchunk * g.G * g.Kg * PQ * g.CRS), [&](int64_t begin, int64_t end) {
+    std::vector<T> col;
+    for (int64_t ch = begin; ch < end; ++ch) {
+      T* dwp = part.data() + ch * wsize;
+      for (int64_t n = ch * g.N / nchunk; n < (ch + 1) * g.N / nchunk; ++n)
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const T* xg = x + (n * g.C + grp * g.Cg) * HW;
+          const T* gzg = gz + (n * g.K + grp * g.Kg) * PQ;
+          for (int64_t m0 = 0; m0 < PQ; m0 += g.TM) {
+            const int64_t mlen = std::min(g.TM, PQ - m0);
+            const T* c;
+            int64_t ldc;
+            if (g.pointwise) {
+              c = xg + m0;
+              ldc = HW;
+            } else {
+              col.resize(g.CRS * mlen);
+              im2col(g, xg, m0, mlen, col.data());
+              c = col.data();
+              ldc = mlen;
+            }
+            // dWg (Kg x CRS) += gz (Kg x mlen) * col^T; column-major: dWg^T += col * gz^T.
+            gemm('T', 'N', g.CRS, g.Kg, mlen, T(1), c, ldc, gzg + m0, PQ, T(1), dwp + grp * g.Kg * g.CRS, g.CRS);
+          }
+        }
+    }
+  });
+  at::parallel_for(0, wsize, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T s = part[i];
+      for (int64_t ch = 1; ch < nchunk; ++ch) s += part[ch * wsize + i];
+      dw[i] = s;
+    }
+  });
+}
+
+template <typename T>
+void grad_bias_impl(const Geom& g, const T* gz, T* db) {
+  const int64_t PQ = g.P * g.Q;
+  at::parallel_for(0, g.K, grain(g.N * PQ), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      T s = T(0);
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* z = gz + (n * g.K + k) * PQ;
+        T t = T(0);
+#pragma omp simd reduction(+ : t)
+        for (int64_t i = 0; i < PQ; ++i) t += z[i];
+        s += t;
+      }
+      db[k] = s;
+    }
+  });
+}
+
+// The three gradients from grad_z (the gradient at the pre-activation), all in the compute dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_from_gz(const Geom& g, const at::Tensor& input,
+                                                                const at::Tensor& weight, const at::Tensor& gz,
+                                                                at::IntArrayRef mask_arr) {
+  const bool want_x = mask_arr[0], want_w = mask_arr[1], want_b = mask_arr[2];
+  at::Tensor x = want_w ? compute_tensor(input) : at::Tensor();
+  at::Tensor w = want_x ? compute_tensor(weight) : at::Tensor();
+  auto opts = gz.options();
+  at::Tensor dx = want_x ? empty_output({g.N, g.C, g.H, g.W}, opts) : at::empty({0}, opts);
+  at::Tensor dw = want_w ? at::empty({g.K, g.Cg, g.R, g.S}, opts) : at::empty({0}, opts);
+  at::Tensor db = want_b ? at::empty({g.K}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "conv2d_bwd", [&] {
+    const scalar_t* z = gz.data_ptr<scalar_t>();
+    if (want_x && dx.numel() > 0) {
+      if (gz.numel() > 0) grad_input_impl<scalar_t>(g, z, w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+      else dx.zero_();
+    }
+    if (want_w && dw.numel() > 0) {
+      if (gz.numel() > 0) grad_weight_impl<scalar_t>(g, x.data_ptr<scalar_t>(), z, dw.data_ptr<scalar_t>());
+      else dw.zero_();
+    }
+    if (want_b && db.numel() > 0) grad_bias_impl<scalar_t>(g, z, db.data_ptr<scalar_t>());
+  });
+  auto st = input.scalar_type();
+  if (low_precision(input)) {
+    if (want_x) dx = dx.to(st);
+    if (want_w) dw = dw.to(st);
+    if (want_b) db = db.to(st);
+  }
+  return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                          const at::Tensor& weight, const c10::optional<at::Tensor>& saved,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                                                          std::array<bool, 3> output_mask) {
+  check_common(input, weight, c10::nullopt);
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.N && grad_out.size(1) == g.K && grad_out.size(2) == g.P &&
+                  grad_out.size(3) == g.Q,
+              "conv2d_bwd: grad_out must have shape (", g.N, ", ", g.K, ", ", g.P, ", ", g.Q, ")");
+  at::Tensor go = compute_tensor(grad_out);
+  at::Tensor gz = go;
+  if (activation != kNone) {
+    TORCH_CHECK(saved.has_value() && saved->defined() && saved->sizes() == grad_out.sizes(),
+                "conv2d_bwd: an activation needs the saved output (relu) or pre-activation (gelu, silu)");
+    at::Tensor sv = compute_tensor(*saved);
+    gz = at::empty_like(go);
+    AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "conv2d_act_bwd", [&] {
+      const scalar_t* gp = go.data_ptr<scalar_t>();
+      const scalar_t* sp = sv.data_ptr<scalar_t>();
+      scalar_t* zp = gz.data_ptr<scalar_t>();
+      at::parallel_for(0, go.numel(), 16384, [&](int64_t b, int64_t e) {
+        act_backward(gp + b, sp + b, zp + b, e - b, activation);
+      });
+    });
+  }
+  std::array<int64_t, 3> mask{output_mask[0], output_mask[1], output_mask[2]};
+  return backward_from_gz(g, input, weight, gz, mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& out,
+    const at::Tensor& indices, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 3> output_mask) {
+  check_common(input, weight, c10::nullopt);
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.sizes() == grad_out.sizes() && out.sizes() == grad_out.sizes(),
+              "conv2d_relu_maxpool2d_bwd: needs the forward's pooled output and indices (forward with save_indices=True)");
+  at::Tensor go = compute_tensor(grad_out), o = compute_tensor(out), idx = indices.contiguous();
+  // Scatter the pooled gradient to the argmax pixels; relu passes it where the max was > 0.
+  at::Tensor gz = at::zeros({g.N, g.K, g.P, g.Q}, go.options());
+  const int64_t PHW = grad_out.size(2) * grad_out.size(3), PQ = g.P * g.Q;
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "conv2d_relu_maxpool2d_bwd", [&] {
+    const scalar_t* gp = go.data_ptr<scalar_t>();
+    const scalar_t* op = o.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    scalar_t* zp = gz.data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.K, grain(PHW), [&](int64_t b, int64_t e) {
+      for (int64_t plane = b; plane < e; ++plane)
+        for (int64_t i = plane * PHW; i < (plane + 1) * PHW; ++i)
+          if (op[i] > scalar_t(0)) zp[plane * PQ + ip[i]] += gp[i];
+    });
+  });
+  std::array<int64_t, 3> mask{output_mask[0], output_mask[1], output_mask[2]};
+  return backward_from_gz(g, input, weight, gz, mask);
+}
+
+}  // namespace conv2d_cpu
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("conv2d_fwd", &fastattn::conv2d_cpu::conv2d_fwd);
+  m.impl("conv2d_bwd", &fastattn::conv2d_cpu::conv2d_bwd);
+  m.impl("conv2d_relu_maxpool2d_fwd", &fastattn::conv2d_cpu::conv2d_relu_maxpool2d_fwd);
+  m.impl("conv2d_relu_maxpool2d_bwd", &fastattn::conv2d_cpu::conv2d_relu_maxpool2d_bwd);
+}

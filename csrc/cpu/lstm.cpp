@@ -1,0 +1,773 @@
+// LSTM on the CPU: one cell step, and one whole layer (every time step of one direction, forward
+// and backward through time) inside a single native call.
+//
+// Gate order is torch's: the 4H rows of w_ih / w_hh are [i | f | g | o].
+//   gates = x W_ih^T + b_ih + h W_hh^T + b_hh
+//   i, f, o = sigmoid(.), g = tanh(.);  c' = f*c + i*g;  r = o*tanh(c');  h' = r W_hr^T (or r)
+//
+// Layout of the work (per layer call):
+//   1. the input projection of all T steps: one GEMM  (T*B, I) x (I, 4H) into `gates`
+//   2. per step: one GEMM h_{t-1} W_hh^T accumulated into gates[t], then one fused vectorized
+//      pointwise pass that adds the biases, activates the gates in place (saved for backward),
+//      updates c and writes h; with proj_size one more GEMM r_t W_hr^T
+//   GEMMs on raw pointers (at hidden 50 the per-call overhead of at::mm would dominate): fp32 on
+//   AVX-512 CPUs through our packed-weight micro-kernel (see WeightGemm), else BLAS sgemm_/dgemm_.
+//   3. backward through time: per step one pointwise pass (dgates) and one GEMM dgates W_hh;
+//      the weight gradients of all steps afterwards as single GEMMs over the T*B rows.
+// Variable lengths (packed sequences): batch row b takes part in step t iff t < lengths[b]; a row
+// that does not keeps its state (so the reverse direction starts each row at its own last step),
+// and its output there is 0.
+// bf16/fp16 run in fp32 (inputs converted once at entry, the saved workspace stays fp32);
+// float64 runs in float64 (for gradcheck).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/simd.h"
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  // One step. gates: the activated gates (B, 4H), float32 (float64 for float64 input).
+  m.def(
+      "lstm_cell_fwd(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor hy, Tensor cy, Tensor gates)");
+  // grad_bias is the gradient of b_ih and of b_hh alike (4H,).
+  m.def(
+      "lstm_cell_bwd(Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor cy, "
+      "Tensor w_ih, Tensor w_hh, Tensor gates) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+  // One layer, one direction. input (T, B, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P),
+  // w_hr (P, H) or None (then P = H), lengths: None or int64 (B,) on the CPU, 1 <= lengths[b] <= T.
+  // output (T, B, P); workspace for backward: gates (T, B, 4H) activated, cells (T, B, H) c_t,
+  // hidden (T, B, H) = o*tanh(c_t) before the projection ((0,) without w_hr); float32 workspace
+  // (float64 for float64 input).
+  m.def(
+      "lstm_layer_fwd(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, bool reverse, Tensor? lengths) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor gates, Tensor cells, Tensor hidden)");
+  // grad_w_hr is (0,) without w_hr.
+  m.def(
+      "lstm_layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, "
+      "Tensor hidden, bool reverse, Tensor? lengths) -> (Tensor grad_input, Tensor grad_h0, "
+      "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+}
+
+// The Fortran BLAS exported by libtorch_cpu (MKL / OpenBLAS), LP64 integers.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace fastattn {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Row-major GEMM: C (M, N) = alpha * op(A) op(B) + beta * C, every matrix row-major with row
+// stride ld. A row-major matrix is its column-major transpose, so this is C^T = op(B)^T op(A)^T.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,
+               const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc);
+template <>
+void blas_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                      const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                       const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                       const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // BLAS would do this too, but some refuse lda = 0
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < N; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
+    return;
+  }
+  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX, "fastattn lstm: GEMM dimension too large");
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m = (int)N, n = (int)M, k = (int)K;
+  const int la = (int)std::max<int64_t>(ldb, 1), lb = (int)std::max<int64_t>(lda, 1),
+            lc = (int)std::max<int64_t>(ldc, 1);
+  const T one = T(1);
+  blas_gemm<T>(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 GEMM with a weight operand: C (M, N) (+)= A (M, K) op(W), AVX-512.
+// MKL runs its generic AVX2 path on AMD CPUs (about half of what AVX-512 gives on Zen 4/5), so the
+// LSTM's weight products (input projection, per-step recurrent product, projection, dx) use this
+// small kernel when the CPU has AVX-512, and sgemm_ otherwise.
+//   * op(W) is packed once per layer call into panels of 48 columns (K x 48, zero-padded), so a
+//     panel (K*192 bytes) stays in L1/L2 while it meets every row block of A;
+//   * micro-kernel: 8 rows x 48 columns of C in 24 zmm accumulators; per k three panel loads, 8
+//     broadcasts of A and 24 FMAs;
+//   * rows are taken in chunks of 128 (A's chunk stays in L2), K in blocks of 256 (a panel block,
+//     48 KB, stays in L1), panels split across threads.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128, kKBlock = 256;
+
+struct PackedW {
+  at::Tensor buf;  // (panels, K, kNR)
+  int64_t K = 0, N = 0, panels = 0;
+};
+
+// op(W) is W^T when trans_w (W is (N, K) row-major), else W (W is (K, N) row-major).
+PackedW pack_weight(const float* W, bool trans_w, int64_t K, int64_t N) {
+  PackedW p;
+  p.K = K, p.N = N, p.panels = (N + kNR - 1) / kNR;
+  p.buf = at::zeros({p.panels * K * kNR}, at::kFloat);
+  float* dst = p.buf.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float* d = dst + (n / kNR) * K * kNR + (n % kNR);
+    for (int64_t k = 0; k < K; ++k) d[k * kNR] = trans_w ? W[n * K + k] : W[k * N + n];
+  }
+  return p;
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTATTN_HAVE_AVX512_GEMM 1
+}  // namespace
+}  // namespace fastattn
+#include <immintrin.h>
+namespace fastattn {
+namespace {
+
+// C rows [0, MR) x columns [0, ncols) (+)= A (MR, K) x Bm (K, ncols <= kNR).
+// A[r, k] at A[r * a_rs + k * a_ks]; Bm row k at Bm + k * b_ks (a packed panel: b_ks = kNR).
+template <int MR>
+__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t a_rs, int64_t a_ks,
+                                                     const float* __restrict Bm, int64_t b_ks, int64_t K, float* C,
+                                                     int64_t ldc, int64_t ncols, bool accumulate) {
+  __mmask16 mask[kNV];
+#pragma GCC unroll 4
+  for (int v = 0; v < kNV; ++v) {
+    const int64_t left = ncols - 16 * v;
+    mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+  __m512 acc[MR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[kNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v);
+    const float* a_k = A + k * a_ks;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(a_k[r * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) {
+      __m512 x = acc[r][v];
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c + 16 * v));
+      _mm512_mask_storeu_ps(c + 16 * v, mask[v], x);
+    }
+  }
+}
+
+using MicroKernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t,
+                             bool);
+constexpr MicroKernel kMicroKernels[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
+                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
+                                                micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
+
+void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float* C, int64_t ldc, bool accumulate) {
+  const float* panels = W.buf.const_data_ptr<float>();
+  const int64_t K = W.K, N = W.N;
+  auto run_panels = [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMChunk) {
+      const int64_t m1 = std::min(M, m0 + kMChunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t ncols = std::min(kNR, N - p * kNR);
+        for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {  // a k-block of the panel (kKBlock x kNR) stays in L1
+          const int64_t kb = std::min(kKBlock, K - k0);
+          const float* panel = panels + (p * K + k0) * kNR;
+          for (int64_t m = m0; m < m1; m += kMR) {
+            const int64_t mr = std::min(kMR, m1 - m);
+            kMicroKernels[mr](A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
+                              accumulate || k0 > 0);
+          }
+        }
+      }
+    }
+  };
+  // threads only when each gets a few hundred thousand FMAs
+  const int64_t fmas_per_panel = M * K * kNR;
+  const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(fmas_per_panel, 1));
+  if (W.panels <= grain) run_panels(0, W.panels);
+  else at::parallel_for(0, W.panels, grain, run_panels);
+}
+
+// C (R, Kc) = D^T Y for D (N, R), Y (N, Kc) row-major (a weight gradient summed over N = T*B rows),
+// straight from D and Y (no packing): worth it while D and Y sit in L2; larger goes to BLAS.
+bool small_weight_grad(int64_t N, int64_t R, int64_t Kc) {
+  return cpu_has_avx512() && N * (R + Kc) * (int64_t)sizeof(float) <= (1 << 20);
+}
+
+void weight_grad_avx512(int64_t R, int64_t Kc, int64_t N, const float* D, const float* Y, float* C) {
+  for (int64_t r = 0; r < R; r += kMR) {
+    const int64_t mr = std::min(kMR, R - r);
+    for (int64_t c = 0; c < Kc; c += kNR)
+      kMicroKernels[mr](D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
+  }
+}
+#endif
+
+// C (R, Kc) = D^T Y, D (N, R) and Y (N, Kc) row-major.
+template <typename T>
+void weight_grad(int64_t R, int64_t Kc, int64_t N, const T* D, const T* Y, T* C) {
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (small_weight_grad(N, R, Kc)) return weight_grad_avx512(R, Kc, N, D, Y, C);
+  }
+#endif
+  gemm<T>(true, false, R, Kc, N, D, R, Y, Kc, T(0), C, Kc);
+}
+
+// C (M, N) = A (M, K) op(W) (+ C when accumulate) for many A with one W (a layer's weight products):
+// op(W) is W^T (W is (N, K)) when trans_w, else W (W is (K, N)). Packed AVX-512 kernel for fp32 when
+// the CPU has it and W is used enough to pay for packing, BLAS otherwise.
+template <typename T>
+struct WeightGemm {
+  const T* W;
+  bool trans_w;
+  int64_t N, K;
+  PackedW packed;
+
+  WeightGemm(const T* W_, bool trans_w_, int64_t N_, int64_t K_, int64_t rows_total)
+      : W(W_), trans_w(trans_w_), N(N_), K(K_) {
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu_has_avx512() && N > 0 && K > 0 && rows_total >= 16) packed = pack_weight(W, trans_w, K, N);
+    }
+#endif
+  }
+
+  void run(int64_t M, const T* A, bool accumulate, T* C) const {
+    if (M == 0) return;
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed.buf.defined()) {
+        gemm_packed(M, A, K, packed, C, N, accumulate);
+        return;
+      }
+    }
+#endif
+    gemm<T>(false, trans_w, M, N, K, A, K, W, trans_w ? K : N, accumulate ? T(1) : T(0), C, N);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fused pointwise passes (one batch row at a time; vectorized over the hidden units).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+FASTATTN_INLINE T sigmoid(T x) {
+  return T(1) / (T(1) + simd::exp_t<T>(-x));
+}
+template <typename T>
+FASTATTN_INLINE T tanh_(T x) {  // 2 sigmoid(2x) - 1: exp_t vectorizes, std::tanh does not
+  return T(2) / (T(1) + simd::exp_t<T>(T(-2) * x)) - T(1);
+}
+
+// gates: the 4H pre-activations in (plus bias, if given), the activations out. c_in -> c_out: the cell state (may be
+// the same buffer); c_save: a second copy of c' (or null); r: o*tanh(c'); r2: a copy of r (or null).
+template <typename T>
+FASTATTN_SIMD void pointwise_fwd_row(T* __restrict gates, const T* __restrict bias, const T* c_in, T* c_out,
+                                     T* c_save, T* __restrict r, T* __restrict r2, int64_t H) {
+  if (bias) {  // the layer adds its biases here rather than in a pass over all T*B*4H gates
+#pragma omp simd
+    for (int64_t j = 0; j < 4 * H; ++j) gates[j] += bias[j];
+  }
+  T* gi = gates;
+  T* gf = gates + H;
+  T* gg = gates + 2 * H;
+  T* go = gates + 3 * H;
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = sigmoid(gi[j]), f = sigmoid(gf[j]), g = tanh_(gg[j]), o = sigmoid(go[j]);
+    const T cn = f * c_in[j] + i * g;
+    const T h = o * tanh_(cn);
+    gi[j] = i;
+    gf[j] = f;
+    gg[j] = g;
+    go[j] = o;
+    c_out[j] = cn;
+    r[j] = h;
+  }
+  if (c_save) std::memcpy(c_save, c_out, H * sizeof(T));
+  if (r2) std::memcpy(r2, r, H * sizeof(T));
+}
+
+// Gradients of one step. gates: the activations; c_new, c_prev: the cell after/before the step;
+// dr: dL/d(o*tanh(c_new)); dc: dL/dc_new in, dL/dc_prev out; dgates: dL/d(pre-activations) out.
+template <typename T>
+FASTATTN_SIMD void pointwise_bwd_row(const T* __restrict gates, const T* __restrict c_new,
+                                     const T* __restrict c_prev, const T* __restrict dr, T* __restrict dc,
+                                     T* __restrict dgates, int64_t H) {
+  const T* gi = gates;
+  const T* gf = gates + H;
+  const T* gg = gates + 2 * H;
+  const T* go = gates + 3 * H;
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = gi[j], f = gf[j], g = gg[j], o = go[j];
+    const T tc = tanh_(c_new[j]);
+    const T dcn = dc[j] + dr[j] * o * (T(1) - tc * tc);
+    dgates[j] = dcn * g * i * (T(1) - i);
+    dgates[H + j] = dcn * c_prev[j] * f * (T(1) - f);
+    dgates[2 * H + j] = dcn * i * (T(1) - g * g);
+    dgates[3 * H + j] = dr[j] * tc * o * (T(1) - o);
+    dc[j] = dcn * f;
+  }
+}
+
+// rows[r] = b_ih + b_hh (either may be null) for each of the `rows` rows of width n.
+template <typename T>
+FASTATTN_SIMD void fill_bias(T* __restrict out, const T* __restrict b1, const T* __restrict b2, int64_t rows,
+                             int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) o[j] = (b1 ? b1[j] : T(0)) + (b2 ? b2[j] : T(0));
+  }
+}
+
+// out[j] = sum_r x[r, j]
+template <typename T>
+FASTATTN_SIMD void column_sums(const T* __restrict x, T* __restrict out, int64_t rows, int64_t n) {
+  std::fill(out, out + n, T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += row[j];
+  }
+}
+
+// Run f(b) for every batch row, in parallel when the rows carry enough work to pay for threads.
+template <typename F>
+void for_rows(int64_t B, int64_t work_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_row, 1));
+  if (B <= grain) {
+    for (int64_t b = 0; b < B; ++b) f(b);
+  } else {
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) f(b);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument handling shared by the ops.
+// ---------------------------------------------------------------------------------------------
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The tensor in the compute type, contiguous (no copy, and no dispatcher call, when it already is:
+// at hidden 50 a cell step is a few microseconds, and every dispatched no-op costs a fraction of one).
+at::Tensor prep(const at::Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() == ct && t.is_contiguous()) return t;
+  return t.to(ct).contiguous();
+}
+
+// The result in the caller's dtype (no dispatcher call when it already has it).
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+void check_float(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "fastattn lstm (cpu): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastattn lstm: ", name, " must have dtype ",
+              like.scalar_type(), " like input, got ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want) {
+  TORCH_CHECK(t.sizes() == want, "fastattn lstm: ", name, " must have shape ", want, ", got ", t.sizes());
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cell step.
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                                 const at::Tensor& cx, const at::Tensor& w_ih,
+                                                                 const at::Tensor& w_hh,
+                                                                 const std::optional<at::Tensor>& b_ih_opt,
+                                                                 const std::optional<at::Tensor>& b_hh_opt) {
+  TORCH_CHECK(input.dim() == 2, "fastattn lstm_cell: input must be (batch, input_size), got ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastattn lstm_cell: input must be floating point, got ",
+              input.scalar_type());
+  const int64_t B = input.size(0), I = input.size(1), H = w_hh.size(-1);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * H, "fastattn lstm_cell: w_hh must be (4*hidden, hidden), got ",
+              w_hh.sizes());
+  check_shape(w_ih, "w_ih", {4 * H, I});
+  check_shape(hx, "hx", {B, H});
+  check_shape(cx, "cx", {B, H});
+  for (auto& [t, name] : {std::pair{hx, "hx"}, {cx, "cx"}, {w_ih, "w_ih"}, {w_hh, "w_hh"}}) check_float(t, name, input);
+  check_float(input, "input", input);
+  const auto ct = compute_type(input);
+  at::Tensor b_ih, b_hh;
+  if (b_ih_opt && b_ih_opt->defined()) { check_float(*b_ih_opt, "b_ih", input); check_shape(*b_ih_opt, "b_ih", {4 * H}); b_ih = prep(*b_ih_opt, ct); }
+  if (b_hh_opt && b_hh_opt->defined()) { check_float(*b_hh_opt, "b_hh", input); check_shape(*b_hh_opt, "b_hh", {4 * H}); b_hh = prep(*b_hh_opt, ct); }
+  auto x = prep(input, ct), h = prep(hx, ct), c = prep(cx, ct), wi = prep(w_ih, ct), wh = prep(w_hh, ct);
+  auto gates = at::empty({B, 4 * H}, x.options());
+  auto hy = at::empty({B, H}, x.options());
+  auto cy = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_fwd", [&] {
+    using T = scalar_t;
+    T* G = gates.data_ptr<T>();
+    fill_bias<T>(G, ptr_or_null<T>(b_ih), ptr_or_null<T>(b_hh), B, 4 * H);
+    gemm<T>(false, true, B, 4 * H, I, x.const_data_ptr<T>(), I, wi.const_data_ptr<T>(), I, T(1), G, 4 * H);
+    gemm<T>(false, true, B, 4 * H, H, h.const_data_ptr<T>(), H, wh.const_data_ptr<T>(), H, T(1), G, 4 * H);
+    const T* C = c.const_data_ptr<T>();
+    T* CY = cy.data_ptr<T>();
+    T* HY = hy.data_ptr<T>();
+    for_rows(B, 4 * H, [&](int64_t b) {
+      pointwise_fwd_row<T>(G + b * 4 * H, nullptr, C + b * H, CY + b * H, nullptr, HY + b * H, nullptr, H);
+    });
+  });
+  return {as_type(hy, input.scalar_type()), as_type(cy, input.scalar_type()), gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cpu(
+    const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& gates) {
+  const int64_t B = input.size(0), I = input.size(1), H = w_hh.size(-1);
+  check_shape(grad_hy, "grad_hy", {B, H});
+  check_shape(grad_cy, "grad_cy", {B, H});
+  check_shape(gates, "gates", {B, 4 * H});
+  const auto ct = compute_type(input);
+  TORCH_CHECK(gates.scalar_type() == ct, "fastattn lstm_cell_bwd: gates must be ", ct);
+  auto x = prep(input, ct), h = prep(hx, ct), c0 = prep(cx, ct), c1 = prep(cy, ct), wi = prep(w_ih, ct),
+       wh = prep(w_hh, ct), g = gates.contiguous(), dh = prep(grad_hy, ct);
+  auto dc = prep(grad_cy, ct).clone();  // becomes grad_cx
+  auto dgates = at::empty({B, 4 * H}, x.options());
+  auto dx = at::empty({B, I}, x.options());
+  auto dhx = at::empty({B, H}, x.options());
+  auto dwi = at::empty({4 * H, I}, x.options());
+  auto dwh = at::empty({4 * H, H}, x.options());
+  auto db = at::empty({4 * H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_bwd", [&] {
+    using T = scalar_t;
+    const T *G = g.const_data_ptr<T>(), *C1 = c1.const_data_ptr<T>(), *C0 = c0.const_data_ptr<T>(),
+            *DH = dh.const_data_ptr<T>();
+    T *DC = dc.data_ptr<T>(), *DG = dgates.data_ptr<T>();
+    for_rows(B, 4 * H, [&](int64_t b) {
+      pointwise_bwd_row<T>(G + b * 4 * H, C1 + b * H, C0 + b * H, DH + b * H, DC + b * H, DG + b * 4 * H, H);
+    });
+    gemm<T>(false, false, B, I, 4 * H, DG, 4 * H, wi.const_data_ptr<T>(), I, T(0), dx.data_ptr<T>(), I);
+    gemm<T>(false, false, B, H, 4 * H, DG, 4 * H, wh.const_data_ptr<T>(), H, T(0), dhx.data_ptr<T>(), H);
+    weight_grad<T>(4 * H, I, B, DG, x.const_data_ptr<T>(), dwi.data_ptr<T>());
+    weight_grad<T>(4 * H, H, B, DG, h.const_data_ptr<T>(), dwh.data_ptr<T>());
+    column_sums<T>(DG, db.data_ptr<T>(), B, 4 * H);
+  });
+  const auto dt = input.scalar_type();
+  return {as_type(dx, dt), as_type(dhx, dt), as_type(dc, dt), as_type(dwi, dt), as_type(dwh, dt), as_type(db, dt)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole layer.
+// ---------------------------------------------------------------------------------------------
+struct Layer {
+  int64_t T, B, I, H, P;
+  bool proj, reverse;
+  const int64_t* len;  // null: every row runs all T steps
+  bool active(int64_t t, int64_t b) const { return !len || t < len[b]; }
+  int64_t time_of_step(int64_t s) const { return reverse ? T - 1 - s : s; }
+};
+
+at::Tensor check_lengths(const std::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
+  if (!lengths || !lengths->defined()) return at::Tensor();
+  const auto& l = *lengths;
+  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == at::kLong && l.dim() == 1 && l.size(0) == B,
+              "fastattn lstm: lengths must be an int64 CPU tensor of shape (", B, "), got ", l.scalar_type(), " ",
+              l.device(), " ", l.sizes());
+  auto lc = l.contiguous();
+  const int64_t* p = lc.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(p[b] >= 1 && p[b] <= T, "fastattn lstm: lengths must lie in [1, ", T, "], got ", p[b]);
+  return lc;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_opt, const std::optional<at::Tensor>& b_hh_opt,
+    const std::optional<at::Tensor>& w_hr_opt, bool reverse, const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(input.dim() == 3, "fastattn lstm: input must be (seq_len, batch, input_size), got ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastattn lstm: input must be floating point, got ",
+              input.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, "fastattn lstm: w_ih must be (4*hidden, input_size), got ",
+              w_ih.sizes());
+  const bool proj = w_hr_opt && w_hr_opt->defined();
+  Layer L{input.size(0), input.size(1), input.size(2), w_ih.size(0) / 4, 0, proj, reverse, nullptr};
+  L.P = proj ? w_hr_opt->size(0) : L.H;
+  const int64_t T = L.T, B = L.B, I = L.I, H = L.H, P = L.P;
+  TORCH_CHECK(T >= 1, "fastattn lstm: input must have at least one time step");
+  check_shape(w_ih, "w_ih", {4 * H, I});
+  check_shape(w_hh, "w_hh", {4 * H, P});
+  check_shape(h0, "h0", {B, P});
+  check_shape(c0, "c0", {B, H});
+  check_float(input, "input", input);
+  for (auto& [t, name] : {std::pair{h0, "h0"}, {c0, "c0"}, {w_ih, "w_ih"}, {w_hh, "w_hh"}}) check_float(t, name, input);
+  const auto ct = compute_type(input);
+  at::Tensor b_ih, b_hh, w_hr;
+  if (b_ih_opt && b_ih_opt->defined()) { check_float(*b_ih_opt, "b_ih", input); check_shape(*b_ih_opt, "b_ih", {4 * H}); b_ih = prep(*b_ih_opt, ct); }
+  if (b_hh_opt && b_hh_opt->defined()) { check_float(*b_hh_opt, "b_hh", input); check_shape(*b_hh_opt, "b_hh", {4 * H}); b_hh = prep(*b_hh_opt, ct); }
+  if (proj) { check_float(*w_hr_opt, "w_hr", input); check_shape(*w_hr_opt, "w_hr", {P, H}); w_hr = prep(*w_hr_opt, ct); }
+  auto len = check_lengths(lengths, T, B);
+  L.len = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+
+  auto x = prep(input, ct), wi = prep(w_ih, ct), wh = prep(w_hh, ct);
+  auto h = prep(h0, ct).clone(), c = prep(c0, ct).clone();  // the running state
+  auto opts = x.options();
+  auto out = at::empty({T, B, P}, opts);
+  auto gates = at::empty({T, B, 4 * H}, opts);
+  auto cells = at::empty({T, B, H}, opts);
+  auto hidden = proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_layer_fwd", [&] {
+    using T_ = scalar_t;
+    T_ *G = gates.data_ptr<T_>(), *O = out.data_ptr<T_>(), *CS = cells.data_ptr<T_>(),
+       *R = proj ? hidden.data_ptr<T_>() : nullptr, *Hs = h.data_ptr<T_>(), *Cs = c.data_ptr<T_>();
+    const T_ *WH = wh.const_data_ptr<T_>(), *WR = proj ? w_hr.const_data_ptr<T_>() : nullptr;
+    // 1. the input projection of every step (the biases join in the pointwise pass)
+    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
+    std::vector<T_> bias_sum(4 * H);
+    const bool has_bias = b_ih.defined() || b_hh.defined();
+    if (has_bias) fill_bias<T_>(bias_sum.data(), ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), 1, 4 * H);
+    const T_* BS = has_bias ? bias_sum.data() : nullptr;
+    // 2. the recurrence
+    const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
+    const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = L.time_of_step(s);
+      T_* Gt = G + t * B * 4 * H;
+      T_* Ot = O + t * B * P;
+      T_* Ct = CS + t * B * H;
+      T_* Rt = proj ? R + t * B * H : nullptr;
+      hh.run(B, Hs, true, Gt);
+      for_rows(B, 4 * H, [&](int64_t b) {
+        if (L.active(t, b)) {
+          // without a projection h goes straight to the output and the running state
+          pointwise_fwd_row<T_>(Gt + b * 4 * H, BS, Cs + b * H, Cs + b * H, Ct + b * H, proj ? Rt + b * H : Ot + b * P,
+                                proj ? nullptr : Hs + b * P, H);
+        } else {  // finished (or, in reverse, not yet started): keep the state, output 0
+          std::memcpy(Ct + b * H, Cs + b * H, H * sizeof(T_));
+          std::fill(Gt + b * 4 * H, Gt + (b + 1) * 4 * H, T_(0));
+          std::fill(Ot + b * P, Ot + (b + 1) * P, T_(0));
+          if (proj) std::fill(Rt + b * H, Rt + (b + 1) * H, T_(0));
+        }
+      });
+      if (proj) {  // h = r W_hr^T; rows that sat this step out have r = 0, so their output stays 0
+        hr.run(B, Rt, false, Ot);
+        for (int64_t b = 0; b < B; ++b)
+          if (L.active(t, b)) std::memcpy(Hs + b * P, Ot + b * P, P * sizeof(T_));
+      }
+    }
+  });
+  const auto dt = input.scalar_type();
+  return {as_type(out, dt), as_type(h, dt), as_type(c, dt), gates, cells, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& w_hr_opt, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells, const at::Tensor& hidden, bool reverse, const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(input.dim() == 3, "fastattn lstm_layer_bwd: input must be (seq_len, batch, input_size)");
+  const bool proj = w_hr_opt && w_hr_opt->defined();
+  Layer L{input.size(0), input.size(1), input.size(2), w_ih.size(0) / 4, 0, proj, reverse, nullptr};
+  L.P = proj ? w_hr_opt->size(0) : L.H;
+  const int64_t T = L.T, B = L.B, I = L.I, H = L.H, P = L.P;
+  check_shape(grad_output, "grad_output", {T, B, P});
+  check_shape(grad_h_n, "grad_h_n", {B, P});
+  check_shape(grad_c_n, "grad_c_n", {B, H});
+  check_shape(output, "output", {T, B, P});
+  check_shape(gates, "gates", {T, B, 4 * H});
+  check_shape(cells, "cells", {T, B, H});
+  if (proj) check_shape(hidden, "hidden", {T, B, H});
+  const auto ct = compute_type(input);
+  TORCH_CHECK(gates.scalar_type() == ct && cells.scalar_type() == ct, "fastattn lstm_layer_bwd: workspace must be ", ct);
+  auto len = check_lengths(lengths, T, B);
+  L.len = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+
+  auto x = prep(input, ct), hinit = prep(h0, ct), cinit = prep(c0, ct), wi = prep(w_ih, ct), wh = prep(w_hh, ct),
+       go = prep(grad_output, ct), out = prep(output, ct), g = gates.contiguous(), cs = cells.contiguous();
+  at::Tensor wr, r;
+  if (proj) { wr = prep(*w_hr_opt, ct); r = hidden.contiguous(); }
+  auto opts = x.options();
+  auto dh = prep(grad_h_n, ct).clone(), dc = prep(grad_c_n, ct).clone();  // become grad_h0, grad_c0
+  auto dgates = at::empty({T, B, 4 * H}, opts);
+  auto dhtot = at::empty({T, B, P}, opts);       // dL/dh_t of each step (output grad + recurrent grad)
+  auto dr = proj ? at::empty({B, H}, opts) : at::Tensor();
+  auto dh_new = at::empty({B, P}, opts);
+  auto hprev = at::empty({T, B, P}, opts);       // the h each step read, for grad_w_hh
+  auto dx = at::empty({T, B, I}, opts);
+  auto dwi = at::empty({4 * H, I}, opts);
+  auto dwh = at::empty({4 * H, P}, opts);
+  auto db = at::empty({4 * H}, opts);
+  auto dwr = proj ? at::empty({P, H}, opts) : at::empty({0}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstm_layer_bwd", [&] {
+    using T_ = scalar_t;
+    const T_ *G = g.const_data_ptr<T_>(), *CS = cs.const_data_ptr<T_>(), *C0 = cinit.const_data_ptr<T_>(),
+             *H0 = hinit.const_data_ptr<T_>(), *GO = go.const_data_ptr<T_>(), *O = out.const_data_ptr<T_>(),
+             *WH = wh.const_data_ptr<T_>(), *WR = proj ? wr.const_data_ptr<T_>() : nullptr;
+    T_ *DG = dgates.data_ptr<T_>(), *DHT = dhtot.data_ptr<T_>(), *DH = dh.data_ptr<T_>(), *DC = dc.data_ptr<T_>(),
+       *DR = proj ? dr.data_ptr<T_>() : nullptr, *DHN = dh_new.data_ptr<T_>(), *HP = hprev.data_ptr<T_>();
+    const WeightGemm<T_> hh(WH, /*trans_w=*/false, P, 4 * H, T * B);           // dh = dgates W_hh
+    const WeightGemm<T_> hr(WR, /*trans_w=*/false, H, P, proj ? T * B : 0);     // dr = dh W_hr
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t t = L.time_of_step(s);
+      const bool first = s == 0;
+      const int64_t tp = reverse ? t + 1 : t - 1;  // the step before, in processing order
+      T_* DHTt = DHT + t * B * P;
+      T_* DGt = DG + t * B * 4 * H;
+      // dL/dh_t = the output's grad + what the later steps sent back
+      for (int64_t b = 0; b < B; ++b) {
+        T_* d = DHTt + b * P;
+        if (L.active(t, b)) {
+          const T_* a = DH + b * P;
+          const T_* o = GO + (t * B + b) * P;
+          for (int64_t j = 0; j < P; ++j) d[j] = a[j] + o[j];
+        } else {
+          std::fill(d, d + P, T_(0));
+        }
+      }
+      if (proj) hr.run(B, DHTt, false, DR);
+      const T_* dr_t = proj ? DR : DHTt;
+      const int64_t ldr = proj ? H : P;
+      for_rows(B, 4 * H, [&](int64_t b) {
+        if (L.active(t, b)) {
+          const T_* cprev = first ? C0 + b * H : CS + (tp * B + b) * H;
+          pointwise_bwd_row<T_>(G + (t * B + b) * 4 * H, CS + (t * B + b) * H, cprev, dr_t + b * ldr, DC + b * H,
+                                DGt + b * 4 * H, H);
+        } else {
+          std::fill(DGt + b * 4 * H, DGt + (b + 1) * 4 * H, T_(0));
+        }
+        // the h this step read: h0 at a row's first step, else the previous step's output
+        T_* hp = HP + (t * B + b) * P;
+        if (first || !L.active(tp, b)) std::memcpy(hp, H0 + b * P, P * sizeof(T_));
+        else std::memcpy(hp, O + (tp * B + b) * P, P * sizeof(T_));
+      });
+      hh.run(B, DGt, false, DHN);
+      for (int64_t b = 0; b < B; ++b)
+        if (L.active(t, b)) std::memcpy(DH + b * P, DHN + b * P, P * sizeof(T_));
+    }
+    // 3. weight gradients over all steps at once
+    const int64_t N = T * B;
+    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, dx.data_ptr<T_>());
+    weight_grad<T_>(4 * H, I, N, DG, x.const_data_ptr<T_>(), dwi.data_ptr<T_>());
+    weight_grad<T_>(4 * H, P, N, DG, HP, dwh.data_ptr<T_>());
+    column_sums<T_>(DG, db.data_ptr<T_>(), N, 4 * H);
+    if (proj) weight_grad<T_>(P, H, N, DHT, r.const_data_ptr<T_>(), dwr.data_ptr<T_>());
+  });
+  const auto dt = input.scalar_type();
+  return {as_type(dx, dt), as_type(dh, dt), as_type(dc, dt), as_type(dwi, dt), as_type(dwh, dt), as_type(db, dt),
+          as_type(dwr, dt)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd of the cell step, in C++: a cell step at hidden 50 takes a few microseconds, and a
+// Python autograd kernel (torch.library.register_autograd) would cost several times that per call.
+// Device-generic: it redispatches to the CPU or CUDA kernels of lstm_cell_fwd / lstm_cell_bwd.
+// (The layer op keeps its autograd in Python, fastattn/ops/lstm.py: one call runs a whole sequence.)
+// ---------------------------------------------------------------------------------------------
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::lstm_cell_fwd", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [hy, cy, gates] = op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+    ctx->save_for_backward({input, hx, cx, cy, w_ih, w_hh, gates});
+    ctx->saved_data["bias"] = (int64_t)(b_ih && b_ih->defined() ? 1 : 0) | (b_hh && b_hh->defined() ? 2 : 0);
+    ctx->mark_non_differentiable({gates});
+    return {hy, cy, gates};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Dispatched normally: lstm_cell_bwd's own autograd (Python) raises a clear error on double backward.
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::lstm_cell_bwd", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&)>();
+    auto saved = ctx->get_saved_variables();
+    const auto &input = saved[0], &hx = saved[1], &cx = saved[2], &cy = saved[3];
+    auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(cy);
+    auto grad_cy = grads[1].defined() ? grads[1] : at::zeros_like(cy);
+    auto [dx, dh, dc, dwi, dwh, db] = op.call(grad_hy, grad_cy, input, hx, cx, cy, saved[4], saved[5], saved[6]);
+    const int64_t bias = ctx->saved_data["bias"].toInt();
+    return {dx, dh, dc, dwi, dwh, (bias & 1) ? db : at::Tensor(), (bias & 2) ? db : at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_autograd(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  // (optional arguments stay optional: Function::apply cannot take undefined tensors)
+  auto out = LstmCellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) { m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_autograd); }
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_cpu);
+  m.impl("lstm_cell_bwd", &fastattn::lstm_cell_bwd_cpu);
+  m.impl("lstm_layer_fwd", &fastattn::lstm_layer_fwd_cpu);
+  m.impl("lstm_layer_bwd", &fastattn::lstm_layer_bwd_cpu);
+}

@@ -1,0 +1,150 @@
+"""Drop-in ``LSTM`` and ``LSTMCell`` running fastattn's kernels.
+
+They subclass torch's modules, so constructors, parameter names (``weight_ih_l0``,
+``weight_hh_l0_reverse``, ``bias_ih_l0``, ``weight_hr_l0``, ...), initialisation, ``state_dict``
+keys and ``repr`` are torch's, and ``isinstance(m, torch.nn.LSTM)`` holds; only ``forward`` is
+ours: each layer and direction is one call of :func:`fastattn.ops.lstm.lstm` (all time steps in one
+native kernel call).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from fastattn.ops import lstm as _ops
+
+__all__ = ["LSTM", "LSTMCell"]
+
+_lstm_cell = _ops.lstm_cell
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """``torch.nn.LSTMCell`` with fastattn's fused cell kernel; ``backend=`` picks the kernel."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if hx is None:
+            shape = (self.hidden_size,) if input.dim() == 1 else (input.shape[0], self.hidden_size)
+            z = input.new_zeros(shape)
+            hx = (z, z)
+        return _lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                              backend=self.backend)
+
+
+def _pack_index(batch_sizes: Tensor, device) -> Tuple[Tensor, Tensor, int, int]:
+    """For packed data: rows of the padded (T*B) layout that hold data, and each sequence's length.
+
+    Packed data lists step 0 of every sequence, then step 1 of those still running, ...; sequences
+    are sorted by decreasing length, so at step t the first ``batch_sizes[t]`` batch rows run, and
+    the padded rows that hold data, in row-major (t, b) order, are exactly the packed order.
+    """
+    T, B = batch_sizes.numel(), int(batch_sizes[0])
+    mask = torch.arange(B).view(1, B) < batch_sizes.view(T, 1)
+    lengths = mask.sum(0)
+    rows = mask.view(-1).nonzero().squeeze(1).to(device)
+    return rows, lengths, T, B
+
+
+class LSTM(torch.nn.LSTM):
+    """``torch.nn.LSTM`` with fastattn's whole-layer kernels; ``backend=`` picks the kernel.
+
+    Takes what torch's does: ``(input, (h_0, c_0))`` or ``(input, None)``, batched or unbatched,
+    ``batch_first``, or a ``PackedSequence`` (sorted or not); returns ``(output, (h_n, c_n))``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device=device, dtype=dtype)
+        self.backend = backend
+
+    def _weights(self, layer: int, direction: int):
+        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        get = lambda n: getattr(self, n + sfx) if hasattr(self, n + sfx) else None  # noqa: E731
+        return (getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx), get("bias_ih"), get("bias_hh"),
+                get("weight_hr") if self.proj_size > 0 else None)
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            rows, lengths, T, B = _pack_index(batch_sizes, data.device)
+            x = data.new_zeros((T * B, data.shape[-1])).index_copy(0, rows, data).view(T, B, -1)
+            if bool((lengths == T).all()):
+                lengths = None
+            unbatched = False
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: expected input to be 2-D (unbatched) or 3-D, got {input.dim()}-D "
+                                 f"shape {tuple(input.shape)}")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+            sorted_indices = unsorted_indices = None
+            T, B = x.shape[0], x.shape[1]
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"LSTM: input has {x.shape[-1]} features, expected input_size={self.input_size}")
+
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        if hx is None:
+            h0 = x.new_zeros((self.num_layers * D, B, P))
+            c0 = x.new_zeros((self.num_layers * D, B, H))
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
+            h0, c0 = hx
+            for name, t, size in (("h_0", h0, P), ("c_0", c0, H)):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"LSTM: {name} must be a Tensor, got {type(t).__name__}")
+                want = (self.num_layers * D, size) if unbatched else (self.num_layers * D, B, size)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"LSTM: expected {name} of shape {want}, got {tuple(t.shape)}")
+                if t.dtype != x.dtype or t.device != x.device:
+                    raise TypeError(f"LSTM: {name} must have the input's dtype and device ({x.dtype}, {x.device}), "
+                                    f"got ({t.dtype}, {t.device})")
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            elif sorted_indices is not None:
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                k = layer * D + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
+                out, (h, c) = _ops.lstm(layer_input, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh, w_hr, reverse=d == 1,
+                                        lengths=lengths, backend=self.backend)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, p=self.dropout, training=True)
+        output = layer_input
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+
+        if packed:
+            out_data = output.reshape(T * B, -1).index_select(0, rows)
+            output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        elif unbatched:
+            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)

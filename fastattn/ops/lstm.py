@@ -1,0 +1,345 @@
+"""LSTM: one cell step and one whole layer (every time step in one native call), forward and backward.
+
+Native contract (csrc/cpu/lstm.cpp holds the schemas; every backend is held to the reference below):
+
+    lstm_cell_fwd(input (B, I), hx (B, H), cx (B, H), w_ih (4H, I), w_hh (4H, H), b_ih?, b_hh?)
+        -> (hy, cy, gates)           gates: the activated (i, f, g, o), (B, 4H), float32 workspace
+    lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, cy, w_ih, w_hh, gates)
+        -> (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias)
+    lstm_layer_fwd(input (T, B, I), h0 (B, P), c0 (B, H), w_ih (4H, I), w_hh (4H, P), b_ih?, b_hh?,
+                   w_hr? (P, H), reverse, lengths? (B,) int64 CPU)
+        -> (output (T, B, P), h_n, c_n, gates (T, B, 4H), cells (T, B, H), hidden (T, B, H) or (0,))
+    lstm_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr?, output, gates,
+                   cells, hidden, reverse, lengths?)
+        -> (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr or (0,))
+
+* Gate order is torch's (i, f, g, o); ``c' = f*c + i*g``, ``h' = (o*tanh(c')) W_hr^T`` (no W_hr:
+  ``P = H`` and ``h' = o*tanh(c')``). ``grad_bias`` is the gradient of ``b_ih`` and of ``b_hh``.
+* ``reverse`` runs the steps from T-1 down to 0. ``lengths``: batch row b takes part in step t iff
+  ``t < lengths[b]``; elsewhere its state is carried unchanged and its output is 0. So the forward
+  direction stops each row at its length and the reverse direction starts it at its own last step,
+  which is what a ``PackedSequence`` means. ``1 <= lengths[b] <= T``, any order.
+* The workspace (gates, cells, hidden) is float32 for float16/bfloat16/float32 input and float64 for
+  float64; the outputs and every gradient have the input's dtype. bf16/fp16 compute in fp32.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fastattn import _ext, backend as _backend
+
+__all__ = ["lstm_cell", "lstm", "lstm_cell_reference", "lstm_layer_reference"]
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle: plain PyTorch math, also the `reference` backend (differentiable by autograd).
+# --------------------------------------------------------------------------------------------
+def _cell_math(x_proj: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Optional[Tensor]):
+    gates = x_proj + h @ w_hh.t()
+    if b_hh is not None:
+        gates = gates + b_hh
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c = f * c + i * g
+    return o * torch.tanh(c), c
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lstm_cell_reference(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                        b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    cdt = _compute_dtype(input.dtype)
+    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    xp = input.to(cdt) @ w_ih.to(cdt).t()
+    if b_ih is not None:
+        xp = xp + up(b_ih)
+    h, c = _cell_math(xp, hx.to(cdt), cx.to(cdt), w_hh.to(cdt), up(b_hh))
+    return h.to(input.dtype), c.to(input.dtype)
+
+
+def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                         b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+                         w_hr: Optional[Tensor] = None, reverse: bool = False,
+                         lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The layer contract with a Python loop over steps: ``(output, h_n, c_n)``."""
+    cdt = _compute_dtype(input.dtype)
+    up = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    T, B = input.shape[0], input.shape[1]
+    xp = input.to(cdt) @ w_ih.to(cdt).t()
+    if b_ih is not None:
+        xp = xp + up(b_ih)
+    h, c = h0.to(cdt), c0.to(cdt)
+    w_hh, b_hh, w_hr = up(w_hh), up(b_hh), up(w_hr)
+    outs: List[Optional[Tensor]] = [None] * T
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        hn, cn = _cell_math(xp[t], h, c, w_hh, b_hh)
+        if w_hr is not None:
+            hn = hn @ w_hr.t()
+        if lengths is not None:
+            act = (t < lengths.to(input.device)).view(B, 1)
+            h, c = torch.where(act, hn, h), torch.where(act, cn, c)
+            outs[t] = torch.where(act, hn, torch.zeros_like(hn))
+        else:
+            h, c = hn, cn
+            outs[t] = hn
+    return torch.stack(outs).to(input.dtype), h.to(input.dtype), c.to(input.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Native ops: fake kernels and autograd (the backward of each op is itself a registered op).
+# --------------------------------------------------------------------------------------------
+def _cell_fwd_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    B, H = hx.shape
+    return (input.new_empty((B, H)), input.new_empty((B, H)),
+            input.new_empty((B, 4 * H), dtype=_compute_dtype(input.dtype)))
+
+
+def _cell_bwd_fake(grad_hy, grad_cy, input, hx, cx, cy, w_ih, w_hh, gates):
+    e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return e(input), e(hx), e(cx), e(w_ih), e(w_hh), input.new_empty((w_ih.shape[0],))
+
+
+def _layer_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
+    T, B, _ = input.shape
+    H = w_ih.shape[0] // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    wdt = _compute_dtype(input.dtype)
+    hidden = input.new_empty((T, B, H) if w_hr is not None else (0,), dtype=wdt)
+    return (input.new_empty((T, B, P)), input.new_empty((B, P)), input.new_empty((B, H)),
+            input.new_empty((T, B, 4 * H), dtype=wdt), input.new_empty((T, B, H), dtype=wdt), hidden)
+
+
+def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates, cells,
+                    hidden, reverse, lengths):
+    e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    dwr = e(w_hr) if w_hr is not None else input.new_empty((0,))
+    return e(input), e(h0), e(c0), e(w_ih), e(w_hh), input.new_empty((w_ih.shape[0],)), dwr
+
+
+def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g.contiguous()
+
+
+def _layer_setup(ctx, inputs, output):
+    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths = inputs
+    out, h_n, c_n, gates, cells, hidden = output
+    ctx.mark_non_differentiable(gates, cells, hidden)
+    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hidden, lengths)
+    ctx.has_bias = (b_ih is not None, b_hh is not None)
+    ctx.reverse = reverse
+
+
+def _layer_backward(ctx, grad_out, grad_h_n, grad_c_n, _g1, _g2, _g3):
+    input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hidden, lengths = ctx.saved_tensors
+    dx, dh0, dc0, dwi, dwh, db, dwr = torch.ops.fastattn.lstm_layer_bwd(
+        _zeros_if_none(grad_out, out), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0), input, h0, c0,
+        w_ih, w_hh, w_hr, out, gates, cells, hidden, ctx.reverse, lengths)
+    return (dx, dh0, dc0, dwi, dwh, db if ctx.has_bias[0] else None, db if ctx.has_bias[1] else None,
+            dwr if w_hr is not None else None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastattn LSTM: double backward (differentiating the gradient) is not supported; "
+                       "use backend='reference' for higher-order gradients")
+
+
+def _register():
+    lib = torch.ops.fastattn
+    torch.library.register_fake("fastattn::lstm_cell_fwd")(_cell_fwd_fake)
+    torch.library.register_fake("fastattn::lstm_cell_bwd")(_cell_bwd_fake)
+    torch.library.register_fake("fastattn::lstm_layer_fwd")(_layer_fwd_fake)
+    torch.library.register_fake("fastattn::lstm_layer_bwd")(_layer_bwd_fake)
+    # lstm_cell_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): its per-call cost matters at hidden 50.
+    torch.library.register_autograd("fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup)
+    for name in ("lstm_cell_bwd", "lstm_layer_bwd"):
+        torch.library.register_autograd(f"fastattn::{name}", _no_double_backward,
+                                        setup_context=lambda ctx, inputs, output: None)
+    return lib.lstm_cell_fwd.default, lib.lstm_layer_fwd.default
+
+
+_cell_op = _layer_op = _cell_op_raw = None
+if _ext.available() and hasattr(torch.ops.fastattn, "lstm_layer_fwd"):
+    _cell_op, _layer_op = _register()
+    # The C++ entry point of the op (what OpOverload.__call__ forwards to): the thin call path of
+    # lstm_cell, which at hidden 50 costs about as much as the kernel itself.
+    _cell_op_raw = getattr(_cell_op, "_op", _cell_op)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks: clear errors naming the argument, before any kernel runs.
+# --------------------------------------------------------------------------------------------
+def _check_tensor(t, name: str, dim: Sequence[int], like: Optional[Tensor] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() not in dim:
+        raise ValueError(f"{name} must be {' or '.join(str(d) for d in dim)}-D, got shape {tuple(t.shape)}")
+    if like is None:
+        if t.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        return
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the input's device {like.device}, got {t.device}")
+
+
+def _check_weights(input: Tensor, w_ih, w_hh, b_ih, b_hh, w_hr, in_dim: int) -> Tuple[int, int]:
+    """Checks the weights; returns (hidden_size H, output size P)."""
+    _check_tensor(w_ih, "w_ih", (2,), input)
+    _check_tensor(w_hh, "w_hh", (2,), input)
+    G = w_ih.shape[0]
+    if G % 4 != 0 or G == 0:
+        raise ValueError(f"w_ih must be (4*hidden_size, input_size), got {tuple(w_ih.shape)}")
+    H = G // 4
+    if w_ih.shape[1] != in_dim:
+        raise ValueError(f"input has {in_dim} features but w_ih expects input_size {w_ih.shape[1]}")
+    P = H
+    if w_hr is not None:
+        _check_tensor(w_hr, "w_hr", (2,), input)
+        if w_hr.shape[1] != H:
+            raise ValueError(f"w_hr must be (proj_size, hidden_size={H}), got {tuple(w_hr.shape)}")
+        P = w_hr.shape[0]
+    if tuple(w_hh.shape) != (G, P):
+        raise ValueError(f"w_hh must be (4*hidden_size, {'proj_size' if w_hr is not None else 'hidden_size'}) "
+                         f"= {(G, P)}, got {tuple(w_hh.shape)}")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(b, name, (1,), input)
+            if b.shape[0] != G:
+                raise ValueError(f"{name} must be (4*hidden_size,) = ({G},), got {tuple(b.shape)}")
+    return H, P
+
+
+def _check_state(t, name: str, want: Tuple[int, ...], input: Tensor) -> None:
+    _check_tensor(t, name, (len(want),), input)
+    if tuple(t.shape) != want:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Backend choice.
+# --------------------------------------------------------------------------------------------
+def _reasons(dtype: torch.dtype):
+    def cuda_or_triton() -> List[str]:
+        return ["float64 input (the GPU kernels take float16, bfloat16, float32)"] if dtype == torch.float64 else []
+
+    return {"cpu": lambda: [], "cuda": cuda_or_triton, "triton": cuda_or_triton, "reference": lambda: []}
+
+
+# Backend choice is the slow part of a small cell step: remember it per (request, device, dtype).
+_choice_cache = {}
+
+
+def _select(op: str, native: str, backend: Optional[str], x: Tensor) -> str:
+    key = (op, backend if backend is not None else _backend.get_backend(), x.device, x.dtype,
+           _backend.triton_interpret())
+    name = _choice_cache.get(key)
+    if name is None:
+        name = _backend.select(op, backend, x.device, _reasons(x.dtype), native_op=native)
+        _choice_cache[key] = name
+    return name
+
+
+def _triton():
+    from fastattn.triton import lstm as triton_lstm  # imported on first use: importing triton is slow
+    return triton_lstm
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+def lstm_cell(input: Tensor, hx: Tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+              b_hh: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """One LSTM step, like ``torch.nn.LSTMCell``: ``input (B, I)`` or unbatched ``(I,)``, ``hx = (h, c)``
+    each ``(B, H)`` (or ``(H,)``), weights ``w_ih (4H, I)``, ``w_hh (4H, H)``. Returns ``(h', c')``."""
+    if backend is None and _cell_op_raw is not None and _backend._default == "auto":
+        # Thin path: the native kernel checks every argument itself (TORCH_CHECK); if it refuses
+        # (or no kernel runs this device/dtype), the full path below gives the clear Python error
+        # or picks another backend.
+        try:
+            if input.dim() == 2:
+                h, c = hx
+                hy, cy, _ = _cell_op_raw(input, h, c, w_ih, w_hh, b_ih, b_hh)
+                return hy, cy
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
+            pass
+    _check_tensor(input, "input", (1, 2))
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError("hx must be a tuple (h, c)")
+    h, c = hx
+    H, P = _check_weights(input, w_ih, w_hh, b_ih, b_hh, None, input.shape[-1])
+    unbatched = input.dim() == 1
+    want = (H,) if unbatched else (input.shape[0], H)
+    _check_state(h, "hx[0] (h)", want, input)
+    _check_state(c, "hx[1] (c)", want, input)
+    if unbatched:
+        input, h, c = input.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
+    name = _select("lstm_cell", "lstm_cell_fwd", backend, input)
+    if name == "reference":
+        hy, cy = lstm_cell_reference(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    elif name == "triton":
+        hy, cy = _triton().lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    else:
+        hy, cy, _ = _cell_op(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    if unbatched:
+        hy, cy = hy.squeeze(0), cy.squeeze(0)
+    return hy, cy
+
+
+def _lengths_tensor(lengths, T: int, B: int) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths)
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (B,):
+        raise ValueError(f"lengths must be {B} integers (one per batch row), got {lengths.dtype} {tuple(lengths.shape)}")
+    lengths = lengths.to(device="cpu", dtype=torch.int64)
+    if B > 0 and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise ValueError(f"lengths must lie in [1, seq_len={T}], got {lengths.tolist()}")
+    if bool((lengths == T).all()):
+        return None  # every row runs every step: the plain (faster) path
+    return lengths
+
+
+def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+         b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None, *,
+         reverse: bool = False, lengths: Union[Tensor, Sequence[int], None] = None,
+         backend: Optional[str] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One LSTM layer in one direction over a whole sequence, all steps in one native call.
+
+    ``input (T, B, I)``; ``hx = (h0 (B, P), c0 (B, H))`` or None for zeros; ``w_ih (4H, I)``,
+    ``w_hh (4H, P)``, ``w_hr (P, H)`` (``proj_size``; None: ``P = H``). ``reverse=True`` runs from the
+    last step to the first. ``lengths`` (B,): row b runs steps ``t < lengths[b]`` only (state frozen
+    after, output 0 there; in reverse each row starts at its own last step), as for a PackedSequence.
+    Returns ``(output (T, B, P), (h_n, c_n))``.
+    """
+    _check_tensor(input, "input", (3,))
+    T, B, I = input.shape
+    if T == 0:
+        raise ValueError("input must have at least one time step")
+    H, P = _check_weights(input, w_ih, w_hh, b_ih, b_hh, w_hr, I)
+    if hx is None:
+        h0 = input.new_zeros((B, P))
+        c0 = input.new_zeros((B, H))
+    else:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("hx must be a tuple (h0, c0) or None")
+        h0, c0 = hx
+        _check_state(h0, "hx[0] (h0)", (B, P), input)
+        _check_state(c0, "hx[1] (c0)", (B, H), input)
+    lengths = _lengths_tensor(lengths, T, B)
+    name = _select("lstm", "lstm_layer_fwd", backend, input)
+    if name == "reference":
+        out, h_n, c_n = lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+    elif name == "triton":
+        out, h_n, c_n = _triton().lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+    else:
+        out, h_n, c_n, *_ = _layer_op(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), lengths)
+    return out, (h_n, c_n)

@@ -1,0 +1,737 @@
+"""Fused attention in Triton: forward (online softmax) and backward (Δ preprocess, dK/dV, dQ).
+
+Implements the native contract of :mod:`fastattn.ops.attention` (see its docstring): q ``(B, Hq, L, E)``,
+k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)``, GQA, an additive bias with arbitrary strides, the
+window/causal rule, softcap, hash-based dropout, ``lse`` float32 with ``+inf`` for empty rows.
+
+Blocking (the Triton fused-attention tutorial's, without its shortcuts):
+
+* forward: one program per (query block of BLOCK_M rows, batch·query head). It walks the key
+  blocks of BLOCK_N keys that the window/causal rule lets the block see (hidden blocks are never
+  visited), keeping a running max ``m``, sum ``l`` and output ``acc`` in fp32 (online softmax);
+  scores live in the log2 domain (``scale·log2(e)`` folded in) so ``exp2`` does the exponentials.
+  Boundary rows/keys and padded head dims are masked loads, so any L, S, E, Ev work. Only edge
+  tiles (crossing S or the window's edge) pay for masks: the tiles every row fully sees run a
+  mask-free copy of the loop (the tutorial's split of causal work, generalised to windows).
+* backward: ``Δ = rowsum(dO∘O)`` per row (preprocess); then one program per (key block, batch·KV
+  head) recomputes ``P = exp2(s - lse)`` for every query head of its GQA group and every query
+  block that sees the key block and accumulates dK, dV in registers (no atomics); and one program
+  per (query block, batch·query head) accumulates dQ the same way over key blocks.
+
+On a GPU the block sizes are autotuned; under ``TRITON_INTERPRET=1`` (CPU tensors, the tests here)
+one small fixed config is used and every load is cast to fp32 (the interpreter has no bf16 math).
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["triton_attention_fwd", "triton_attention_bwd"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# Small device helpers shared by the kernels.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 (wrapping multiplies): the hash of ``fastattn.ops.attention._mix32``."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _dropout_keep(seed, row0, offs_m, offs_n, thresh_signed):
+    """Bool (BLOCK_M, BLOCK_N): ``mix(mix(mix(seed) ^ row) ^ j) >= threshold`` as unsigned 32-bit.
+
+    row = ``row0 + i`` with ``row0 = (b*Hq + h)*L``, taken mod 2**32. The unsigned comparison is done
+    on signed ints with the top bit flipped (order preserving), so no 64-bit promotion can creep in.
+    """
+    seed_h = _mix32(seed.to(tl.int64).to(tl.uint32))
+    row = (row0 + offs_m.to(tl.int64)).to(tl.uint32)
+    x = _mix32(seed_h ^ row)
+    x = _mix32(x[:, None] ^ offs_n.to(tl.uint32)[None, :])
+    return (x ^ 0x80000000).to(tl.int32, bitcast=True) >= thresh_signed
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2/(e^{2x} + 1): exact limits ±1 for large |x| (no NaN), fine precision for scores.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _scores(qk, bias_ptrs, offs_m, offs_n, L, S, scale, softcap, window_left, window_right, diag_offset,
+            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+            MASKED: tl.constexpr):
+    """Raw ``q·k`` tile -> scores in the log2 domain, and tanh for softcap's grad.
+
+    ``s = scale·qk``; softcap: ``s = c·tanh(s/c)``; ``+ bias``. On an edge tile (MASKED) keys past S or
+    hidden by the window rule become -inf; an interior tile is visible everywhere by construction.
+    """
+    if HAS_SOFTCAP:
+        t = _tanh(qk * (scale / softcap))
+        s2 = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk  # unused
+        s2 = qk * (scale * 1.4426950408889634)
+    if HAS_BIAS:
+        if MASKED:
+            bmask = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+        else:
+            bmask = (offs_m[:, None] < L) & (offs_n[None, :] >= 0)
+        s2 += tl.load(bias_ptrs, mask=bmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        visible = offs_n[None, :] < S
+        if HAS_WL:
+            visible = visible & (offs_n[None, :] >= offs_m[:, None] + (diag_offset - window_left))
+        if HAS_WR:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + (diag_offset + window_right))
+        s2 = tl.where(visible, s2, float("-inf"))
+    return s2, t
+
+
+@triton.jit
+def _key_ranges(m0, S, window_left, window_right, diag_offset,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Key blocks for the query rows [m0, m0+BLOCK_M): ``lo <= full_lo, full_hi <= hi``.
+
+    Keys in [lo, hi) may be seen by some row (blocks outside are skipped); keys in [full_lo, full_hi)
+    are seen by every row and are < S (those tiles need no mask). full_lo/full_hi are block aligned.
+    """
+    lo = m0 * 0  # tensors, not constants, so both branches have one type
+    hi = m0 * 0 + S
+    full_lo = m0 * 0
+    full_hi = m0 * 0 + S
+    if HAS_WL:  # row i sees j >= i + diag - left
+        lo = tl.minimum(tl.maximum(m0 + diag_offset - window_left, 0), S)
+        full_lo = tl.maximum(m0 + BLOCK_M - 1 + diag_offset - window_left, 0)
+    if HAS_WR:  # row i sees j <= i + diag + right
+        hi = tl.maximum(tl.minimum(m0 + BLOCK_M + diag_offset + window_right, S), 0)
+        full_hi = tl.maximum(tl.minimum(m0 + diag_offset + window_right + 1, S), 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_ranges(n0, L, S, window_left, window_right, diag_offset,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Query blocks for the keys [n0, n0+BLOCK_N), as :func:`_key_ranges` (row i sees key j iff
+    ``j - diag - right <= i <= j - diag + left``); [full_lo, full_hi) rows are < L and see every key,
+    and a key block running past S has no interior."""
+    lo = n0 * 0
+    hi = n0 * 0 + L
+    full_lo = n0 * 0
+    full_hi = n0 * 0 + L
+    if HAS_WR:
+        lo = tl.minimum(tl.maximum(n0 - diag_offset - window_right, 0), L)
+        full_lo = tl.maximum(n0 + BLOCK_N - 1 - diag_offset - window_right, 0)
+    if HAS_WL:
+        hi = tl.maximum(tl.minimum(n0 + BLOCK_N - diag_offset + window_left, L), 0)
+        full_hi = tl.maximum(tl.minimum(n0 - diag_offset + window_left + 1, L), 0)
+    if n0 + BLOCK_N > S:
+        full_hi = full_hi * 0
+    lo = (lo // BLOCK_M) * BLOCK_M
+    full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+    full_hi = (full_hi // BLOCK_M) * BLOCK_M
+    return lo, full_lo, full_hi, hi
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, n_start, n_end,
+               sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+               seed, row0, drop_thresh, keep_scale,
+               E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over the key tiles [n_start, n_end) (block aligned start)."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n[:, None] < S
+        else:
+            n_ok = offs_n[:, None] >= 0
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :], mask=n_ok & (offs_e[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :], mask=n_ok & (offs_ev[None, :] < Ev),
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, _ = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
+                        scale, softcap, window_left, window_right, diag_offset,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, MASKED)
+        # a row that has seen nothing yet keeps m = -inf; its exponentials are taken against 0.
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])
+def _attn_fwd(Q, K, V, Bias, Out, Lse,
+              sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
+              Hq, Hkv, L, S, E, Ev, L_BUCKET, S_BUCKET,
+              scale, softcap, window_left, window_right, diag_offset,
+              seed, drop_thresh, keep_scale,
+              E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // (Hq // Hkv)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sql + offs_e[None, :],
+                mask=(offs_m[:, None] < L) & (offs_e[None, :] < E), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    row0 = bh.to(tl.int64) * L
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, EV_PAD], tl.float32)
+    # edge tiles before the interior, the interior without masks, edge tiles after it
+    lo, full_lo, full_hi, hi = _key_ranges(m0, S, window_left, window_right, diag_offset,
+                                           BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, lo, tl.minimum(full_lo, hi),
+                               sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right,
+                               diag_offset, seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, full_lo, full_hi,
+                               sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right,
+                               diag_offset, seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, False)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, tl.maximum(full_hi, full_lo),
+                               hi, sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right,
+                               diag_offset, seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
+
+    empty = l_i == 0.0  # nothing visible: output 0, lse +inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out_ptrs = Out + bh.to(tl.int64) * L * Ev + offs_m[:, None] * Ev + offs_ev[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < L) & (offs_ev[None, :] < Ev))
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: Δ = rowsum(dO∘O), then dK/dV per key block, then dQ per query block.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_delta(Out, DO, Delta, sob, soh, sol, sdb, sdh, sdl, Hq, L, Ev,
+                    EV_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, EV_PAD)
+    mask = (offs_m[:, None] < L) & (offs_ev[None, :] < Ev)
+    o = tl.load(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * sol + offs_ev[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdl + offs_ev[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n, m_start, m_end,
+                sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                seed, row0, drop_thresh, keep_scale,
+                E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV contributions of the query tiles [m_start, m_end) of one query head."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = offs_m < L
+        else:
+            row_ok = offs_m >= 0
+        q = tl.load(q_base + offs_m[:, None] * sql + offs_e[None, :],
+                    mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdl + offs_ev[None, :],
+                     mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(lse_base + offs_m * sll, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, t = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
+                        scale, softcap, window_left, window_right, diag_offset,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, MASKED)
+        p = tl.exp2(s2 - lse2[:, None])  # hidden keys and empty rows (lse = +inf) give 0
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
+            p_drop = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        else:
+            p_drop = p
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])
+def _attn_bwd_dkdv(Q, K, V, Bias, DO, Lse, Delta, DK, DV,
+                   sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
+                   sdb, sdh, sdl, slb, slh, sll,
+                   Hq, Hkv, L, S, E, Ev, L_BUCKET, S_BUCKET,
+                   scale, softcap, window_left, window_right, diag_offset,
+                   seed, drop_thresh, keep_scale,
+                   E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    group = Hq // Hkv
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    n_ok = offs_n[:, None] < S
+
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * sks + offs_e[None, :],
+                mask=n_ok & (offs_e[None, :] < E), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svs + offs_ev[None, :],
+                mask=n_ok & (offs_ev[None, :] < Ev), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, E_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, EV_PAD], tl.float32)
+
+    lo, full_lo, full_hi, hi = _query_ranges(n0, L, S, window_left, window_right, diag_offset,
+                                             BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    for g in range(0, group):  # the query heads sharing this KV head: summed here, no atomics
+        h = hk * group + g
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        lse_base = Lse + b.to(tl.int64) * slb + h.to(tl.int64) * slh
+        bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+        row0 = (b * Hq + h).to(tl.int64) * L
+        delta_base = Delta + row0
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n,
+                             lo, tl.minimum(full_lo, hi), sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale, softcap,
+                             window_left, window_right, diag_offset, seed, row0, drop_thresh, keep_scale,
+                             E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST,
+                             DOT_PRECISION, BLOCK_M, True)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n,
+                             full_lo, full_hi, sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale, softcap,
+                             window_left, window_right, diag_offset, seed, row0, drop_thresh, keep_scale,
+                             E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT, UPCAST,
+                             DOT_PRECISION, BLOCK_M, False)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, offs_n,
+                             tl.maximum(full_hi, full_lo), hi, sql, sdl, sll, sbl, sbs, L, S, E, Ev, scale,
+                             softcap, window_left, window_right, diag_offset, seed, row0, drop_thresh,
+                             keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, HAS_DROPOUT,
+                             UPCAST, DOT_PRECISION, BLOCK_M, True)
+
+    dk_ptrs = DK + bhk.to(tl.int64) * S * E + offs_n[:, None] * E + offs_e[None, :]
+    dv_ptrs = DV + bhk.to(tl.int64) * S * Ev + offs_n[:, None] * Ev + offs_ev[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_e[None, :] < E))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok & (offs_ev[None, :] < Ev))
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, n_start, n_end,
+              sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+              seed, row0, drop_thresh, keep_scale,
+              E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """dQ contributions of the key tiles [n_start, n_end)."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = offs_n[:, None] < S
+        else:
+            n_ok = offs_n[:, None] >= 0
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_e[None, :], mask=n_ok & (offs_e[None, :] < E), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_ev[None, :], mask=n_ok & (offs_ev[None, :] < Ev),
+                    other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s2, t = _scores(qk, bias_base + offs_m[:, None] * sbl + offs_n[None, :] * sbs, offs_m, offs_n, L, S,
+                        scale, softcap, window_left, window_right, diag_offset,
+                        HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR, MASKED)
+        p = tl.exp2(s2 - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m, offs_n, drop_thresh)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        ds = ds * scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed", "drop_thresh"])
+def _attn_bwd_dq(Q, K, V, Bias, DO, Lse, Delta, DQ,
+                 sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
+                 sdb, sdh, sdl, slb, slh, sll,
+                 Hq, Hkv, L, S, E, Ev, L_BUCKET, S_BUCKET,
+                 scale, softcap, window_left, window_right, diag_offset,
+                 seed, drop_thresh, keep_scale,
+                 E_PAD: tl.constexpr, EV_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // (Hq // Hkv)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    row_ok = offs_m < L
+
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sql + offs_e[None, :],
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdl + offs_ev[None, :],
+                 mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(Lse + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * sll,
+                   mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    row0 = bh.to(tl.int64) * L
+    dq = tl.zeros([BLOCK_M, E_PAD], tl.float32)
+
+    lo, full_lo, full_hi, hi = _key_ranges(m0, S, window_left, window_right, diag_offset,
+                                           BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, lo, tl.minimum(full_lo, hi),
+                   sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                   seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR,
+                   HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, full_lo, full_hi,
+                   sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                   seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR,
+                   HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, False)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, bias_base, offs_m, tl.maximum(full_hi, full_lo), hi,
+                   sks, svs, sbl, sbs, L, S, E, Ev, scale, softcap, window_left, window_right, diag_offset,
+                   seed, row0, drop_thresh, keep_scale, E_PAD, EV_PAD, HAS_BIAS, HAS_SOFTCAP, HAS_WL, HAS_WR,
+                   HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, True)
+
+    dq_ptrs = DQ + bh.to(tl.int64) * L * E + offs_m[:, None] * E + offs_e[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configs: autotuned on a GPU, one small fixed config in the interpreter.
+# --------------------------------------------------------------------------------------------
+# The kernels take L_BUCKET/S_BUCKET (lengths rounded up to a power of two) only to key the tuning on
+# them: one tuning per length bucket and feature set, not one per length. Triton adds the dtypes.
+_KEY = ["E_PAD", "EV_PAD", "L_BUCKET", "S_BUCKET", "HAS_BIAS", "HAS_WL", "HAS_WR", "HAS_DROPOUT"]
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head size: the bigger the head, the smaller the
+# tiles (registers: an fp32 accumulator of BLOCK x head per program; shared memory: the staged K/V tiles).
+# fp32 input (exact "ieee" dots) needs far more shared memory per tile: its own, smaller lists
+# (checked by compiling for sm_80, 163 KiB; the autotuner skips a config that does not fit).
+# forward: BLOCK_M query rows held, BLOCK_N keys streamed.
+_FWD_SHAPES = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+    256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    "fp32-64": [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)],
+    "fp32-128": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 1)],
+    "fp32-256": [(32, 32, 4, 1), (16, 32, 4, 1)],
+}
+# dK/dV: BLOCK_N key rows held (dK, dV accumulators), BLOCK_M query rows streamed.
+_DKDV_SHAPES = {
+    64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+    128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
+    256: [(16, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+    "fp32-64": [(32, 64, 4, 1), (32, 32, 4, 2), (16, 64, 4, 2)],
+    "fp32-128": [(16, 32, 4, 2), (32, 32, 4, 1), (16, 64, 4, 1)],
+    "fp32-256": [(16, 32, 4, 1), (16, 16, 4, 1)],
+}
+# dQ: BLOCK_M query rows held, BLOCK_N keys streamed.
+_DQ_SHAPES = {
+    64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    "fp32-64": [(64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 1)],
+    "fp32-128": [(32, 32, 4, 2), (64, 32, 4, 1), (16, 32, 4, 2)],
+    "fp32-256": [(32, 32, 4, 1), (16, 32, 4, 1)],
+}
+
+
+def _head_class(e_pad: int, ev_pad: int, dtype: torch.dtype):
+    d = max(e_pad, ev_pad)
+    cls = 64 if d <= 64 else 128 if d <= 128 else 256
+    return f"fp32-{cls}" if dtype == torch.float32 else cls
+
+
+if _INTERPRET:
+    def _kernel(kernel, shapes, meta, dtype):
+        return kernel
+    _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16}
+else:
+    # one autotuner per (kernel, head-size class), each with its own short config list (no pruning
+    # callbacks, which torch.compile would have to trace).
+    _TUNED = {}
+
+    def _kernel(kernel, shapes, meta, dtype):
+        cls = _head_class(meta["E_PAD"], meta["EV_PAD"], dtype)
+        key = (kernel, cls)
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(_configs(shapes[cls]), key=_KEY)(kernel)
+        return _TUNED[key]
+    _FIXED = {}
+_DELTA_BLOCK_M = 16 if _INTERPRET else 64
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: argument preparation shared by forward and backward.
+# --------------------------------------------------------------------------------------------
+def _pad(n: int) -> int:
+    """Head size padded to a power of two >= 16 (tl.arange and tl.dot need it); the pad is masked."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _bucket(n: int) -> int:
+    """Lengths rounded up to a power of two: the autotune key (one tuning per bucket, not per length)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _dropout_args(dropout_p: float, seed: int):
+    """(seed, threshold as a top-bit-flipped int32, 1/(1-p)) for the kernels' keep test."""
+    if dropout_p <= 0.0:
+        return 0, 0, 1.0
+    thresh = min(int(dropout_p * 4294967296.0), _M32)
+    return int(seed), thresh - 2**31, 1.0 / (1.0 - dropout_p)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor]) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton attention: q must be float16, bfloat16 or float32, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"triton attention: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("triton attention: q, k, v must be 4-D (B, H, L, E)")
+    B, Hq, L, E = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or k.shape[3] != E:
+        raise ValueError(f"triton attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "do not fit (B, Hq, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"triton attention: query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if max(E, v.shape[3]) > 256:
+        raise ValueError(f"triton attention: head size {max(E, v.shape[3])} > 256")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"triton attention: {name} must have a contiguous last dim (stride 1)")
+    if attn_bias is not None and not attn_bias.is_floating_point():
+        raise TypeError(f"triton attention: attn_bias must be a floating-point additive bias, got {attn_bias.dtype}")
+    if attn_bias is not None and tuple(attn_bias.shape) != (B, Hq, L, k.shape[2]):
+        raise ValueError(f"triton attention: attn_bias must have shape {(B, Hq, L, k.shape[2])}, "
+                         f"got {tuple(attn_bias.shape)}")
+
+
+def _common(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed):
+    """Kernel arguments (after the pointers) shared by the forward, dK/dV and dQ kernels."""
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    bias_strides = attn_bias.stride() if attn_bias is not None else (0, 0, 0, 0)
+    drop_seed, drop_thresh, keep_scale = _dropout_args(dropout_p, seed)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2)) + tuple(bias_strides)
+    scalars = (Hq, Hkv, L, S, E, Ev, _bucket(L), _bucket(S), float(scale), float(softcap), int(window_left),
+               int(window_right), int(diag_offset), drop_seed, drop_thresh, keep_scale)
+    meta = dict(E_PAD=_pad(E), EV_PAD=_pad(Ev), HAS_BIAS=attn_bias is not None, HAS_SOFTCAP=softcap > 0,
+                HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, HAS_DROPOUT=dropout_p > 0,
+                UPCAST=_INTERPRET, DOT_PRECISION="ieee" if (q.dtype == torch.float32 or _INTERPRET) else "tf32", **_FIXED)
+    return strides, scalars, meta
+
+
+# --------------------------------------------------------------------------------------------
+# The ops (triton_op + wrap_triton so torch.compile traces into the kernels).
+# --------------------------------------------------------------------------------------------
+if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+    _wrap = torch.library.wrap_triton
+
+    def _define(name):
+        return torch.library.triton_op(name, mutates_args=())
+    _NEEDS_FAKE = False  # triton_op registers the body itself as the fake kernel
+else:  # torch < 2.6: an opaque custom op calling the kernels directly
+    def _wrap(kernel):
+        return kernel
+
+    def _define(name):
+        return torch.library.custom_op(name, mutates_args=())
+    _NEEDS_FAKE = True
+
+
+@_define("fastattn::triton_attention_fwd")
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropout_p: float, scale: float,
+            window_left: int, window_right: int, diag_offset: int, softcap: float,
+            seed: int) -> Tuple[Tensor, Tensor]:
+    _check(q, k, v, attn_bias)
+    B, Hq, L, _ = q.shape
+    Ev = v.shape[3]
+    out = torch.empty((B, Hq, L, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    if B * Hq * L == 0:
+        return out, lse
+    strides, scalars, meta = _common(q, k, v, attn_bias, dropout_p, scale, window_left, window_right,
+                                     diag_offset, softcap, seed)
+    bias = attn_bias if attn_bias is not None else q  # never read when HAS_BIAS is False
+
+    def grid(m):
+        return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
+    kernel = _kernel(_attn_fwd, _FWD_SHAPES, meta, q.dtype)
+    _wrap(kernel)[grid](q, k, v, bias, out, lse, *strides, *scalars, **meta)
+    return out, lse
+
+
+@_define("fastattn::triton_attention_bwd")
+def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+            attn_bias: Optional[Tensor], dropout_p: float, scale: float, window_left: int, window_right: int,
+            diag_offset: int, softcap: float, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+    _check(q, k, v, attn_bias)
+    B, Hq, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty((B, Hq, L, E), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, S, E), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, S, Ev), dtype=v.dtype, device=q.device)
+    if B * Hkv * S * L == 0 or Ev == 0 or E == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    strides, scalars, meta = _common(q, k, v, attn_bias, dropout_p, scale, window_left, window_right,
+                                     diag_offset, softcap, seed)
+    bias = attn_bias if attn_bias is not None else q
+    do_strides = (grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    lse_strides = (lse.stride(0), lse.stride(1), lse.stride(2))
+
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    _wrap(_attn_bwd_delta)[(triton.cdiv(L, _DELTA_BLOCK_M), B * Hq)](
+        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), *do_strides, Hq, L, Ev,
+        EV_PAD=meta["EV_PAD"], BLOCK_M=_DELTA_BLOCK_M)
+
+    def grid_kv(m):
+        return (triton.cdiv(S, m["BLOCK_N"]), B * Hkv)
+    kernel = _kernel(_attn_bwd_dkdv, _DKDV_SHAPES, meta, q.dtype)
+    _wrap(kernel)[grid_kv](q, k, v, bias, grad_out, lse, delta, dk, dv, *strides, *do_strides,
+                           *lse_strides, *scalars, **meta)
+
+    def grid_q(m):
+        return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
+    kernel = _kernel(_attn_bwd_dq, _DQ_SHAPES, meta, q.dtype)
+    _wrap(kernel)[grid_q](q, k, v, bias, grad_out, lse, delta, dq, *strides, *do_strides,
+                          *lse_strides, *scalars, **meta)
+    return dq, dk, dv
+
+
+if _NEEDS_FAKE:
+    @_fwd_op.register_fake
+    def _(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed):
+        B, Hq, L, _ = q.shape
+        return q.new_empty((B, Hq, L, v.shape[3])), q.new_empty((B, Hq, L), dtype=torch.float32)
+
+    @_bwd_op.register_fake
+    def _(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
+          softcap, seed):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_bias, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_bias)
+    ctx.params = params
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # lse is a statistic for the caller (fastattn hands it out detached): its gradient is not propagated.
+    q, k, v, out, lse, attn_bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_bias, *ctx.params)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropout_p: float,
+                         scale: float, window_left: int, window_right: int, diag_offset: int, softcap: float,
+                         seed: int) -> Tuple[Tensor, Tensor]:
+    """``fastattn::triton_attention_fwd``: (out, lse) by the native contract; differentiable in q, k, v."""
+    return _fwd_op(q, k, v, attn_bias, float(dropout_p), float(scale), int(window_left), int(window_right),
+                   int(diag_offset), float(softcap), int(seed))
+
+
+def triton_attention_bwd(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right,
+                         diag_offset, softcap, seed) -> Tuple[Tensor, Tensor, Tensor]:
+    """``fastattn::triton_attention_bwd``: (dq, dk, dv), contiguous."""
+    return _bwd_op(grad_out, q, k, v, out, lse, attn_bias, float(dropout_p), float(scale), int(window_left),
+                   int(window_right), int(diag_offset), float(softcap), int(seed))
