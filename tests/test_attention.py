@@ -416,6 +416,19 @@ def test_return_lse(backend):
     torch.testing.assert_close(lse.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_double_backward_is_refused_not_wrong(backend):
+    prepare(backend, 500)
+    dev = device_of(backend)
+    q, k, v = (torch.randn(1, 2, 9, 16, device=dev, requires_grad=True) for _ in range(3))
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=False)
+    assert gq.shape == q.shape  # first-order gradients work
+    out = fastattn.scaled_dot_product_attention(q, k, v, backend=backend)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+
+
 @needs_native
 def test_cpu_deterministic():
     q, k, v = (torch.randn(2, 4, n, 32, requires_grad=True) for n in (150, 300, 300))

@@ -146,7 +146,8 @@ def _bwd_fake(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_l
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-def _make_autograd(bwd_op):
+def make_attention_autograd(bwd_op):
+    """(setup_context, backward) for an attention forward op whose backward op is ``bwd_op``."""
     def setup_context(ctx, inputs, output):
         q, k, v, attn_bias, *params = inputs
         out, lse = output
@@ -156,6 +157,12 @@ def _make_autograd(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         # lse is handed to users detached (see `attention`), so grad_lse carries nothing.
         q, k, v, out, lse, attn_bias = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, q, k, v)):
+            # backward(create_graph=True): the backward op has no derivative of its own.
+            raise NotImplementedError("fastattn attention: double backward (create_graph=True) is not supported; "
+                                      "use backend='reference' for higher-order gradients")
         dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_bias, *ctx.params)
         return (dq, dk, dv) + (None,) * 8
 
@@ -167,7 +174,7 @@ def _register(fwd_name: str, bwd_name: str):
     bwd = getattr(torch.ops.fastattn, bwd_name)
     torch.library.register_fake(f"fastattn::{fwd_name}")(_fwd_fake)
     torch.library.register_fake(f"fastattn::{bwd_name}")(_bwd_fake)
-    setup_context, backward = _make_autograd(bwd)
+    setup_context, backward = make_attention_autograd(bwd)
     torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
     return fwd
 
@@ -328,7 +335,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     * ``causal_align``: ``"top_left"`` (torch: query i sees keys ``j <= i``) or ``"bottom_right"``
       (flash-attn: the last query sees the last key, ``j <= i + S - L``).
     * ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` before the mask.
-    * ``return_lse=True`` also returns the log-sum-exp ``(..., L)`` (float32; ``-inf`` for a row
+    * ``return_lse=True`` also returns the log-sum-exp ``(..., L)`` (float32, float64 for float64 input; ``-inf`` for a row
       with nothing to attend to), detached.
     * ``seed``: the dropout mask's seed (drawn from torch's generator when None).
     """

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from fastattn.ops.attention import make_attention_autograd
 
 __all__ = ["triton_attention_fwd", "triton_attention_bwd"]
 
@@ -703,22 +704,8 @@ if _NEEDS_FAKE:
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_bias, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_bias)
-    ctx.params = params
-
-
-def _backward(ctx, grad_out, grad_lse):
-    # lse is a statistic for the caller (fastattn hands it out detached): its gradient is not propagated.
-    q, k, v, out, lse, attn_bias = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_bias, *ctx.params)
-    return (dq, dk, dv) + (None,) * 8
-
-
+# The same autograd as the native op (saves q, k, v, out, lse, bias; refuses double backward).
+_setup_context, _backward = make_attention_autograd(_bwd_op)
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
