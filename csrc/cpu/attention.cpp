@@ -48,15 +48,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "int diag_offset, float softcap, int seed) -> (Tensor, Tensor, Tensor)");
 }
 
-extern "C" {
-// Fortran BLAS, exported by libtorch_cpu (MKL). Column-major.
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
+#include "blas.h"
 
 namespace fastattn {
 namespace attn_cpu {

@@ -58,14 +58,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
+#include "blas.h"
 
 namespace fastattn {
 namespace conv2d_cpu {

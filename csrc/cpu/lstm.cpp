@@ -59,15 +59,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
 }
 
-// The Fortran BLAS exported by libtorch_cpu (MKL / OpenBLAS), LP64 integers.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-}
+#include "blas.h"
 
 namespace fastattn {
 namespace {
