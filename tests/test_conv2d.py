@@ -448,3 +448,19 @@ def test_gpu_opcheck_and_fused_pool():
                           (torch.randn_like(out), x, w, pre, [1, 1], [1, 1, 1, 1], [1, 1], 1, 3, [True, True, True]))
     ref = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2)
     torch.testing.assert_close(conv2d_relu_maxpool2d(x, w, b, padding=1, backend="cuda"), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused_pool", [False, True])
+def test_double_backward_is_refused_not_wrong(fused_pool):
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        if fused_pool:
+            return conv2d_relu_maxpool2d(x, w, None, backend="cpu")
+        return conv2d(x, w, activation="silu", backend="cpu")
+
+    (gx,) = torch.autograd.grad(run().square().sum(), x)  # first order works
+    assert gx.shape == x.shape
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(run().square().sum(), x, create_graph=True)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
+from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["scaled_dot_product_attention", "attention", "attention_reference", "dropout_keep_mask"]
 
@@ -159,10 +160,7 @@ def make_attention_autograd(bwd_op):
         q, k, v, out, lse, attn_bias = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, q, k, v)):
-            # backward(create_graph=True): the backward op has no derivative of its own.
-            raise NotImplementedError("fastattn attention: double backward (create_graph=True) is not supported; "
-                                      "use backend='reference' for higher-order gradients")
+        refuse_double_backward("attention", grad_out, q, k, v)
         dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_bias, *ctx.params)
         return (dq, dk, dv) + (None,) * 8
 

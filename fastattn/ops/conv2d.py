@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
+from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["conv2d", "conv2d_relu_maxpool2d", "conv2d_reference", "ACTIVATIONS"]
 
@@ -126,6 +127,7 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad_out, grad_pre):
     x, w, saved = ctx.saved_tensors
+    refuse_double_backward("conv2d", grad_out, x, w)
     stride, padding, dilation, groups, activation = ctx.params
     if activation in (2, 3) and saved.numel() == 0:
         raise RuntimeError("fastattn.conv2d: backward through gelu/silu needs the forward run with save_preact=True")
@@ -145,6 +147,7 @@ def _pool_setup(ctx, inputs, output):
 
 def _pool_backward(ctx, grad_out, grad_indices):
     x, w, out, indices = ctx.saved_tensors
+    refuse_double_backward("conv2d_relu_maxpool2d", grad_out, x, w)
     if indices.numel() == 0 and out.numel() != 0:
         raise RuntimeError("fastattn.conv2d_relu_maxpool2d: backward needs the forward run with save_indices=True")
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]

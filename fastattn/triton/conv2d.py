@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastattn.ops._autograd import refuse_double_backward
+
 try:
     from torch.library import triton_op, wrap_triton
 except ImportError:  # torch < 2.6: a plain custom op that launches the kernels itself
@@ -273,6 +275,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_pre):
     x, w, saved = ctx.saved_tensors
+    refuse_double_backward("conv2d (triton)", grad_out, x, w)
     stride, padding, dilation, groups, activation = ctx.params
     if activation in (2, 3) and saved.numel() == 0:
         raise RuntimeError("fastattn.conv2d (triton): backward through gelu/silu needs save_preact=True")
