@@ -9,7 +9,7 @@ Every functional op takes ``backend="auto" | "cpu" | "cuda" | "triton" | "refere
 from fastattn import _ext  # noqa: F401  (loads the native ops)
 from fastattn.backend import BACKENDS, get_backend, set_backend
 from fastattn.info import info
-from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.attention import attention, attention_varlen, scaled_dot_product_attention
 from fastattn.ops.conv2d import conv2d, conv2d_relu_maxpool2d
 from fastattn.ops.lstm import lstm, lstm_cell
 from fastattn.ops.optim import adam_step_, sgd_step_
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "info",
-    "attention", "scaled_dot_product_attention",
+    "attention", "attention_varlen", "scaled_dot_product_attention",
     "conv2d", "conv2d_relu_maxpool2d",
     "lstm", "lstm_cell",
     "sgd_step_", "adam_step_",

@@ -36,7 +36,7 @@ from torch import Tensor
 from fastattn import _ext, backend as _backend
 from fastattn.ops._autograd import refuse_double_backward
 
-__all__ = ["scaled_dot_product_attention", "attention", "attention_reference", "dropout_keep_mask"]
+__all__ = ["scaled_dot_product_attention", "attention", "attention_varlen", "attention_reference", "dropout_keep_mask"]
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _M32 = 0xFFFFFFFF
@@ -381,3 +381,64 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError("pass either attn_mask or is_causal=True, not both (as torch requires)")
     return attention(query, key, value, attn_mask, dropout_p, causal=is_causal, scale=scale,
                      enable_gqa=enable_gqa, backend=backend)
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> List[int]:
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of batch+1 offsets, got "
+                         f"{tuple(cu.shape) if isinstance(cu, Tensor) else type(cu).__name__}"
+                         f"{' ' + str(cu.dtype) if isinstance(cu, Tensor) else ''}")
+    offsets = [int(x) for x in cu.tolist()]
+    if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] != total:
+        raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, got {offsets}")
+    return offsets
+
+
+def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                     dropout_p: float = 0.0, causal: bool = False, scale: Optional[float] = None, *,
+                     window_size: Sequence[int] = (-1, -1), causal_align: str = "bottom_right",
+                     softcap: float = 0.0, return_lse: bool = False, seed: Optional[int] = None,
+                     backend: Optional[str] = None):
+    """Attention over a packed batch of variable-length sequences (flash-attn's varlen convention).
+
+    ``query`` ``(total_q, Hq, E)``, ``key``/``value`` ``(total_k, Hkv, E|Ev)``; sequence ``i`` is rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of query and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of key/value.
+    ``Hq != Hkv`` is grouped-query attention. Causal masks align bottom-right by default, as flash-attn's.
+    Returns ``(total_q, Hq, Ev)`` (and the lse ``(total_q, Hq)`` with ``return_lse``).
+
+    Today this runs the fused kernel once per sequence (correct and differentiable, but with per-sequence
+    launch cost); ``max_seqlen_q/k`` are checked when given.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a packed (total, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    oq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0])
+    ok = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0])
+    if len(oq) != len(ok):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {len(oq) - 1} and {len(ok) - 1} sequences")
+    lens_q = [b - a for a, b in zip(oq, oq[1:])]
+    lens_k = [b - a for a, b in zip(ok, ok[1:])]
+    if max_seqlen_q is not None and max(lens_q) > max_seqlen_q:
+        raise ValueError(f"a query sequence has {max(lens_q)} rows > max_seqlen_q={max_seqlen_q}")
+    if max_seqlen_k is not None and max(lens_k) > max_seqlen_k:
+        raise ValueError(f"a key sequence has {max(lens_k)} rows > max_seqlen_k={max_seqlen_k}")
+    if seed is None:
+        seed = _draw_seed(dropout_p)
+    gqa = query.shape[1] != key.shape[1]
+    outs, lses = [], []
+    for i in range(len(lens_q)):
+        q = query[oq[i]:oq[i + 1]].transpose(0, 1)  # (Hq, Lq, E): heads at dim -3
+        k = key[ok[i]:ok[i + 1]].transpose(0, 1)
+        v = value[ok[i]:ok[i + 1]].transpose(0, 1)
+        res = attention(q, k, v, None, dropout_p, causal=causal, scale=scale, enable_gqa=gqa, window_size=window_size,
+                        causal_align=causal_align, softcap=softcap, return_lse=return_lse,
+                        seed=(seed + i) & 0x7FFFFFFF, backend=backend)
+        out, lse = res if return_lse else (res, None)
+        outs.append(out.transpose(0, 1))
+        if return_lse:
+            lses.append(lse.transpose(0, 1))
+    out = torch.cat(outs, dim=0)
+    return (out, torch.cat(lses, dim=0)) if return_lse else out
+
