@@ -46,7 +46,8 @@ pytest: build
 	FASTATTN_EXPECT_CUDA_BUILD=$$(command -v nvcc >/dev/null && [ "$${FASTATTN_SKIP_CUDA:-0}" != 1 ] && echo 1 || echo 0) \
 	    $(PY) -m pytest tests -q -p no:cacheprovider
 
-test: pytest cmake-test
+# cmake-test first, so the run closes on pytest's summary line.
+test: cmake-test pytest
 
 cmake-test: venv
 	cmake -S . -B build-cmake -G Ninja $$($(PY) tools/cuda_env.py cmake) > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
