@@ -138,3 +138,14 @@ def test_reference_backend_matches_torch(causal):
     ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend="reference")
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_bench_cli(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "fastattn", "bench", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no benchmark 'nope'" in bad.stderr and "attention" in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "fastattn", "bench", "optim", "--quick", "--out", str(tmp_path)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    table = (tmp_path / "optim.md").read_text()
+    assert "torch fused" in table and "fastattn" in table
+    assert (tmp_path / "optim.png").stat().st_size > 0
