@@ -116,25 +116,28 @@ def _masked(grads, mask):
     return tuple(g if m else None for g, m in zip(grads, mask))
 
 
-def _fwd_setup(ctx, inputs, output):
-    x, w, b, stride, padding, dilation, groups, activation, save_preact = inputs
-    out, pre = output
-    saved = out if activation == 1 else pre if activation in (2, 3) else None
-    ctx.save_for_backward(x, w, saved)
-    ctx.params = (stride, padding, dilation, groups, activation)
-    ctx.has_bias = b is not None
+def make_conv2d_autograd(bwd_op, what: str):
+    """(setup_context, backward) for a conv2d forward op whose backward op is ``bwd_op``."""
 
+    def setup_context(ctx, inputs, output):
+        x, w, b, stride, padding, dilation, groups, activation, save_preact = inputs
+        out, pre = output
+        saved = out if activation == 1 else pre if activation in (2, 3) else None
+        ctx.save_for_backward(x, w, saved)
+        ctx.params = (stride, padding, dilation, groups, activation)
+        ctx.has_bias = b is not None
 
-def _fwd_backward(ctx, grad_out, grad_pre):
-    x, w, saved = ctx.saved_tensors
-    refuse_double_backward("conv2d", grad_out, x, w)
-    stride, padding, dilation, groups, activation = ctx.params
-    if activation in (2, 3) and saved.numel() == 0:
-        raise RuntimeError("fastattn.conv2d: backward through gelu/silu needs the forward run with save_preact=True")
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = torch.ops.fastattn.conv2d_bwd(grad_out.contiguous(), x, w, saved, stride, padding, dilation, groups,
-                                          activation, mask)
-    return _masked(grads, mask) + (None,) * 6
+    def backward(ctx, grad_out, grad_pre):
+        x, w, saved = ctx.saved_tensors
+        refuse_double_backward(what, grad_out, x, w)
+        stride, padding, dilation, groups, activation = ctx.params
+        if activation in (2, 3) and saved.numel() == 0:
+            raise RuntimeError(f"fastattn.{what}: backward through gelu/silu needs the forward run with save_preact=True")
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = bwd_op(grad_out.contiguous(), x, w, saved, stride, padding, dilation, groups, activation, mask)
+        return _masked(grads, mask) + (None,) * 6
+
+    return setup_context, backward
 
 
 def _pool_setup(ctx, inputs, output):
@@ -161,6 +164,7 @@ if _native:
     torch.library.register_fake("fastattn::conv2d_bwd")(_bwd_fake)
     torch.library.register_fake("fastattn::conv2d_relu_maxpool2d_fwd")(_pool_fwd_fake)
     torch.library.register_fake("fastattn::conv2d_relu_maxpool2d_bwd")(_pool_bwd_fake)
+    _fwd_setup, _fwd_backward = make_conv2d_autograd(torch.ops.fastattn.conv2d_bwd, "conv2d")
     torch.library.register_autograd("fastattn::conv2d_fwd", _fwd_backward, setup_context=_fwd_setup)
     torch.library.register_autograd("fastattn::conv2d_relu_maxpool2d_fwd", _pool_backward, setup_context=_pool_setup)
 

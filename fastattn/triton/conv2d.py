@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastattn.ops._autograd import refuse_double_backward
+from fastattn.ops.conv2d import make_conv2d_autograd
 
 try:
     from torch.library import triton_op, wrap_triton
@@ -264,24 +264,6 @@ def triton_conv2d_bwd(grad_out: Tensor, x: Tensor, w: Tensor, saved: Optional[Te
     return dx, dw, db
 
 
-def _setup(ctx, inputs, output):
-    x, w, b, stride, padding, dilation, groups, activation, save_preact = inputs
-    out, pre = output
-    saved = out if activation == 1 else pre if activation in (2, 3) else None
-    ctx.save_for_backward(x, w, saved)
-    ctx.params = (stride, padding, dilation, groups, activation)
-    ctx.has_bias = b is not None
-
-
-def _backward(ctx, grad_out, grad_pre):
-    x, w, saved = ctx.saved_tensors
-    refuse_double_backward("conv2d (triton)", grad_out, x, w)
-    stride, padding, dilation, groups, activation = ctx.params
-    if activation in (2, 3) and saved.numel() == 0:
-        raise RuntimeError("fastattn.conv2d (triton): backward through gelu/silu needs save_preact=True")
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = triton_conv2d_bwd(grad_out.contiguous(), x, w, saved, stride, padding, dilation, groups, activation, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 6
-
-
+# The same autograd as the native op (and the same refusal of double backward).
+_setup, _backward = make_conv2d_autograd(triton_conv2d_bwd, "conv2d (triton)")
 triton_conv2d_fwd.register_autograd(_backward, setup_context=_setup)
