@@ -46,6 +46,17 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
       "Tensor? attn_bias, float dropout_p, float scale, int window_left, int window_right, "
       "int diag_offset, float softcap, int seed) -> (Tensor, Tensor, Tensor)");
+  // Packed variable-length batches (flash-attn's cu_seqlens convention); contract in
+  // fastattn/ops/attention.py.
+  m.def(
+      "attention_varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, "
+      "int window_left, int window_right, bool bottom_right, float softcap, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "attention_varlen_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
+      "float softcap, int seed) -> (Tensor, Tensor, Tensor)");
 }
 
 #include "blas.h"

@@ -24,6 +24,27 @@ Native contract (the same for every backend, so the tests can hold them all to o
   hash of :func:`dropout_keep_mask` (every backend uses the same one, so forward and backward,
   and all backends, drop the same entries).
 * out ``(B, Hq, L, Ev)`` contiguous in q's dtype; grads contiguous, shaped like q, k, v.
+
+Packed variable-length batches (flash-attn's varlen convention), one kernel call for the batch:
+
+    attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                         scale, window_left, window_right, bottom_right, softcap, seed) -> (out, lse)
+    attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, dropout_p, scale, window_left, window_right, bottom_right,
+                         softcap, seed) -> (grad_q, grad_k, grad_v)
+
+* q ``(Tq, Hq, E)``, k ``(Tk, Hkv, E)``, v ``(Tk, Hkv, Ev)`` (last dim contiguous, other strides
+  arbitrary); ``cu_seqlens_q/k`` int32, contiguous, ``(N + 1,)``, on q's device, non-decreasing from 0
+  to Tq / Tk: sequence b is query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` against key rows
+  ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; ``max_seqlen_q/k`` bound every sequence's length (the
+  kernels size their grids with them; the Python wrapper checks them).
+* Within sequence b (Lb query rows, Sb keys) the rules above hold with local indices i, j and
+  ``diag_offset = Sb - Lb`` if ``bottom_right`` else 0. No bias.
+* dropout: entry (b, h, i, j) is kept iff ``hash(seed, h * Tq + cu_seqlens_q[b] + i, j) >= p * 2**32``
+  (the packed row's global index, the key's local index).
+* out ``(Tq, Hq, Ev)`` contiguous in q's dtype; lse ``(Hq, Tq)`` float32 (float64 for float64 input),
+  +inf for rows with nothing visible (and for a sequence with Sb = 0); grads contiguous, shaped like
+  q, k, v.
 """
 from __future__ import annotations
 
