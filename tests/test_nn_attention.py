@@ -219,13 +219,13 @@ def test_mha_is_causal_hint_matches_torch(need_weights, with_kpm, cfg, L, S):
 def test_mha_is_causal_hint_uses_the_causal_kernel(monkeypatch):
     """With the hint and nothing else needing the mask, the kernel gets causal=True and no mask."""
     calls = []
-    real = fattn_module.attention
+    real = fattn_module._attend
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def spy(q, k, v, bias, dropout_p, causal, seed, backend):
+        calls.append(dict(causal=causal, attn_mask=bias))
+        return real(q, k, v, bias, dropout_p, causal, seed, backend)
 
-    monkeypatch.setattr(fattn_module, "attention", spy)
+    monkeypatch.setattr(fattn_module, "_attend", spy)
     ours = fnn.MultiheadAttention(E, H, dtype=DT)
     x = seq(5, 2, E, False)
     ours(x, x, x, attn_mask=fnn.Transformer.generate_square_subsequent_mask(5, dtype=DT),
@@ -359,7 +359,7 @@ def test_mha_never_calls_torch_attention(monkeypatch):
     calls = []
     real = fattn_module.attention
 
-    def spy(*args, **kwargs):
+    def spy(*args, **kwargs):  # the module hands the reference backend to fastattn.attention
         calls.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 

@@ -22,7 +22,9 @@ become one additive bias ``(B|1, H|1, L|1, S')`` handed to the kernel as a float
 """
 from __future__ import annotations
 
+import math
 import warnings
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -32,7 +34,9 @@ from torch.nn import Module, Parameter
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from fastattn import backend as _backend
 from fastattn.backend import BACKENDS
+from fastattn.ops import attention as _attn_ops
 from fastattn.ops.attention import attention, dropout_keep_mask
 
 __all__ = ["MultiheadAttention"]
@@ -53,16 +57,76 @@ def _canonical_mask(mask: Optional[Tensor], name: str, dtype: torch.dtype,
     """bool (True = masked out) or float mask -> float additive mask; None stays None (torch's rules)."""
     if mask is None:
         return None
+    _check_mask_type(mask, name, other, other_name)
+    if mask.dtype == torch.bool:
+        return _bool_to_bias(mask, dtype)
+    return mask
+
+
+def _check_mask_type(mask: Tensor, name: str, other: Optional[Tensor] = None, other_name: str = "") -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise MultiheadAttentionShapeError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
     if other is not None and other.dtype != mask.dtype:
         warnings.warn(f"Support for mismatched {name} and {other_name} is deprecated. "
-                      "Use same type for both instead.", stacklevel=3)
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask
+                      "Use same type for both instead.", stacklevel=4)
+
+
+# The last few bool masks turned into additive float masks. A model hands the same mask object to
+# every layer of a stack (and often the same one step after step), so each is converted once. An
+# entry holds the mask weakly and is reused only while the mask is alive and unmodified (same
+# in-place version counter), for the same dtype.
+_BIAS_CACHE: list = []
+_BIAS_CACHE_SIZE = 4
+
+
+def _bool_to_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool (True = masked out) -> float mask with -inf where True, 0 elsewhere (cached, see above)."""
+    version = mask._version
+    for ref, ver, dt, bias in _BIAS_CACHE:
+        if ref() is mask and ver == version and dt == dtype:
+            return bias
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not torch.compiler.is_compiling():
+        _BIAS_CACHE.insert(0, (weakref.ref(mask), version, dtype, bias))
+        del _BIAS_CACHE[_BIAS_CACHE_SIZE:]
+    return bias
+
+
+# Which attention backend runs a configuration. `fastattn.backend.select` walks the rules (explicit
+# backend, auto order, warnings) once per key; the key holds everything its answer depends on.
+_SELECTED: dict = {}
+
+
+def _select_backend(backend: Optional[str], q: Tensor, v: Tensor, bias: Optional[Tensor]) -> str:
+    requested = backend if backend is not None else _backend.get_backend()
+    bias_grad = bias is not None and bias.requires_grad
+    key = (requested, q.device, q.dtype, q.shape[-1], v.shape[-1], bias_grad, _backend.triton_interpret())
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _backend.select("attention", requested, q.device, _attn_ops._reasons(q, v, bias),
+                               native_op="attention_fwd")
+        _SELECTED[key] = name
+    return name
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float, causal: bool, seed: int,
+            backend: Optional[str]) -> Tensor:
+    """Attention of (B, H, L, D) views (last dim contiguous, other strides free) with an additive bias
+    broadcastable to (B, H, L, S) in q's dtype; returns (B, H, L, D) contiguous.
+
+    The cpu/cuda backends call the autograd-registered native op directly (the module has checked
+    its inputs already); the others go through ``fastattn.attention``.
+    """
+    name = _select_backend(backend, q, v, bias)
+    if name in ("cpu", "cuda") and _attn_ops._native_fwd is not None:
+        if bias is not None:
+            bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out, _ = _attn_ops._native_fwd(q, k, v, bias, dropout_p, scale, -1, 0 if causal else -1, 0, 0.0, seed)
+        return out
+    return attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, causal=causal, seed=seed, backend=name)
 
 
 class MultiheadAttention(Module):
@@ -226,9 +290,10 @@ class MultiheadAttention(Module):
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         """torch's forward: returns ``(attn_output, attn_output_weights or None)``."""
         batched = self._check_shapes(query, key, value, key_padding_mask, attn_mask)
-        key_padding_mask = _canonical_mask(key_padding_mask, "key_padding_mask", query.dtype,
-                                           attn_mask, "attn_mask")
-        attn_mask = _canonical_mask(attn_mask, "attn_mask", query.dtype)
+        if key_padding_mask is not None:
+            _check_mask_type(key_padding_mask, "key_padding_mask", attn_mask, "attn_mask")
+        if attn_mask is not None:
+            _check_mask_type(attn_mask, "attn_mask")
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
@@ -236,6 +301,14 @@ class MultiheadAttention(Module):
         causal = bool(is_causal) and key_padding_mask is None and not need_weights
         if causal:
             attn_mask = None
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+            key_padding_mask = _bool_to_bias(key_padding_mask, query.dtype)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = _bool_to_bias(attn_mask, query.dtype)
+
+        if (batched and not need_weights and key is value and self.in_proj_weight is not None
+                and self.bias_k is None and self.bias_v is None and not self.add_zero_attn):
+            return self._fast_forward(query, key, key_padding_mask, attn_mask, causal), None
 
         # Batch-first views: (B, L, E), (B, S, kdim), (B, S, vdim).
         self_attn, kv_same = query is key and key is value, key is value
@@ -265,8 +338,7 @@ class MultiheadAttention(Module):
 
         dropout_p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-        out = attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, causal=causal, seed=seed,
-                        backend=self.backend)  # (B, H, L, D)
+        out = _attend(q, k, v, bias, dropout_p, causal, seed, self.backend)  # (B, H, L, D)
 
         if batched and not self.batch_first:
             out = out.permute(2, 0, 1, 3).reshape(L, B, E)
@@ -284,6 +356,31 @@ class MultiheadAttention(Module):
         if not batched:
             weights = weights.squeeze(0)
         return out, weights
+
+    # ----------------------------------------------------------------------------------------
+    def _fast_forward(self, query: Tensor, kv: Tensor, key_padding_mask: Optional[Tensor],
+                      attn_mask: Optional[Tensor], causal: bool) -> Tensor:
+        """The common case: batched, packed ``in_proj_weight``, key is value, no weights returned.
+
+        Masks are float already. One GEMM for q, k, v (two for cross-attention), the heads split as
+        strided views that the kernel reads in place, one copy to merge the heads, the out-projection.
+        """
+        E, H, D = self.embed_dim, self.num_heads, self.head_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        # (B, L, ...) when batch_first, else (L, B, ...): `perm` takes the split (…, n, H, D) to (n, B, H, ·, D).
+        perm = (2, 0, 3, 1, 4) if self.batch_first else (2, 1, 3, 0, 4)
+        if query is kv:
+            q, k, v = F.linear(query, w, b).unflatten(-1, (3, H, D)).permute(perm).unbind(0)
+        else:
+            q = F.linear(query, w[:E], None if b is None else b[:E]).unflatten(-1, (1, H, D)).permute(perm)[0]
+            k, v = F.linear(kv, w[E:], None if b is None else b[E:]).unflatten(-1, (2, H, D)).permute(perm).unbind(0)
+        B, L, S = q.shape[0], q.shape[2], k.shape[2]
+        bias = self._merged_bias(attn_mask, key_padding_mask, B, L, S, 0)
+        dropout_p = self.dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+        out = _attend(q, k, v, bias, dropout_p, causal, seed, self.backend)  # (B, H, L, D)
+        out = out.transpose(1, 2) if self.batch_first else out.permute(2, 0, 1, 3)
+        return self.out_proj(out.reshape(out.shape[0], out.shape[1], E))
 
     # ----------------------------------------------------------------------------------------
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, self_attn: bool, kv_same: bool):
@@ -314,19 +411,19 @@ class MultiheadAttention(Module):
                 if attn_mask.shape != (L, S):
                     raise MultiheadAttentionMaskError(
                         f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(L, S)}.")
-                bias = F.pad(attn_mask, (0, extra)).view(1, 1, L, S + extra)
+                bias = (F.pad(attn_mask, (0, extra)) if extra else attn_mask).reshape(1, 1, L, S + extra)
             else:
                 if attn_mask.shape != (B * H, L, S):
                     raise MultiheadAttentionMaskError(
                         f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be {(B * H, L, S)} "
                         f"(batch * num_heads, L, S).")
-                bias = F.pad(attn_mask, (0, extra)).view(B, H, L, S + extra)
+                bias = (F.pad(attn_mask, (0, extra)) if extra else attn_mask).reshape(B, H, L, S + extra)
         if key_padding_mask is not None:
             if key_padding_mask.shape != (B, S):
                 raise MultiheadAttentionShapeError(
                     f"key_padding_mask must have shape (batch, S) = {(B, S)} "
                     f"(or (S,) = {(S,)} for unbatched input), got {tuple(key_padding_mask.shape)}")
-            kpm = F.pad(key_padding_mask, (0, extra)).view(B, 1, 1, S + extra)
+            kpm = (F.pad(key_padding_mask, (0, extra)) if extra else key_padding_mask).reshape(B, 1, 1, S + extra)
             bias = kpm if bias is None else bias + kpm
         return bias
 
