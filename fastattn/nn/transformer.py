@@ -41,6 +41,15 @@ def _get_activation_fn(activation: str) -> Callable[[Tensor], Tensor]:
     raise RuntimeError(f"activation should be relu/gelu, not {activation}")
 
 
+def _activate(activation: Callable[[Tensor], Tensor], h: Tensor, x: Tensor) -> Tensor:
+    """``activation(h)`` for the feed-forward block, ``h = linear1(x)``; ReLU runs in place when ``h``
+    is a fresh tensor (nothing else keeps it, and ReLU's backward reads its result, not its input)."""
+    if (activation is F.relu or type(activation) is torch.nn.ReLU) and h is not x and h._base is None \
+            and (h.grad_fn is not None or not h.requires_grad):
+        return torch.relu_(h)
+    return activation(h)
+
+
 def _get_seq_len(src: Tensor, batch_first: bool) -> int:
     if src.dim() == 2:
         return src.shape[0]
@@ -136,7 +145,7 @@ class TransformerEncoderLayer(Module):
         return self.dropout1(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        x = self.linear2(self.dropout(_activate(self.activation, self.linear1(x), x)))
         return self.dropout2(x)
 
 
@@ -214,7 +223,7 @@ class TransformerDecoderLayer(Module):
         return self.dropout2(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        x = self.linear2(self.dropout(_activate(self.activation, self.linear1(x), x)))
         return self.dropout3(x)
 
 
