@@ -304,6 +304,156 @@ def test_mha_gradients_match_torch(cfg, batch_first, mask_kind, need_weights):
 
 
 # --------------------------------------------------------------------------------------------
+# MultiheadAttention: the lean path (batched, packed in_proj, key is value, no weights).
+# --------------------------------------------------------------------------------------------
+def _spy_fast(monkeypatch):
+    taken = []
+    real = fnn.MultiheadAttention._fast_forward
+
+    def spy(self, *args):
+        taken.append(True)
+        return real(self, *args)
+
+    monkeypatch.setattr(fnn.MultiheadAttention, "_fast_forward", spy)
+    return taken
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "attn_bool", "attn_float", "attn3d_bool", "kpm_bool", "kpm_float",
+                                       "both_bool", "attn_float_kpm_bool", "causal_hint"])
+@pytest.mark.parametrize("cfg", ["default", "no_bias"])
+def test_mha_fast_path_outputs_and_gradients_match_torch(monkeypatch, batch_first, cross, mask_kind, cfg):
+    """Output, input grads and every parameter grad equal torch's (float64), and the lean path ran."""
+    taken = _spy_fast(monkeypatch)
+    ref, ours = mha_pair(batch_first=batch_first, **CONFIGS[cfg])
+    set_mode(True, ref, ours)
+    B, L = 3, 5
+    S = 7 if cross else L
+    causal = mask_kind == "causal_hint"
+    if causal:
+        attn, kpm = torch.ones(L, L, dtype=torch.bool).triu(1), None
+    else:
+        attn, kpm = make_masks(mask_kind, B, L, S)
+    q_in = seq(L, B, E, batch_first, seed=1)
+    kv_in = seq(S, B, E, batch_first, seed=2) if cross else None
+    g = torch.Generator().manual_seed(9)
+    grads, outs = [], []
+    for m in (ref, ours):
+        q = q_in.clone().requires_grad_()
+        kv = kv_in.clone().requires_grad_() if cross else q
+        out, w = m(q, kv, kv, key_padding_mask=kpm, attn_mask=attn, need_weights=False, is_causal=causal)
+        assert w is None
+        g.manual_seed(9)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=DT)).sum()
+        xs = [q, kv] if cross else [q]
+        grads.append(torch.autograd.grad(loss, xs + [p for _, p in m.named_parameters()]))
+        outs.append(out)
+    assert_close(outs[1], outs[0])
+    for a, b in zip(*grads):
+        assert_close(b, a)
+    assert taken == [True]
+
+
+@pytest.mark.parametrize("case", ["need_weights", "unbatched", "bias_kv", "zero_attn", "kdim_vdim", "k_not_v"])
+def test_mha_fast_path_falls_back_to_the_general_path(monkeypatch, case):
+    """Configurations the lean path does not take still match torch (the general path runs them)."""
+    taken = _spy_fast(monkeypatch)
+    cfg = {"bias_kv": "bias_kv", "zero_attn": "zero_attn", "kdim_vdim": "kdim_vdim"}.get(case, "default")
+    kw = CONFIGS[cfg]
+    ref, ours = mha_pair(batch_first=True, **kw)
+    B, L, S = 2, 4, 5
+    batched = case != "unbatched"
+    q = seq(L, B, E, True, batched=batched, seed=1)
+    k = seq(S, B, kw.get("kdim", E), True, batched=batched, seed=2)
+    v = k if case != "k_not_v" and "vdim" not in kw else seq(S, B, kw.get("vdim", E), True, batched=batched, seed=3)
+    attn, kpm = make_masks("both_bool", B, L, S, batched=batched)
+    nw = case == "need_weights"
+    a, b = ref(q, k, v, key_padding_mask=kpm, attn_mask=attn, need_weights=nw), \
+        ours(q, k, v, key_padding_mask=kpm, attn_mask=attn, need_weights=nw)
+    assert_close(b[0], a[0])
+    if nw:
+        assert_close(b[1], a[1])
+    assert taken == []
+
+
+def test_mha_bool_mask_converted_once_per_object_and_version(monkeypatch):
+    """A bool mask handed back is not converted again; modified in place, or at another dtype, it is."""
+    conversions = []
+    real_zeros = torch.zeros
+
+    def counting_zeros(*args, **kwargs):
+        conversions.append(args)
+        return real_zeros(*args, **kwargs)
+
+    ref, ours = mha_pair(batch_first=True)
+    B, L = 2, 5
+    x = seq(L, B, E, True, seed=1)
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[0, -2:] = True
+    monkeypatch.setattr(fattn_module.torch, "zeros", counting_zeros)
+    for _ in range(3):
+        assert_close(ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
+                     ref(x, x, x, key_padding_mask=kpm, need_weights=False)[0])
+    assert len(conversions) == 1
+    kpm[1, -1] = True  # in place: the version counter moves, the cached bias is stale
+    assert_close(ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
+                 ref(x, x, x, key_padding_mask=kpm, need_weights=False)[0])
+    assert len(conversions) == 2
+    ours.float()
+    ours(x.float(), x.float(), x.float(), key_padding_mask=kpm, need_weights=False)
+    assert len(conversions) == 3
+    other = kpm.clone()  # an equal mask, but another object
+    ours.double()(x, x, x, key_padding_mask=other, need_weights=False)
+    assert len(conversions) == 4
+
+
+def test_mha_backend_choice_cached_per_configuration(monkeypatch):
+    """fastattn.backend.select runs once per configuration; a new default backend or dtype selects again."""
+    import fastattn.backend as backend_mod
+    selected = []
+    real = backend_mod.select
+
+    def spy(op, backend, *args, **kwargs):
+        name = real(op, backend, *args, **kwargs)
+        selected.append(name)
+        return name
+
+    monkeypatch.setattr(backend_mod, "select", spy)
+    monkeypatch.setattr(fattn_module, "_SELECTED", {})
+    m = fnn.MultiheadAttention(E, H, batch_first=True, dtype=DT)
+    x = seq(4, 2, E, True)
+    for _ in range(3):
+        m(x, x, x, need_weights=False)
+    assert len(selected) == 1
+    default = backend_mod.get_backend()
+    try:
+        backend_mod.set_backend("reference")
+        m(x, x, x, need_weights=False)  # the module selects, then fastattn.attention(backend="reference") checks
+        assert selected[1:] == ["reference", "reference"]
+    finally:
+        backend_mod.set_backend(default)
+    m.float()(x.float(), x.float(), x.float(), need_weights=False)
+    m(x.float(), x.float(), x.float(), need_weights=False)
+    assert selected[3:] == ["cpu"]
+    with pytest.raises(NotImplementedError, match="backend='cuda' cannot run"):  # errors are never cached away
+        fnn.MultiheadAttention(E, H, batch_first=True, dtype=DT, backend="cuda")(x, x, x, need_weights=False)
+
+
+def test_transformer_relu_in_place_keeps_custom_first_linear_intact():
+    """The feed-forward ReLU runs in place only on linear1's fresh output, never on the block's input."""
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, dtype=DT, batch_first=True)
+    ours = fnn.TransformerEncoderLayer.from_torch(ref)
+    ours.linear1 = ref.linear1 = torch.nn.Identity()
+    ours.linear2 = ref.linear2 = torch.nn.Linear(E, E, dtype=DT)
+    x = seq(4, 2, E, True)
+    x_before = x.clone()
+    assert_close(ours(x), ref(x))
+    assert_close(x, x_before)
+
+
+# --------------------------------------------------------------------------------------------
 # MultiheadAttention: dropout, need_weights, routing through our kernels.
 # --------------------------------------------------------------------------------------------
 def _heads_by_hand(m, q, k, v, weights):
