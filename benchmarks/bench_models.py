@@ -1,6 +1,6 @@
 """Training-step time of each model, impl=fastattn vs impl=torch, same run, same weights and batch.
 
-    python benchmarks/bench_models.py [--quick] [--device cuda] [--models cnn,lm]
+    python benchmarks/bench_models.py [--quick] [--device cuda] [--models cnn,lm] [--threads 2]
 
 One step = forward, loss, backward, optimizer step (Adam from fastattn.optim vs torch.optim), at
 the default training batch of ``fastattn train``. "vs torch" = torch's time / ours (> 1: we are faster).
@@ -56,7 +56,10 @@ def step_fn(model, inputs, loss_fn, opt):
 def main() -> None:
     p = common.parser("models")
     p.add_argument("--models", default="cnn,rnn,seq2seq,lm")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     table = common.Table("models", ["model", "impl", "ms/step", "samples/s", "vs torch", "note"])
     for name in args.models.split(","):
