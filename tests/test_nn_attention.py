@@ -440,6 +440,24 @@ def test_mha_backend_choice_cached_per_configuration(monkeypatch):
         fnn.MultiheadAttention(E, H, batch_first=True, dtype=DT, backend="cuda")(x, x, x, need_weights=False)
 
 
+def test_mha_float_mask_requiring_grad_gets_its_gradient():
+    """A float mask that requires grad selects a backend that differentiates it (reference), kept apart in
+    the backend cache from the same configuration without one; values and grads equal torch's."""
+    ref, ours = mha_pair(batch_first=True)
+    B, L = 2, 4
+    x = seq(L, B, E, True, seed=1)
+    plain = torch.randn(L, L, dtype=DT)
+    for m in (ours, ref, ours):  # ours before and after a mask that requires grad: the cache keeps both
+        m(x, x, x, attn_mask=plain, need_weights=False)
+    grads = []
+    for m in (ref, ours):
+        mask = plain.clone().requires_grad_()
+        out = m(x, x, x, attn_mask=mask, need_weights=False)[0]
+        grads.append((out, torch.autograd.grad(out.square().sum(), mask)[0]))
+    assert_close(grads[1][0], grads[0][0])
+    assert_close(grads[1][1], grads[0][1])
+
+
 def test_transformer_relu_in_place_keeps_custom_first_linear_intact():
     """The feed-forward ReLU runs in place only on linear1's fresh output, never on the block's input."""
     torch.manual_seed(0)
