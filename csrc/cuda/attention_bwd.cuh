@@ -37,17 +37,21 @@ constexpr int dq_smem_bytes() {
   return 4 * 64 * (D + 8) * 2 + 64 * (64 + 8) * 2 + 2 * 64 * 4;
 }
 
-// delta[row] = sum_c dO[row][c] * O[row][c] for the (B*Hq*L, Ev) contiguous dO, O. One warp per row.
+// delta = rowsum(dO * O) for the contiguous dO, O of `rows` rows of Ev. One warp per row. Dense
+// (B*Hq*L rows): delta[row]. Varlen (varlen_heads = Hq; rows t*Hq + h of (Tq, Hq, Ev)): delta is
+// (Hq, Tq) like lse, delta[h*Tq + t].
 template <typename T>
 __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
-                                                             float* __restrict__ delta, int64_t rows, int Ev) {
+                                                             float* __restrict__ delta, int64_t rows, int Ev,
+                                                             int varlen_heads = 0) {
   const int64_t r = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
   float acc = 0.f;
   for (int c = lane; c < Ev; c += 32) acc += Dt<T>::to_float(dout[r * Ev + c]) * Dt<T>::to_float(out[r * Ev + c]);
   acc = warp_sum(acc);
-  if (lane == 0) delta[r] = acc;
+  const int64_t dst = varlen_heads > 0 ? (r % varlen_heads) * (rows / varlen_heads) + r / varlen_heads : r;
+  if (lane == 0) delta[dst] = acc;
 }
 
 // One score entry of backward: p_drop = P*Z (for dV) and ds = dL/d(q.k) / scale.
@@ -73,7 +77,7 @@ __device__ __forceinline__ void bwd_entry(const AttnParams& p, int b, int h, int
 // dK, dV for one 64-key tile of one KV head, over every query tile (and every query head of the
 // GQA group) that can see it.
 template <typename T, int D, int STAGES>
-__global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BM + 8;
   constexpr int NP = D / 32;  // phase B: 16 x D/2 per warp = NP pairs of n-tiles
   static_assert(kBwdThreads == 256 && BM == 64 && BN == 64, "the warp layout below assumes 8 warps, 64 x 64 tiles");
@@ -89,12 +93,14 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   float* sDeltaBuf = sLseBuf + STAGES * BM;                       // [STAGES][BM]
 
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
+  enter_sequence(p, b);
+  if (n0 >= p.S) return;  // varlen: the grid is sized for the longest sequence
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kr = warp & 3;     // key rows kr*16 .. +15 (both phases)
   const int half = warp >> 2;  // phase A: queries half*32 .. +31; phase B: columns half*D/2 ..
 
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + k_offset(p, b, hk);
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + v_offset(p, b, hk);
   load_tile<BN, D, kBwdThreads>(sK, kg, p.k_sl, n0, p.S, p.E, p.vec_loads);
   load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0, p.S, p.Ev, p.vec_loads);
   cp_async_commit();
@@ -117,16 +123,17 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   auto load_work = [&](int it, int stage) {
     const int h = hk * p.group + it / n_mb;
     const int m0 = (mb_begin + it % n_mb) * BM;
-    const int64_t bh_row = ((int64_t)b * p.Hq + h) * p.L;
-    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + bh_row * p.Ev;
+    const int64_t lrow = lse_row(p, b, h, 0);
+    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + q_offset(p, b, h);
+    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + out_row(p, b, h, 0) * p.Ev;
     load_tile<BM, D, kBwdThreads>(sQbuf + stage * BM * SROW, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
-    load_tile<BM, D, kBwdThreads>(sdObuf + stage * BM * SROW, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
+    load_tile<BM, D, kBwdThreads>(sdObuf + stage * BM * SROW, dog, out_row_step(p) * p.Ev, m0, p.L, p.Ev,
+                                  p.vec_loads);
     cp_async_commit();
     for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
       const int i = m0 + r;
-      sLseBuf[stage * BM + r] = i < p.L ? p.lse_in[bh_row + i] * kLog2e : INFINITY;
-      sDeltaBuf[stage * BM + r] = i < p.L ? p.delta[bh_row + i] : 0.f;
+      sLseBuf[stage * BM + r] = i < p.L ? p.lse_in[lrow + i] * kLog2e : INFINITY;
+      sDeltaBuf[stage * BM + r] = i < p.L ? p.delta[lrow + i] : 0.f;
     }
   };
 
@@ -184,19 +191,19 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   }
   cp_async_wait_all();  // (the K/V load when no query tile ran)
 
-  T* dkg = static_cast<T*>(p.dk) + ((int64_t)b * p.Hkv + hk) * p.S * p.E;
-  T* dvg = static_cast<T*>(p.dv) + ((int64_t)b * p.Hkv + hk) * p.S * p.Ev;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int j = n0 + kr * 16 + g + rr * 8;
     if (j >= p.S) continue;
+    T* dkg = static_cast<T*>(p.dk) + key_row(p, b, hk, j) * p.E;
+    T* dvg = static_cast<T*>(p.dv) + key_row(p, b, hk, j) * p.Ev;
 #pragma unroll
     for (int n = 0; n < 2 * NP; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = half * (D / 2) + n * 8 + 2 * t + c;
-        if (col < p.E) dkg[(int64_t)j * p.E + col] = Dt<T>::from_float(dk[n][2 * rr + c] * p.scale);
-        if (col < p.Ev) dvg[(int64_t)j * p.Ev + col] = Dt<T>::from_float(dv[n][2 * rr + c]);
+        if (col < p.E) dkg[col] = Dt<T>::from_float(dk[n][2 * rr + c] * p.scale);
+        if (col < p.Ev) dvg[col] = Dt<T>::from_float(dv[n][2 * rr + c]);
       }
   }
 }
@@ -204,7 +211,7 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
 // dQ for one 64-query tile of one query head, over every key tile it can see. V_{j+1} loads
 // (cp.async) during phase B of tile j; K_j only once phase B of tile j-1 is done with its buffer.
 template <typename T, int D>
-__global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BN + 8;
   constexpr int NP = D / 32;
   static_assert(kBwdThreads == 256 && BM == 64 && BN == 64, "the warp layout below assumes 8 warps, 64 x 64 tiles");
@@ -218,16 +225,19 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
   float* sDelta = sLse + BM;
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  enter_sequence(p, b);
+  if (m0 >= p.L) return;  // varlen: the grid is sized for the longest sequence
   const int hk = h / p.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int qr = warp & 3;     // query rows qr*16 .. +15 (both phases)
   const int half = warp >> 2;  // phase A: keys half*32 .. +31; phase B: columns half*D/2 ..
 
-  const int64_t bh_row = ((int64_t)b * p.Hq + h) * p.L;
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + bh_row * p.Ev;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const int64_t lrow = lse_row(p, b, h, 0);
+  const int64_t do_stride = out_row_step(p) * p.Ev;
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + q_offset(p, b, h);
+  const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + out_row(p, b, h, 0) * p.Ev;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + k_offset(p, b, hk);
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + v_offset(p, b, hk);
 
   float dq[2 * NP][4];
 #pragma unroll
@@ -247,13 +257,13 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
 
   if (nb_begin < nb_end) {
     load_tile<BM, D, kBwdThreads>(sQ, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
-    load_tile<BM, D, kBwdThreads>(sdO, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
+    load_tile<BM, D, kBwdThreads>(sdO, dog, do_stride, m0, p.L, p.Ev, p.vec_loads);
     load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, nb_begin * BN, p.S, p.Ev, p.vec_loads);
     cp_async_commit();
     for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
       const int i = m0 + r;
-      sLse[r] = i < p.L ? p.lse_in[bh_row + i] * kLog2e : INFINITY;
-      sDelta[r] = i < p.L ? p.delta[bh_row + i] : 0.f;
+      sLse[r] = i < p.L ? p.lse_in[lrow + i] * kLog2e : INFINITY;
+      sDelta[r] = i < p.L ? p.delta[lrow + i] : 0.f;
     }
   }
 
@@ -297,17 +307,17 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
     warp_gemm_ab<T, NP, BN>(dq, sdS + qr * 16 * PROW, PROW, sK + half * (D / 2), SROW, lane);
   }
 
-  T* dqg = static_cast<T*>(p.dq) + bh_row * p.E;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int i = irow[rr];
     if (i >= p.L) continue;
+    T* dqg = static_cast<T*>(p.dq) + out_row(p, b, h, i) * p.E;
 #pragma unroll
     for (int n = 0; n < 2 * NP; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = half * (D / 2) + n * 8 + 2 * t + c;
-        if (col < p.E) dqg[(int64_t)i * p.E + col] = Dt<T>::from_float(dq[n][2 * rr + c] * p.scale);
+        if (col < p.E) dqg[col] = Dt<T>::from_float(dq[n][2 * rr + c] * p.scale);
       }
   }
 }

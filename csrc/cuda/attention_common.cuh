@@ -48,7 +48,63 @@ struct AttnParams {
   bool vec_loads;  // every tile row is 16-byte aligned: cp.async in 16-byte chunks
   uint32_t drop_threshold, seed_hash;
   long long window_left, window_right, diag_offset;
+  // Packed variable-length batches (cu_q != nullptr): q, k, v are (T, H, D) with batch strides 0;
+  // out, dout, dq are (Tq, Hq, .), dk, dv (Tk, Hkv, .), lse and delta (Hq, Tq); blockIdx.z is the
+  // sequence. enter_sequence() turns L, S, diag_offset, q_start, k_start into that sequence's.
+  const int* cu_q;
+  const int* cu_k;
+  int Tq;
+  bool bottom_right;
+  int64_t q_start, k_start;  // first query / key row of the block's sequence (0 when dense)
+  // Split-KV forward (num_splits > 1, dense only): block x = query tile * num_splits + split, the
+  // split covering keys [split * split_keys, +split_keys) (a multiple of the key tile). Partial
+  // results: o_part (B*Hq*L, num_splits, Ev) normalised, lse_part (B*Hq*L, num_splits) log2 units.
+  int num_splits, split_keys;
+  float* o_part;
+  float* lse_part;
 };
+
+// ------------------------------------------------------------------------------------------
+// Where a block's rows live. Dense: batch b of (B, H, L, .) tensors. Varlen: sequence b.
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ void enter_sequence(AttnParams& p, int b) {
+  if (p.cu_q == nullptr) return;
+  const int q0 = p.cu_q[b], k0 = p.cu_k[b];
+  p.q_start = q0;
+  p.k_start = k0;
+  p.L = p.cu_q[b + 1] - q0;
+  p.S = p.cu_k[b + 1] - k0;
+  p.diag_offset = p.bottom_right ? (long long)p.S - p.L : 0;
+}
+
+// Element offsets of row 0 of (batch b, head h) in q, k, v (rows then advance by q_sl, k_sl, v_sl).
+__device__ __forceinline__ int64_t q_offset(const AttnParams& p, int b, int h) {
+  return b * p.q_sb + p.q_start * p.q_sl + h * p.q_sh;
+}
+__device__ __forceinline__ int64_t k_offset(const AttnParams& p, int b, int hk) {
+  return b * p.k_sb + p.k_start * p.k_sl + hk * p.k_sh;
+}
+__device__ __forceinline__ int64_t v_offset(const AttnParams& p, int b, int hk) {
+  return b * p.v_sb + p.k_start * p.v_sl + hk * p.v_sh;
+}
+
+// Row of query i of (b, h) in out / dout / dq (times Ev or E for the element offset), and the
+// step between consecutive queries.
+__device__ __forceinline__ int64_t out_row(const AttnParams& p, int b, int h, int i) {
+  return p.cu_q != nullptr ? (p.q_start + i) * p.Hq + h : ((int64_t)b * p.Hq + h) * p.L + i;
+}
+__device__ __forceinline__ int64_t out_row_step(const AttnParams& p) { return p.cu_q != nullptr ? p.Hq : 1; }
+
+// Index of query i of (b, h) in lse / delta; also the dropout hash's row (the contract's
+// (b*Hq + h)*L + i dense, h*Tq + cu_q[b] + i varlen).
+__device__ __forceinline__ int64_t lse_row(const AttnParams& p, int b, int h, int i) {
+  return p.cu_q != nullptr ? (int64_t)h * p.Tq + p.q_start + i : ((int64_t)b * p.Hq + h) * p.L + i;
+}
+
+// Row of key j of (b, hk) in dk / dv.
+__device__ __forceinline__ int64_t key_row(const AttnParams& p, int b, int hk, int j) {
+  return p.cu_q != nullptr ? (p.k_start + j) * p.Hkv + hk : ((int64_t)b * p.Hkv + hk) * p.S + j;
+}
 
 // ------------------------------------------------------------------------------------------
 // Masking, window and dropout rules (the native contract in fastattn/ops/attention.py).
@@ -103,10 +159,9 @@ __host__ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// hash(seed, row) with row = (b*Hq + h)*L + i taken mod 2^32.
+// hash(seed, row) with row = lse_row(b, h, i) taken mod 2^32.
 __device__ __forceinline__ uint32_t drop_row_hash(const AttnParams& p, int b, int h, int i) {
-  const unsigned long long row = ((unsigned long long)b * p.Hq + h) * (unsigned long long)p.L + i;
-  return mix32(p.seed_hash ^ (uint32_t)row);
+  return mix32(p.seed_hash ^ (uint32_t)lse_row(p, b, h, i));
 }
 
 __device__ __forceinline__ bool drop_keep(const AttnParams& p, uint32_t row_hash, int j) {

@@ -864,8 +864,9 @@ def _decode_plan(B: int, Hq: int, Hkv: int, L: int, S: int, meta: dict, dtype: t
     if _INTERPRET:
         block_m, block_n = 16, 16
     else:
-        block_m = min(64, max(16, triton.next_power_of_2(rows)))
-        block_n = 64 if (max(meta["E_PAD"], meta["EV_PAD"]) <= 128 and dtype != torch.float32) else 32
+        small = max(meta["E_PAD"], meta["EV_PAD"]) <= 128 and dtype != torch.float32  # register budget
+        block_m = min(64 if small else 32, max(16, triton.next_power_of_2(rows)))
+        block_n = 64 if small else 32
     m_tiles = triton.cdiv(rows, block_m)
     if _decode_chunk_forced is not None:
         chunk = triton.cdiv(int(_decode_chunk_forced), block_n) * block_n
