@@ -30,7 +30,7 @@ needs_kernels = pytest.mark.skipif(not (HAS_GPU and _native_cuda_built()),
 def test_extension_loads_and_registers_cuda_kernels():
     assert _ext.available(), f"fastattn._C failed to load: {_ext.LOAD_ERROR}"
     if _ext._C.compiled_with_cuda():
-        for op in ("attention_fwd", "attention_bwd"):
+        for op in ("attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd"):
             assert _ext.has_kernel(op, "CUDA"), f"fastattn::{op} has no CUDA kernel in a CUDA build"
         assert _ext._C.cuda_archs(), "a CUDA build must report its architectures"
     else:

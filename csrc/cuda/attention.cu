@@ -6,8 +6,8 @@
 //                inside the kernels, so any head size <= 256 runs.
 //   fp32:        SIMT kernels (attention_simt.cuh), correct but slow; also the fp16/bf16 fallback
 //                where the tensor-core kernels' shared memory does not fit the GPU.
-// Instantiations: 2 dtypes x 3 buckets x 3 tensor-core kernels + 3 dtypes x 4 SIMT/delta kernels
-// + 2 split-KV reduce kernels.
+// Instantiations: 2 dtypes x 3 buckets x 3 tensor-core kernels x {dense, varlen} + 3 dtypes x 4
+// SIMT/delta kernels + 2 split-KV reduce kernels.
 //
 // Packed variable-length batches (attention_varlen_fwd/bwd) run the same kernels: the parameter
 // block carries cu_seqlens, grid z is the sequence, and each block looks its sequence up
@@ -225,7 +225,7 @@ void launch_fwd_mma(const AttnParams& p_in, int max_L, cudaStream_t stream) {
     p.o_part = o_part.data_ptr<float>();
     p.lse_part = lse_part.data_ptr<float>();
   }
-  auto kernel = attn_fwd_mma_kernel<T, D>;
+  auto kernel = p.cu_q != nullptr ? attn_fwd_mma_kernel<T, D, true> : attn_fwd_mma_kernel<T, D, false>;
   allow_smem(kernel, smem);
   kernel<<<dim3(ceil_div(max_L, kFwdBM) * p.num_splits, p.Hq, p.B), kFwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,7 +239,7 @@ void launch_fwd_mma(const AttnParams& p_in, int max_L, cudaStream_t stream) {
 template <typename T, int D, int STAGES>
 void launch_dkdv(const AttnParams& p, int max_S, cudaStream_t stream) {
   constexpr int smem = dkdv_smem_bytes<D, STAGES>();
-  auto kernel = attn_bwd_dkdv_kernel<T, D, STAGES>;
+  auto kernel = p.cu_q != nullptr ? attn_bwd_dkdv_kernel<T, D, STAGES, true> : attn_bwd_dkdv_kernel<T, D, STAGES, false>;
   allow_smem(kernel, smem);
   kernel<<<dim3(ceil_div(max_S, kBwdBN), p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -262,7 +262,7 @@ void launch_bwd_mma(const AttnParams& p, int max_L, int max_S, cudaStream_t stre
   } else {
     launch_dkdv<T, D, 1>(p, max_S, stream);
   }
-  auto dq = attn_bwd_dq_kernel<T, D>;
+  auto dq = p.cu_q != nullptr ? attn_bwd_dq_kernel<T, D, true> : attn_bwd_dq_kernel<T, D, false>;
   allow_smem(dq, dq_smem);
   dq<<<dim3(ceil_div(max_L, kBwdBM), p.Hq, p.B), kBwdThreads, dq_smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -18,6 +18,16 @@ Blocking (the Triton fused-attention tutorial's, without its shortcuts):
   block that sees the key block and accumulates dK, dV in registers (no atomics); and one program
   per (query block, batch·query head) accumulates dQ the same way over key blocks.
 
+* packed variable-length batches (``triton_attention_varlen_fwd/bwd``, flash-attn's cu_seqlens
+  convention): the same three kernels with ``VARLEN``; a program finds its sequence's first rows,
+  lengths and diagonal from cu_seqlens (:func:`_sequence`), the grids run over (sequence·head,
+  blocks of the longest sequence) and programs past their sequence's end exit at once. Packed
+  tensors are (T, H, D): batch strides 0, the row stride is the token stride.
+* decoding (L <= 16 query rows, long S, dense forward only): the split-KV kernel packs the query
+  heads of a GQA group into one tile's rows (K/V read once per group), each program takes one
+  chunk of keys and writes a partial (out, lse); a small kernel combines the chunks (flash-decoding).
+  The backward is the dense one.
+
 On a GPU the block sizes are autotuned; under ``TRITON_INTERPRET=1`` (CPU tensors, the tests here)
 one small fixed config is used and every load is cast to fp32 (the interpreter has no bf16 math).
 """
