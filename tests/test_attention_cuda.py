@@ -30,7 +30,7 @@ needs_kernels = pytest.mark.skipif(not (HAS_GPU and _native_cuda_built()),
 def test_extension_loads_and_registers_cuda_kernels():
     assert _ext.available(), f"fastattn._C failed to load: {_ext.LOAD_ERROR}"
     if _ext._C.compiled_with_cuda():
-        for op in ("attention_fwd", "attention_bwd"):
+        for op in ("attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd"):
             assert _ext.has_kernel(op, "CUDA"), f"fastattn::{op} has no CUDA kernel in a CUDA build"
         assert _ext._C.cuda_archs(), "a CUDA build must report its architectures"
     else:
@@ -370,3 +370,202 @@ def test_bad_inputs_raise_clear_errors():
     bias = torch.zeros(1, 1, 8, 9, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="attn_bias must have shape"):
         torch.ops.fastattn.attention_fwd(q, q, q, bias, 0.0, 1.0, -1, -1, 0, 0.0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Split-KV decoding (L <= 16): the tensor-core forward cuts the keys into slices and a reduce
+# kernel combines them. FASTATTN_CUDA_ATTN_SPLIT_KEYS forces small slices (several of them, some
+# wholly hidden by the causal/window rule); the last case is chosen by the heuristic itself.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,E,kw", [
+    (2, 8, 2, 1, 1000, 128, {}),
+    (1, 4, 4, 16, 777, 64, {"causal": True, "align": "bottom_right"}),
+    (1, 4, 1, 5, 700, 64, {"window": (100, 0), "causal": True, "align": "bottom_right"}),  # early slices hidden
+    (2, 4, 2, 12, 300, 256, {"causal": True}),      # top-left causal: rows see only the first slice
+    (1, 2, 2, 3, 500, 64, {"dropout": 0.2, "softcap": 5.0, "mask": "bool"}),
+    (1, 2, 1, 8, 300, 96, {"mask": "bcast_bool"}),  # padded keys: the last slice fully masked
+])
+def test_split_kv_decode(dtype, B, Hq, Hkv, L, S, E, kw, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CUDA_ATTN_SPLIT_KEYS", "64")
+    _run(B, Hq, Hkv, L, S, E, E, dtype, **kw)
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_split_kv_decode_heuristic_and_dense_agree(monkeypatch):
+    q = torch.randn(1, 2, 1, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 2, 8192, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, 2, 8192, 64, device="cuda", dtype=torch.float16)
+    args = (None, 0.0, 0.125, -1, -1, 0, 0.0, 0)
+    out_split, lse_split = torch.ops.fastattn.attention_fwd(q, k, v, *args)  # 2 query tiles: splits
+    q16 = torch.randn(1, 2, 32, 64, device="cuda", dtype=torch.float16)
+    q16[:, :, :1] = q
+    out_dense, lse_dense = torch.ops.fastattn.attention_fwd(q16, k, v, *args)  # L = 32: never split
+    torch.testing.assert_close(out_split, out_dense[:, :, :1], atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(lse_split, lse_dense[:, :, :1], atol=1e-4, rtol=1e-5)
+    _run(1, 2, 2, 1, 8192, 64, 64, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed variable-length batches: attention_varlen_fwd/bwd against a float64 loop over sequences
+# (the varlen contract: local indices, bottom_right -> diag = Sb - Lb, dropout row h*Tq + cu_q[b] + i).
+# --------------------------------------------------------------------------------------------
+def _varlen_reference(q, k, v, cu_q, cu_k, p, scale, wl, wr, bottom_right, cap, seed):
+    from fastattn.ops.attention import _mix32, dropout_threshold
+    Tq, Hq, _ = q.shape
+    Hkv, Ev = k.shape[1], v.shape[2]
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    out = q.new_zeros(Tq, Hq, Ev)
+    lse = q.new_full((Hq, Tq), float("inf"))
+    seed_h = _mix32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        Lb, Sb = q1 - q0, k1 - k0
+        if Lb == 0:
+            continue
+        qb = q[q0:q1].transpose(0, 1)
+        kb = k[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+        vb = v[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+        s = qb @ kb.transpose(-1, -2) * scale
+        if cap > 0:
+            s = cap * torch.tanh(s / cap)
+        i = torch.arange(Lb).view(Lb, 1) + ((Sb - Lb) if bottom_right else 0)
+        j = torch.arange(Sb).view(1, Sb)
+        vis = torch.ones(Lb, Sb, dtype=torch.bool)
+        if wl >= 0:
+            vis &= j >= i - wl
+        if wr >= 0:
+            vis &= j <= i + wr
+        s = s.masked_fill(~vis.to(s.device), float("-inf"))
+        m = s.amax(-1, keepdim=True).detach() if Sb > 0 else s.new_zeros(Hq, Lb, 1)
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        e = torch.exp(s - m)
+        den = e.sum(-1, keepdim=True)
+        probs = e / torch.where(den == 0, torch.ones_like(den), den)
+        if p > 0:
+            row = (torch.arange(Hq).view(Hq, 1, 1) * Tq + q0 + torch.arange(Lb).view(1, Lb, 1)) & 0xFFFFFFFF
+            keep = _mix32(_mix32(seed_h ^ row) ^ torch.arange(Sb).view(1, 1, Sb)) >= dropout_threshold(p)
+            probs = torch.where(keep.to(s.device), probs / (1 - p), torch.zeros_like(probs))
+        outs.append((probs @ vb).transpose(0, 1))
+        lses.append(torch.where(den == 0, torch.full_like(den, float("inf")), m + torch.log(den)).squeeze(-1))
+    out = torch.cat(outs, 0) if outs else out
+    lse = torch.cat(lses, 1) if lses else lse
+    return out, lse
+
+
+def _run_varlen(lens_q, lens_k, Hq, Hkv, E, Ev, dtype, p=0.0, wl=-1, wr=-1, bottom_right=False, cap=0.0, seed=5):
+    gen = torch.Generator(device="cuda").manual_seed(sum(lens_q) * 31 + sum(lens_k))
+    Tq, Tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(Tq, Hq, E, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(Tk, Hkv, E, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(Tk, Hkv, Ev, device="cuda", generator=gen).to(dtype)
+    dout = torch.randn(Tq, Hq, Ev, device="cuda", generator=gen).to(dtype)
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(E)
+    params = (cu_q, cu_k, max(lens_q), max(lens_k), p, scale, wl, wr, bottom_right, cap, seed)
+    out, lse = torch.ops.fastattn.attention_varlen_fwd(q, k, v, *params)
+    assert out.shape == (Tq, Hq, Ev) and out.dtype == dtype and lse.shape == (Hq, Tq) and lse.dtype == torch.float32
+    dq, dk, dv = torch.ops.fastattn.attention_varlen_bwd(dout, q, k, v, out, lse, *params)
+
+    def reference(cdt):
+        qq, kk, vv = (t.detach().to(cdt).requires_grad_() for t in (q, k, v))
+        o, l = _varlen_reference(qq, kk, vv, cu_q, cu_k, p, scale, wl, wr, bottom_right, cap, seed)
+        grads = torch.autograd.grad(o, (qq, kk, vv), dout.to(cdt), allow_unused=True)
+        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (qq, kk, vv)))
+        return (o, l) + grads
+
+    ref = reference(torch.float64)
+    assert torch.equal(torch.isposinf(lse), torch.isposinf(ref[1])), "empty rows differ"
+    fin = torch.isfinite(ref[1])
+    assert _max_err(lse[fin], ref[1][fin]) <= (1e-4 if dtype == torch.float32 else 2e-2) * max(
+        1.0, ref[1][fin].abs().max().item() if fin.any() else 1.0)
+    names = ("out", "grad_q", "grad_k", "grad_v")
+    ours = (out, dq, dk, dv)
+    refs = (ref[0], ref[2], ref[3], ref[4])
+    if dtype == torch.float32:
+        for name, x, r in zip(names, ours, refs):
+            tol = 2e-5 + 1e-4 * max(1.0, r.abs().max().item())
+            assert _max_err(x, r) <= tol, f"{name}: max err {_max_err(x, r):.3g} > {tol:.3g}"
+    else:
+        low = reference(dtype)  # plain PyTorch computing in the same low precision
+        lows = (low[0], low[2], low[3], low[4])
+        for name, x, r, lo in zip(names, ours, refs, lows):
+            atol = 1e-3 * max(1.0, r.abs().max().item())
+            assert _max_err(x, r) <= 2 * _max_err(lo, r) + atol, f"{name}: {_max_err(x, r):.3g} vs {_max_err(lo, r):.3g}"
+    return out, lse, (dq, dk, dv)
+
+
+VARLEN_CASES = [
+    ([100, 0, 1, 257], [130, 7, 0, 300], 4, 2, 64, 64, {}),                 # empty sequence, one row, no keys
+    ([65, 200, 3], [65, 129, 300], 4, 4, 128, 128, {"wr": 0, "bottom_right": True}),
+    ([200, 64], [100, 128], 2, 1, 64, 32, {"wr": 0, "bottom_right": True}),  # L > S: empty rows
+    ([130, 70], [150, 70], 4, 2, 96, 96, {"wr": 0}),                        # top-left causal
+    ([300, 17], [300, 40], 2, 2, 64, 64, {"wl": 30, "wr": 5, "cap": 4.0}),
+    ([90, 160], [90, 160], 4, 1, 256, 256, {"p": 0.25, "seed": 9, "wr": 0, "bottom_right": True}),
+]
+
+
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{len(c[0])}seq")
+def test_varlen(case, dtype):
+    lens_q, lens_k, Hq, Hkv, E, Ev, kw = case
+    _run_varlen(lens_q, lens_k, Hq, Hkv, E, Ev, dtype, **kw)
+
+
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_varlen_simt_fallback(dtype, monkeypatch):
+    monkeypatch.setenv("FASTATTN_CUDA_ATTN_SIMT", "1")
+    _run_varlen([33, 0, 70], [40, 5, 70], 4, 2, 40, 40, dtype, p=0.2, wr=0, bottom_right=True)
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_varlen_matches_dense_per_sequence():
+    """Each sequence of the packed batch = the dense op on that sequence alone (no dropout)."""
+    lens_q, lens_k = [37, 128, 1], [90, 128, 300]
+    out, lse, _ = _run_varlen(lens_q, lens_k, 4, 2, 64, 64, torch.float16, wr=0, bottom_right=True)
+    gen = torch.Generator(device="cuda").manual_seed(sum(lens_q) * 31 + sum(lens_k))
+    q = torch.randn(sum(lens_q), 4, 64, device="cuda", generator=gen).half()
+    k = torch.randn(sum(lens_k), 2, 64, device="cuda", generator=gen).half()
+    v = torch.randn(sum(lens_k), 2, 64, device="cuda", generator=gen).half()
+    q0 = k0 = 0
+    for Lb, Sb in zip(lens_q, lens_k):
+        o, l = torch.ops.fastattn.attention_fwd(q[q0:q0 + Lb].transpose(0, 1)[None], k[k0:k0 + Sb].transpose(0, 1)[None],
+                                                v[k0:k0 + Sb].transpose(0, 1)[None], None, 0.0, 0.125, -1, 0, Sb - Lb,
+                                                0.0, 0)
+        torch.testing.assert_close(out[q0:q0 + Lb], o[0].transpose(0, 1), atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(lse[:, q0:q0 + Lb], l[0], atol=1e-4, rtol=1e-5)
+        q0, k0 = q0 + Lb, k0 + Sb
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_varlen_deterministic_and_opcheck():
+    q = torch.randn(150, 4, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(170, 2, 64, device="cuda", dtype=torch.float16)
+    v = torch.randn(170, 2, 64, device="cuda", dtype=torch.float16)
+    cu_q = torch.tensor([0, 50, 150], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 70, 170], dtype=torch.int32, device="cuda")
+    params = (cu_q, cu_k, 100, 100, 0.1, 0.125, -1, 0, True, 0.0, 3)
+    # (the fake kernels and autograd are registered by fastattn.ops.attention; schema checked here)
+    torch.library.opcheck(torch.ops.fastattn.attention_varlen_fwd.default, (q, k, v) + params,
+                          test_utils=("test_schema",))
+    out, lse = torch.ops.fastattn.attention_varlen_fwd(q, k, v, *params)
+    dout = torch.randn_like(out)
+    g1 = torch.ops.fastattn.attention_varlen_bwd(dout, q, k, v, out, lse, *params)
+    g2 = torch.ops.fastattn.attention_varlen_bwd(dout, q, k, v, out, lse, *params)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.fastattn.attention_varlen_fwd(q, k, v, cu_q.long(), cu_k, *params[2:])
+    with pytest.raises(RuntimeError, match="3-D"):
+        torch.ops.fastattn.attention_varlen_fwd(q[None], k, v, *params)

@@ -354,3 +354,231 @@ def test_cuda_compile_fullgraph():
     eager = _api_grads(f, q, k, v, do)
     for a, b in zip(ours, eager):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed variable-length batches (triton_attention_varlen_fwd/bwd) against a float64 loop over
+# the sequences with the varlen contract's dropout hash (row = h*Tq + cu_seqlens_q[b] + i).
+# --------------------------------------------------------------------------------------------
+from fastattn.ops.attention import _mix32, dropout_threshold  # noqa: E402
+from fastattn.triton.attention import triton_attention_varlen_bwd, triton_attention_varlen_fwd  # noqa: E402
+
+
+def _varlen_ref_fwd(q, k, v, cu_q, cu_k, p, scale, wl, wr, bottom_right, cap, seed):
+    """Plain float64 math, one sequence at a time; differentiable; (out (Tq,Hq,Ev), lse (Hq,Tq))."""
+    Tq, Hq, _ = q.shape
+    Hkv, Ev = k.shape[1], v.shape[2]
+    outs, lses = [], []
+    seed_h = _mix32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        Lb, Sb = q1 - q0, k1 - k0
+        if Lb == 0:
+            continue
+        qb = q[q0:q1].transpose(0, 1)                                             # (Hq, Lb, E)
+        kb = k[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)            # (Hq, Sb, E)
+        vb = v[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+        s = qb @ kb.transpose(-1, -2) * scale
+        if cap > 0:
+            s = cap * torch.tanh(s / cap)
+        i = torch.arange(Lb).view(Lb, 1) + ((Sb - Lb) if bottom_right else 0)
+        j = torch.arange(Sb).view(1, Sb)
+        vis = torch.ones(Lb, Sb, dtype=torch.bool)
+        if wl >= 0:
+            vis &= j >= i - wl
+        if wr >= 0:
+            vis &= j <= i + wr
+        s = s.masked_fill(~vis.to(s.device), -INF)
+        m = s.amax(-1, keepdim=True).detach() if Sb > 0 else s.new_zeros(Hq, Lb, 1)
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        e = torch.exp(s - m)
+        den = e.sum(-1, keepdim=True)
+        probs = e / torch.where(den == 0, torch.ones_like(den), den)
+        if p > 0:
+            row = (torch.arange(Hq).view(Hq, 1, 1) * Tq + q0 + torch.arange(Lb).view(1, Lb, 1)) & 0xFFFFFFFF
+            keep = _mix32(_mix32(seed_h ^ row) ^ torch.arange(Sb).view(1, 1, Sb)) >= dropout_threshold(p)
+            probs = torch.where(keep.to(s.device), probs / (1 - p), torch.zeros_like(probs))
+        outs.append((probs @ vb).transpose(0, 1))
+        lses.append(torch.where(den == 0, torch.full_like(den, INF), m + torch.log(den)).squeeze(-1))
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, Hq, Ev)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(Hq, 0)
+    return out, lse
+
+
+def _varlen_inputs(lens_q, lens_k, Hq, Hkv, E, Ev, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Tq, Tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(Tq, Hq, E, generator=g).to(DEV, dtype)
+    k = torch.randn(Tk, Hkv, E, generator=g).to(DEV, dtype)
+    v = torch.randn(Tk, Hkv, Ev, generator=g).to(DEV, dtype)
+    do = torch.randn(Tq, Hq, Ev, generator=g).to(DEV, dtype)
+    cu = [torch.tensor([0] + list(torch.tensor(x).cumsum(0).tolist()), dtype=torch.int32, device=DEV)
+          for x in (lens_q, lens_k)]
+    return q, k, v, do, cu[0], cu[1]
+
+
+def _varlen_check(lens_q, lens_k, Hq=2, Hkv=1, E=16, Ev=16, p=0.0, wl=-1, wr=-1, br=False, cap=0.0, seed=0,
+                  atol=5e-5):
+    q, k, v, do, cu_q, cu_k = _varlen_inputs(lens_q, lens_k, Hq, Hkv, E, Ev)
+    scale = 1.0 / math.sqrt(E)
+    args = (cu_q, cu_k, max(lens_q), max(lens_k), p, scale, wl, wr, br, cap, seed)
+    ours = _grads(lambda q, k, v: triton_attention_varlen_fwd(q, k, v, *args), q, k, v, do)
+    ref = _grads(lambda q, k, v: _varlen_ref_fwd(q, k, v, cu_q.cpu(), cu_k.cpu(), p, scale, wl, wr, br, cap, seed),
+                 *(t.double() for t in (q, k, v)), do.double())
+    _assert_close(ours, ref, atol=atol)
+    out, lse, dq, dk, dv = ours
+    assert out.shape == (q.shape[0], Hq, Ev) and lse.shape == (Hq, q.shape[0]) and lse.dtype == torch.float32
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    return ours, (q, k, v, do, cu_q, cu_k, args)
+
+
+@pytest.mark.parametrize("lens_q,lens_k,kw", [
+    ([5, 0, 1, 19], [7, 3, 0, 21], {}),                          # empty sequences, one row, no keys
+    ([3, 17, 1], [20, 17, 9], {"Hq": 4, "Hkv": 2, "Ev": 24}),    # GQA, Ev != E, L < S
+    ([9, 18], [4, 18], {"wr": 0, "br": True}),                   # causal bottom-right, L > S: empty rows
+    ([9, 18, 2], [20, 7, 5], {"wr": 0, "br": False}),            # causal top-left
+    ([20, 6], [20, 17], {"wl": 3, "wr": 2, "br": True, "cap": 3.0}),  # window + softcap
+    ([7, 13], [15, 13], {"p": 0.3, "seed": 77, "wr": 0, "br": True}),  # dropout: the varlen hash row
+])
+def test_varlen(lens_q, lens_k, kw):
+    _varlen_check(lens_q, lens_k, **kw)
+
+
+def test_varlen_empty_rows_and_dropout_row_index():
+    (out, lse, dq, dk, dv), (q, k, v, do, cu_q, cu_k, args) = _varlen_check([9, 18], [4, 18], wr=0, br=True)
+    assert torch.isposinf(lse[:, :5]).all() and (out[:5] == 0).all() and (dq[:5] == 0).all()
+    # the hash row is the packed row: the second sequence alone (its rows now start at 0) drops others
+    (o2, *_), _ = _varlen_check([7, 13], [15, 13], p=0.5, seed=3)
+    q, k, v, do, cu_q, cu_k = _varlen_inputs([7, 13], [15, 13], 2, 1, 16, 16)
+    alone, _ = triton_attention_varlen_fwd(q[7:], k[15:], v[15:], cu_q[1:] - 7, cu_k[1:] - 15, 13, 13, 0.5, 0.25,
+                                           -1, -1, False, 0.0, 3)
+    assert (alone - o2[7:]).abs().max() > 1e-2
+
+
+def test_varlen_bwd_op_direct_and_errors():
+    q, k, v, do, cu_q, cu_k = _varlen_inputs([4, 6], [5, 6], 2, 2, 16, 16)
+    out, lse = triton_attention_varlen_fwd(q, k, v, cu_q, cu_k, 6, 6, 0.0, 0.25, -1, 0, True, 0.0, 0)
+    grads = triton_attention_varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, 6, 6, 0.0, 0.25, -1, 0, True, 0.0, 0)
+    ref = _grads(lambda q, k, v: _varlen_ref_fwd(q, k, v, cu_q, cu_k, 0.0, 0.25, -1, 0, True, 0.0, 0),
+                 *(t.double() for t in (q, k, v)), do.double())
+    _assert_close((out, lse) + tuple(grads), ref)
+    with pytest.raises(ValueError, match="int32"):
+        triton_attention_varlen_fwd(q, k, v, cu_q.long(), cu_k, 6, 6, 0.0, 0.25, -1, -1, False, 0.0, 0)
+    with pytest.raises(ValueError, match="3-D"):
+        triton_attention_varlen_fwd(q[None], k, v, cu_q, cu_k, 6, 6, 0.0, 0.25, -1, -1, False, 0.0, 0)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        triton_attention_varlen_fwd(q[:, :1].expand(10, 3, 16), k, v, cu_q, cu_k, 6, 6, 0.0, 0.25, -1, -1, False,
+                                    0.0, 0)
+
+
+def test_varlen_low_precision():
+    q, k, v, do, cu_q, cu_k = _varlen_inputs([5, 12], [9, 12], 4, 2, 40, 40, dtype=torch.float16)
+    args = (cu_q, cu_k, 12, 12, 0.0, 1 / math.sqrt(40), -1, 0, True, 0.0, 0)
+    ours = _grads(lambda q, k, v: triton_attention_varlen_fwd(q, k, v, *args), q, k, v, do)
+    ref = _grads(lambda q, k, v: _varlen_ref_fwd(q, k, v, cu_q, cu_k, *args[4:]), *(t.double() for t in (q, k, v)),
+                 do.double())
+    for name, a, b in zip(NAMES, ours, ref):
+        assert a.dtype == (torch.float32 if name == "lse" else torch.float16)
+        finite = torch.isfinite(b)
+        assert (a.double()[finite] - b[finite]).abs().max() < 5e-3, name
+
+
+# --------------------------------------------------------------------------------------------
+# Split-KV decoding (L <= 16): forced small chunks so several chunks and the reduce really run.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def force_decode_chunk(monkeypatch):
+    import fastattn.triton.attention as ta
+
+    def force(n):
+        monkeypatch.setattr(ta, "_decode_chunk_forced", n)
+    return force
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,kw", [
+    (2, 4, 2, 1, 70, {}),                                  # GQA packed rows, 5 chunks, ragged last
+    (1, 3, 1, 5, 64, {"Ev": 24, "cap": 3.0}),              # MQA: 15 rows of 3 heads in one tile
+    (1, 2, 2, 4, 70, {"wr": 0, "diag": 66}),               # causal bottom-right decode
+    (1, 2, 1, 3, 64, {"wl": 5, "wr": 0, "diag": 61}),      # sliding window: early chunks invisible
+    (1, 2, 1, 6, 40, {"wr": 0, "diag": -3}),               # rows that see nothing at all: lse +inf
+    (1, 4, 2, 2, 48, {"p": 0.3, "seed": 11, "bias": True}),  # dropout hash and bias per packed row
+])
+def test_split_kv_decode(force_decode_chunk, B, Hq, Hkv, L, S, kw):
+    kw = dict(kw)
+    Ev = kw.pop("Ev", 16)
+    q, k, v, do = _inputs(B, Hq, Hkv, L, S, 16, Ev)
+    if kw.pop("bias", False):
+        g = torch.Generator().manual_seed(4)
+        kw["bias"] = torch.randn(B, Hq, L, S, generator=g).to(DEV).masked_fill(torch.rand(L, S, generator=g) < 0.2,
+                                                                                -INF)
+    import fastattn.triton.attention as ta
+    plan = ta._decode_plan(B, Hq, Hkv, L, S, {"E_PAD": 16, "EV_PAD": 16}, q.dtype, q.device)
+    assert plan is None  # not chosen by itself in the interpreter
+    force_decode_chunk(16)
+    plan = ta._decode_plan(B, Hq, Hkv, L, S, {"E_PAD": 16, "EV_PAD": 16}, q.dtype, q.device)
+    assert plan is not None and plan[3] >= 3  # several chunks
+    (out, lse, *_), _ = _check_fp32(q, k, v, do, **kw)
+    if kw.get("diag", 0) < 0:
+        assert torch.isposinf(lse[..., :3]).all() and (out[..., :3, :] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: varlen and split-KV decoding at real sizes, opcheck / torch.compile of the varlen op.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kw", [{}, {"wr": 0, "br": True}, {"wl": 64, "wr": 0, "p": 0.1, "seed": 2, "cap": 20.0}])
+def test_cuda_varlen(dtype, kw):
+    lens_q, lens_k = [300, 0, 1, 513], [310, 5, 0, 600]
+    q, k, v, do, cu_q, cu_k = _varlen_inputs(lens_q, lens_k, 8, 2, 128, 128, dtype=dtype)
+    kw = dict(kw)
+    args = (cu_q, cu_k, 513, 600, kw.get("p", 0.0), 1 / math.sqrt(128), kw.get("wl", -1), kw.get("wr", -1),
+            kw.get("br", False), kw.get("cap", 0.0), kw.get("seed", 0))
+    ours = _grads(lambda q, k, v: triton_attention_varlen_fwd(q, k, v, *args), q, k, v, do)
+    ref = _grads(lambda q, k, v: _varlen_ref_fwd(q, k, v, cu_q.cpu(), cu_k.cpu(), *args[4:]),
+                 *(t.double() for t in (q, k, v)), do.double())
+    low = _grads(lambda q, k, v: _varlen_ref_fwd(q, k, v, cu_q.cpu(), cu_k.cpu(), *args[4:]), q, k, v, do)
+    for name, a, b, c in zip(NAMES, ours, ref, low):
+        fin = torch.isfinite(b)
+        err = (a.double() - b).abs()[fin].max().item()
+        if dtype == torch.float32:
+            assert err <= 2e-4 * max(1.0, b[fin].abs().max().item()), f"{name}: {err}"
+        else:
+            err_torch = (c.double() - b).abs()[fin].max().item()
+            assert err <= 2 * err_torch + 1e-3, f"{name}: {err} vs torch {err_torch}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,kw", [
+    (1, 32, 8, 1, 8192, {}),
+    (4, 8, 1, 16, 3000, {"wr": 0, "diag": 2984}),
+    (2, 4, 4, 4, 5000, {"wl": 700, "wr": 0, "diag": 4996, "p": 0.1, "seed": 1}),
+])
+def test_cuda_split_kv_decode(dtype, B, Hq, Hkv, L, S, kw):
+    import fastattn.triton.attention as ta
+    q, k, v, do = _inputs(B, Hq, Hkv, L, S, 128, 128, dtype=dtype)
+    assert ta._decode_plan(B, Hq, Hkv, L, S, {"E_PAD": 128, "EV_PAD": 128}, dtype, q.device) is not None
+    ours = _triton(q, k, v, do, **kw)
+    ref = _reference(q, k, v, do, **kw)
+    tol = 2e-4 if dtype == torch.float32 else 2e-3
+    for name, a, b in zip(NAMES, ours, ref):
+        fin = torch.isfinite(b)
+        assert (a.double() - b).abs()[fin].max().item() <= tol * max(1.0, b[fin].abs().max().item()), name
+
+
+@pytest.mark.cuda
+def test_cuda_varlen_opcheck_and_compile():
+    q, k, v, do, cu_q, cu_k = _varlen_inputs([65, 3, 100], [70, 50, 100], 4, 2, 64, 64, dtype=torch.float16)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 100, 100, 0.0, 0.125, -1, 0,
+            True, 0.0, 0)
+    torch.library.opcheck(torch.ops.fastattn.triton_attention_varlen_fwd.default, args)
+
+    def f(q, k, v):
+        return triton_attention_varlen_fwd(q, k, v, *args[3:])[0] * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    ours = _api_grads(compiled, q, k, v, do)
+    eager = _api_grads(f, q, k, v, do)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -6,7 +6,15 @@
 //                inside the kernels, so any head size <= 256 runs.
 //   fp32:        SIMT kernels (attention_simt.cuh), correct but slow; also the fp16/bf16 fallback
 //                where the tensor-core kernels' shared memory does not fit the GPU.
-// Instantiations: 2 dtypes x 3 buckets x 3 tensor-core kernels + 3 dtypes x 4 SIMT/delta kernels.
+// Instantiations: 2 dtypes x 3 buckets x 3 tensor-core kernels x {dense, varlen} + 3 dtypes x 4
+// SIMT/delta kernels + 2 split-KV reduce kernels.
+//
+// Packed variable-length batches (attention_varlen_fwd/bwd) run the same kernels: the parameter
+// block carries cu_seqlens, grid z is the sequence, and each block looks its sequence up
+// (enter_sequence in attention_common.cuh: L, S, diag_offset and first rows from cu_seqlens[b],
+// cu_seqlens[b+1]); tiles past a sequence's end exit at once.
+// Decoding (L <= 16, few query tiles for the GPU): the tensor-core forward splits the keys over
+// several blocks per query tile and a reduce kernel combines their partial (out, lse).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -34,6 +42,15 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def(
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
       "Tensor? attn_bias, float dropout_p, float scale, int window_left, int window_right, int diag_offset, "
+      "float softcap, int seed) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, "
+      "int window_left, int window_right, bool bottom_right, float softcap, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "attention_varlen_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap, int seed) -> (Tensor, Tensor, Tensor)");
 }
 #endif
@@ -126,6 +143,7 @@ AttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const 
   };
   p.vec_loads = p.E % 8 == 0 && p.Ev % 8 == 0 && strides8(q) && strides8(k) && strides8(v) && aligned16(q) &&
                 aligned16(k) && aligned16(v);
+  p.num_splits = 1;
   return p;
 }
 
@@ -153,77 +171,156 @@ void allow_smem(Kernel kernel, int bytes) {
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Grids are sized by max_L / max_S: p.L / p.S when dense, the longest sequence's when varlen.
 template <typename T>
-void launch_fwd_simt(const AttnParams& p, cudaStream_t stream) {
-  attn_fwd_simt_kernel<T><<<dim3(ceil_div(p.L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
+void launch_fwd_simt(const AttnParams& p, int max_L, cudaStream_t stream) {
+  attn_fwd_simt_kernel<T><<<dim3(ceil_div(max_L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_bwd_simt(const AttnParams& p, cudaStream_t stream) {
-  attn_bwd_dkdv_simt_kernel<T><<<dim3(ceil_div(p.S, kSimtWarps), p.Hkv, p.B), kSimtWarps * 32, 0, stream>>>(p);
+void launch_bwd_simt(const AttnParams& p, int max_L, int max_S, cudaStream_t stream) {
+  attn_bwd_dkdv_simt_kernel<T><<<dim3(ceil_div(max_S, kSimtWarps), p.Hkv, p.B), kSimtWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  attn_bwd_dq_simt_kernel<T><<<dim3(ceil_div(p.L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
+  attn_bwd_dq_simt_kernel<T><<<dim3(ceil_div(max_L, kSimtWarps), p.Hq, p.B), kSimtWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Split-KV plan for the tensor-core forward (dense only): when L <= 16 and the query tiles fill
+// less than one wave of the GPU, each tile's keys are cut into slices of split_keys (a multiple of
+// the key tile, >= 256 keys) so that about two blocks per SM run. FASTATTN_CUDA_ATTN_SPLIT_KEYS=n
+// forces slices of n keys (rounded up to the key tile) whenever L <= 16 (the tests use it).
+void plan_splits(AttnParams& p) {
+  p.num_splits = 1;
+  if (p.cu_q != nullptr || p.L > 16 || p.S == 0) return;
+  const int blocks = ceil_div(p.L, kFwdBM) * p.Hq * p.B;
+  int split_keys = 0;
+  const char* force = std::getenv("FASTATTN_CUDA_ATTN_SPLIT_KEYS");
+  if (force != nullptr && std::atoi(force) > 0) {
+    split_keys = std::atoi(force);
+  } else {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (blocks >= sms || p.S < 512) return;
+    split_keys = std::max(256, ceil_div(p.S, ceil_div(2 * sms, blocks)));
+  }
+  split_keys = ceil_div(split_keys, kFwdBN) * kFwdBN;
+  const int splits = ceil_div(p.S, split_keys);
+  if (splits < 2) return;
+  p.num_splits = splits;
+  p.split_keys = split_keys;
 }
 
 template <typename T, int D>
-void launch_fwd_mma(const AttnParams& p, cudaStream_t stream) {
+void launch_fwd_mma(const AttnParams& p_in, int max_L, cudaStream_t stream) {
   constexpr int smem = fwd_smem_bytes<D>();
-  if (!mma_fits(smem)) return launch_fwd_simt<T>(p, stream);
-  auto kernel = attn_fwd_mma_kernel<T, D>;
+  if (!mma_fits(smem)) return launch_fwd_simt<T>(p_in, max_L, stream);
+  AttnParams p = p_in;
+  plan_splits(p);
+  at::Tensor o_part, lse_part;  // kept alive until both kernels are queued (stream order frees them after)
+  if (p.num_splits > 1) {
+    const int64_t rows = (int64_t)p.B * p.Hq * p.L;
+    const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, at::cuda::current_device());
+    o_part = at::empty({rows, p.num_splits, p.Ev}, f32);
+    lse_part = at::empty({rows, p.num_splits}, f32);
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  auto kernel = p.cu_q != nullptr ? attn_fwd_mma_kernel<T, D, true> : attn_fwd_mma_kernel<T, D, false>;
   allow_smem(kernel, smem);
-  kernel<<<dim3(ceil_div(p.L, kFwdBM), p.Hq, p.B), kFwdThreads, smem, stream>>>(p);
+  kernel<<<dim3(ceil_div(max_L, kFwdBM) * p.num_splits, p.Hq, p.B), kFwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.num_splits > 1) {
+    const int64_t rows = (int64_t)p.B * p.Hq * p.L;
+    attn_fwd_split_reduce_kernel<T><<<(unsigned)((rows + 7) / 8), 256, 0, stream>>>(p, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, int D, int STAGES>
-void launch_dkdv(const AttnParams& p, cudaStream_t stream) {
+void launch_dkdv(const AttnParams& p, int max_S, cudaStream_t stream) {
   constexpr int smem = dkdv_smem_bytes<D, STAGES>();
-  auto kernel = attn_bwd_dkdv_kernel<T, D, STAGES>;
+  auto kernel = p.cu_q != nullptr ? attn_bwd_dkdv_kernel<T, D, STAGES, true> : attn_bwd_dkdv_kernel<T, D, STAGES, false>;
   allow_smem(kernel, smem);
-  kernel<<<dim3(ceil_div(p.S, kBwdBN), p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
+  kernel<<<dim3(ceil_div(max_S, kBwdBN), p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Backward with the tensor-core kernels: dK/dV with a double-buffered Q/dO pipeline where it
 // fits (D = 64 always, D = 128 on A100/H100-class parts), then dQ.
 template <typename T, int D>
-void launch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
+void launch_bwd_mma(const AttnParams& p, int max_L, int max_S, cudaStream_t stream) {
   constexpr int dq_smem = dq_smem_bytes<D>();
-  if (!mma_fits(std::max(dkdv_smem_bytes<D, 1>(), dq_smem))) return launch_bwd_simt<T>(p, stream);
+  if (!mma_fits(std::max(dkdv_smem_bytes<D, 1>(), dq_smem))) return launch_bwd_simt<T>(p, max_L, max_S, stream);
   if constexpr (D == 64) {
-    launch_dkdv<T, D, 2>(p, stream);
+    launch_dkdv<T, D, 2>(p, max_S, stream);
   } else if constexpr (D == 128) {
     if (mma_fits(dkdv_smem_bytes<D, 2>())) {
-      launch_dkdv<T, D, 2>(p, stream);
+      launch_dkdv<T, D, 2>(p, max_S, stream);
     } else {
-      launch_dkdv<T, D, 1>(p, stream);
+      launch_dkdv<T, D, 1>(p, max_S, stream);
     }
   } else {
-    launch_dkdv<T, D, 1>(p, stream);
+    launch_dkdv<T, D, 1>(p, max_S, stream);
   }
-  auto dq = attn_bwd_dq_kernel<T, D>;
+  auto dq = p.cu_q != nullptr ? attn_bwd_dq_kernel<T, D, true> : attn_bwd_dq_kernel<T, D, false>;
   allow_smem(dq, dq_smem);
-  dq<<<dim3(ceil_div(p.L, kBwdBM), p.Hq, p.B), kBwdThreads, dq_smem, stream>>>(p);
+  dq<<<dim3(ceil_div(max_L, kBwdBM), p.Hq, p.B), kBwdThreads, dq_smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void dispatch_fwd_mma(const AttnParams& p, cudaStream_t stream) {
+void dispatch_fwd_mma(const AttnParams& p, int max_L, cudaStream_t stream) {
   switch (head_bucket(p)) {
-    case 64: return launch_fwd_mma<T, 64>(p, stream);
-    case 128: return launch_fwd_mma<T, 128>(p, stream);
-    default: return launch_fwd_mma<T, 256>(p, stream);
+    case 64: return launch_fwd_mma<T, 64>(p, max_L, stream);
+    case 128: return launch_fwd_mma<T, 128>(p, max_L, stream);
+    default: return launch_fwd_mma<T, 256>(p, max_L, stream);
   }
 }
 
 template <typename T>
-void dispatch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
+void dispatch_bwd_mma(const AttnParams& p, int max_L, int max_S, cudaStream_t stream) {
   switch (head_bucket(p)) {
-    case 64: return launch_bwd_mma<T, 64>(p, stream);
-    case 128: return launch_bwd_mma<T, 128>(p, stream);
-    default: return launch_bwd_mma<T, 256>(p, stream);
+    case 64: return launch_bwd_mma<T, 64>(p, max_L, max_S, stream);
+    case 128: return launch_bwd_mma<T, 128>(p, max_L, max_S, stream);
+    default: return launch_bwd_mma<T, 256>(p, max_L, max_S, stream);
+  }
+}
+
+// Forward / backward launches shared by the dense and the varlen ops (p fully filled in).
+void run_fwd(const AttnParams& p, at::ScalarType dtype, int max_L, cudaStream_t stream) {
+  switch (dtype) {
+    case at::kHalf: dispatch_fwd_mma<__half>(p, max_L, stream); break;
+    case at::kBFloat16: dispatch_fwd_mma<__nv_bfloat16>(p, max_L, stream); break;
+    default: launch_fwd_simt<float>(p, max_L, stream);
+  }
+}
+
+// delta = rowsum(dO * O) over `rows` contiguous rows (varlen_heads: see attn_bwd_delta_kernel),
+// then dK/dV and dQ.
+void run_bwd(const AttnParams& p, at::ScalarType dtype, const Tensor& out_c, int64_t rows, int varlen_heads,
+             int max_L, int max_S, cudaStream_t stream) {
+  const unsigned delta_blocks = (unsigned)((rows + 7) / 8);
+  switch (dtype) {
+    case at::kHalf:
+      attn_bwd_delta_kernel<__half><<<delta_blocks, 256, 0, stream>>>(
+          static_cast<const __half*>(p.dout), static_cast<const __half*>(out_c.data_ptr()), p.delta, rows, p.Ev,
+          varlen_heads);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_bwd_mma<__half>(p, max_L, max_S, stream);
+      break;
+    case at::kBFloat16:
+      attn_bwd_delta_kernel<__nv_bfloat16><<<delta_blocks, 256, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(p.dout), static_cast<const __nv_bfloat16*>(out_c.data_ptr()), p.delta,
+          rows, p.Ev, varlen_heads);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_bwd_mma<__nv_bfloat16>(p, max_L, max_S, stream);
+      break;
+    default:
+      attn_bwd_delta_kernel<float><<<delta_blocks, 256, 0, stream>>>(
+          static_cast<const float*>(p.dout), static_cast<const float*>(out_c.data_ptr()), p.delta, rows, p.Ev,
+          varlen_heads);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_bwd_simt<float>(p, max_L, max_S, stream);
   }
 }
 
@@ -240,12 +337,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cuda(const Tensor& query, const Tensor&
   if (lse.numel() == 0) return {out, lse};
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (query.scalar_type()) {
-    case at::kHalf: dispatch_fwd_mma<__half>(p, stream); break;
-    case at::kBFloat16: dispatch_fwd_mma<__nv_bfloat16>(p, stream); break;
-    default: launch_fwd_simt<float>(p, stream);
-  }
+  run_fwd(p, query.scalar_type(), p.L, at::cuda::getCurrentCUDAStream());
   return {out, lse};
 }
 
@@ -293,29 +385,113 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
   p.dv = dv.data_ptr();
   p.vec_loads = p.vec_loads && aligned16(dout_c);  // dO tiles go through cp.async too (row stride Ev)
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t rows = (int64_t)p.B * p.Hq * p.L;
-  const unsigned delta_blocks = (unsigned)((rows + 7) / 8);
-  switch (query.scalar_type()) {
-    case at::kHalf:
-      attn_bwd_delta_kernel<__half><<<delta_blocks, 256, 0, stream>>>(
-          static_cast<const __half*>(p.dout), static_cast<const __half*>(out_c.data_ptr()), p.delta, rows, p.Ev);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dispatch_bwd_mma<__half>(p, stream);
-      break;
-    case at::kBFloat16:
-      attn_bwd_delta_kernel<__nv_bfloat16><<<delta_blocks, 256, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(p.dout), static_cast<const __nv_bfloat16*>(out_c.data_ptr()), p.delta,
-          rows, p.Ev);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dispatch_bwd_mma<__nv_bfloat16>(p, stream);
-      break;
-    default:
-      attn_bwd_delta_kernel<float><<<delta_blocks, 256, 0, stream>>>(
-          static_cast<const float*>(p.dout), static_cast<const float*>(out_c.data_ptr()), p.delta, rows, p.Ev);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch_bwd_simt<float>(p, stream);
+  run_bwd(p, query.scalar_type(), out_c, (int64_t)p.B * p.Hq * p.L, 0, p.L, p.S, at::cuda::getCurrentCUDAStream());
+  return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed variable-length batches: q (Tq, Hq, E), k (Tk, Hkv, E), v (Tk, Hkv, Ev), cu_seqlens int32.
+// ---------------------------------------------------------------------------------------------
+void check_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                  int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  for (const auto& [name, x] : {std::pair<const char*, const Tensor*>{"query", &q}, {"key", &k}, {"value", &v}}) {
+    TORCH_CHECK(x->dim() == 3, "attention_varlen (cuda): ", name, " must be 3-D (total_tokens, heads, head_dim), got ",
+                x->dim(), "-D");
   }
+  for (const auto& [name, x] :
+       {std::pair<const char*, const Tensor*>{"cu_seqlens_q", &cu_q}, {"cu_seqlens_k", &cu_k}}) {
+    TORCH_CHECK(x->device() == q.device(), "attention_varlen (cuda): ", name, " is on ", x->device(),
+                " but query on ", q.device());
+    TORCH_CHECK(x->scalar_type() == at::kInt && x->dim() == 1 && x->is_contiguous(), "attention_varlen (cuda): ",
+                name, " must be a contiguous 1-D int32 tensor, got ", x->scalar_type(), " of shape ", x->sizes());
+  }
+  TORCH_CHECK(cu_q.numel() >= 1 && cu_q.numel() == cu_k.numel(), "attention_varlen (cuda): cu_seqlens_q and "
+              "cu_seqlens_k must both have N + 1 >= 1 entries, got ", cu_q.numel(), " and ", cu_k.numel());
+  TORCH_CHECK(cu_q.numel() - 1 <= 65535, "attention_varlen (cuda): at most 65535 sequences, got ", cu_q.numel() - 1);
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q < std::numeric_limits<int>::max() &&
+                  max_seqlen_k < std::numeric_limits<int>::max(),
+              "attention_varlen (cuda): max_seqlen_q / max_seqlen_k out of range: ", max_seqlen_q, ", ", max_seqlen_k);
+  // (Tq, H, E) seen as the (1, H, Tq, E) batch the dense checks expect
+  check_qkv(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2));
+}
+
+AttnParams make_varlen_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                              const Tensor& cu_k, double dropout_p, double scale, int64_t window_left,
+                              int64_t window_right, bool bottom_right, double softcap, int64_t seed) {
+  AttnParams p = make_params(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                             v.unsqueeze(0).transpose(1, 2), std::nullopt, dropout_p, scale, window_left,
+                             window_right, 0, softcap, seed);
+  p.q_sb = p.k_sb = p.v_sb = 0;  // sequences are found by their first row, not a batch stride
+  p.B = (int)(cu_q.numel() - 1);
+  p.Tq = (int)q.size(0);
+  p.cu_q = cu_q.data_ptr<int>();
+  p.cu_k = cu_k.data_ptr<int>();
+  p.bottom_right = bottom_right;
+  return p;
+}
+
+std::tuple<Tensor, Tensor> attention_varlen_fwd_cuda(const Tensor& query, const Tensor& key, const Tensor& value,
+                                                     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                     int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+                                                     double scale, int64_t window_left, int64_t window_right,
+                                                     bool bottom_right, double softcap, int64_t seed) {
+  check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const c10::cuda::CUDAGuard guard(query.device());
+  AttnParams p = make_varlen_params(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, scale, window_left,
+                                    window_right, bottom_right, softcap, seed);
+  Tensor out = at::empty({query.size(0), p.Hq, p.Ev}, query.options());
+  Tensor lse = at::empty({p.Hq, query.size(0)}, query.options().dtype(at::kFloat));
+  if (lse.numel() == 0 || p.B == 0 || max_seqlen_q == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  run_fwd(p, query.scalar_type(), (int)max_seqlen_q, at::cuda::getCurrentCUDAStream());
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_varlen_bwd_cuda(
+    const Tensor& grad_out, const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& out,
+    const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double softcap, int64_t seed) {
+  check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const c10::cuda::CUDAGuard guard(query.device());
+  AttnParams p = make_varlen_params(query, key, value, cu_seqlens_q, cu_seqlens_k, dropout_p, scale, window_left,
+                                    window_right, bottom_right, softcap, seed);
+  const int64_t Tq = query.size(0), Tk = key.size(0);
+  const std::vector<int64_t> out_shape{Tq, p.Hq, p.Ev};
+  for (const auto& [name, x] : {std::pair<const char*, const Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
+    TORCH_CHECK(x->device() == query.device(), "attention_varlen_bwd (cuda): ", name, " is on ", x->device(),
+                " but query on ", query.device());
+    TORCH_CHECK(x->scalar_type() == query.scalar_type(), "attention_varlen_bwd (cuda): ", name,
+                " must have query's dtype ", query.scalar_type(), ", got ", x->scalar_type());
+    TORCH_CHECK(x->sizes() == at::IntArrayRef(out_shape), "attention_varlen_bwd (cuda): ", name,
+                " must have shape (Tq, Hq, Ev) = ", at::IntArrayRef(out_shape), ", got ", x->sizes());
+  }
+  TORCH_CHECK(lse.device() == query.device() && lse.scalar_type() == at::kFloat &&
+                  lse.sizes() == at::IntArrayRef({p.Hq, Tq}),
+              "attention_varlen_bwd (cuda): lse must be float32 of shape (Hq, Tq) on query's device, got ",
+              lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  if (Tq * p.Hq == 0 || Tk * p.Hkv == 0 || p.B == 0 || max_seqlen_q == 0 || max_seqlen_k == 0) {
+    return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
+            at::zeros_like(value, at::MemoryFormat::Contiguous)};
+  }
+  // cu_seqlens run from 0 to Tq / Tk: every row belongs to a sequence and is written by the kernels.
+  Tensor dq = at::empty_like(query, at::MemoryFormat::Contiguous);
+  Tensor dk = at::empty_like(key, at::MemoryFormat::Contiguous);
+  Tensor dv = at::empty_like(value, at::MemoryFormat::Contiguous);
+  const Tensor dout_c = grad_out.contiguous();
+  const Tensor out_c = out.contiguous();
+  const Tensor lse_c = lse.contiguous();
+  Tensor delta = at::empty({p.Hq, Tq}, query.options().dtype(at::kFloat));
+  p.dout = dout_c.data_ptr();
+  p.lse_in = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.vec_loads = p.vec_loads && aligned16(dout_c);
+  run_bwd(p, query.scalar_type(), out_c, Tq * p.Hq, p.Hq, (int)max_seqlen_q, (int)max_seqlen_k,
+          at::cuda::getCurrentCUDAStream());
   return {dq, dk, dv};
 }
 
@@ -326,4 +502,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cuda(const Tensor& grad_out, co
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("attention_fwd", &fastattn::cuda_attn::attention_fwd_cuda);
   m.impl("attention_bwd", &fastattn::cuda_attn::attention_bwd_cuda);
+  m.impl("attention_varlen_fwd", &fastattn::cuda_attn::attention_varlen_fwd_cuda);
+  m.impl("attention_varlen_bwd", &fastattn::cuda_attn::attention_varlen_bwd_cuda);
 }

@@ -37,24 +37,29 @@ constexpr int dq_smem_bytes() {
   return 4 * 64 * (D + 8) * 2 + 64 * (64 + 8) * 2 + 2 * 64 * 4;
 }
 
-// delta[row] = sum_c dO[row][c] * O[row][c] for the (B*Hq*L, Ev) contiguous dO, O. One warp per row.
+// delta = rowsum(dO * O) for the contiguous dO, O of `rows` rows of Ev. One warp per row. Dense
+// (B*Hq*L rows): delta[row]. Varlen (varlen_heads = Hq; rows t*Hq + h of (Tq, Hq, Ev)): delta is
+// (Hq, Tq) like lse, delta[h*Tq + t].
 template <typename T>
 __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out,
-                                                             float* __restrict__ delta, int64_t rows, int Ev) {
+                                                             float* __restrict__ delta, int64_t rows, int Ev,
+                                                             int varlen_heads = 0) {
   const int64_t r = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
   float acc = 0.f;
   for (int c = lane; c < Ev; c += 32) acc += Dt<T>::to_float(dout[r * Ev + c]) * Dt<T>::to_float(out[r * Ev + c]);
   acc = warp_sum(acc);
-  if (lane == 0) delta[r] = acc;
+  const int64_t dst = varlen_heads > 0 ? (r % varlen_heads) * (rows / varlen_heads) + r / varlen_heads : r;
+  if (lane == 0) delta[dst] = acc;
 }
 
 // One score entry of backward: p_drop = P*Z (for dV) and ds = dL/d(q.k) / scale.
 template <typename T>
-__device__ __forceinline__ void bwd_entry(const AttnParams& p, int b, int h, int i, int j, uint32_t rhash, float dot,
+__device__ __forceinline__ void bwd_entry(const AttnParams& p, const Seq& sq, int b, int h, int i, int j,
+                                          uint32_t rhash, float dot,
                                           float dp, float lse_log2, float delta, float& p_drop, float& ds) {
-  if (!visible(p, i, j)) {
+  if (!visible(p, sq, i, j)) {
     p_drop = 0.f;
     ds = 0.f;
     return;
@@ -72,7 +77,7 @@ __device__ __forceinline__ void bwd_entry(const AttnParams& p, int b, int h, int
 
 // dK, dV for one 64-key tile of one KV head, over every query tile (and every query head of the
 // GQA group) that can see it.
-template <typename T, int D, int STAGES>
+template <typename T, int D, int STAGES, bool VARLEN>
 __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BM + 8;
   constexpr int NP = D / 32;  // phase B: 16 x D/2 per warp = NP pairs of n-tiles
@@ -89,14 +94,16 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   float* sDeltaBuf = sLseBuf + STAGES * BM;                       // [STAGES][BM]
 
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
+  const Seq sq = sequence<VARLEN>(p, b);
+  if (n0 >= sq.S) return;  // varlen: the grid is sized for the longest sequence
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kr = warp & 3;     // key rows kr*16 .. +15 (both phases)
   const int half = warp >> 2;  // phase A: queries half*32 .. +31; phase B: columns half*D/2 ..
 
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  load_tile<BN, D, kBwdThreads>(sK, kg, p.k_sl, n0, p.S, p.E, p.vec_loads);
-  load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0, p.S, p.Ev, p.vec_loads);
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + k_offset(p, sq, b, hk);
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + v_offset(p, sq, b, hk);
+  load_tile<BN, D, kBwdThreads>(sK, kg, p.k_sl, n0, sq.S, p.E, p.vec_loads);
+  load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0, sq.S, p.Ev, p.vec_loads);
   cp_async_commit();
 
   float dk[2 * NP][4], dv[2 * NP][4];
@@ -108,7 +115,7 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   // The work list: (query head h of the GQA group, query tile mb) pairs, tile index
   // it = (h - hk*group) * n_mb + (mb - mb_begin).
   int i_lo, i_hi;
-  query_range(p, n0, min(n0 + BN, p.S) - 1, i_lo, i_hi);
+  query_range(p, sq, n0, min(n0 + BN, sq.S) - 1, i_lo, i_hi);
   const int mb_begin = i_lo / BM;
   const int n_mb = i_hi > i_lo ? (i_hi + BM - 1) / BM - mb_begin : 0;
   const int n_tiles = n_mb * p.group;
@@ -117,16 +124,17 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   auto load_work = [&](int it, int stage) {
     const int h = hk * p.group + it / n_mb;
     const int m0 = (mb_begin + it % n_mb) * BM;
-    const int64_t bh_row = ((int64_t)b * p.Hq + h) * p.L;
-    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + bh_row * p.Ev;
-    load_tile<BM, D, kBwdThreads>(sQbuf + stage * BM * SROW, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
-    load_tile<BM, D, kBwdThreads>(sdObuf + stage * BM * SROW, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
+    const int64_t lrow = lse_row(p, sq, b, h, 0);
+    const uint16_t* qg = static_cast<const uint16_t*>(p.q) + q_offset(p, sq, b, h);
+    const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + out_row(p, sq, b, h, 0) * p.Ev;
+    load_tile<BM, D, kBwdThreads>(sQbuf + stage * BM * SROW, qg, p.q_sl, m0, sq.L, p.E, p.vec_loads);
+    load_tile<BM, D, kBwdThreads>(sdObuf + stage * BM * SROW, dog, out_row_step(p) * p.Ev, m0, sq.L, p.Ev,
+                                  p.vec_loads);
     cp_async_commit();
     for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
       const int i = m0 + r;
-      sLseBuf[stage * BM + r] = i < p.L ? p.lse_in[bh_row + i] * kLog2e : INFINITY;
-      sDeltaBuf[stage * BM + r] = i < p.L ? p.delta[bh_row + i] : 0.f;
+      sLseBuf[stage * BM + r] = i < sq.L ? p.lse_in[lrow + i] * kLog2e : INFINITY;
+      sDeltaBuf[stage * BM + r] = i < sq.L ? p.delta[lrow + i] : 0.f;
     }
   };
 
@@ -168,8 +176,8 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
         for (int c = 0; c < 2; ++c) {
           const int il = half * 32 + nt * 8 + 2 * t + c;
           const int i = m0 + il;
-          const uint32_t rh = p.has_dropout ? drop_row_hash(p, b, h, i) : 0u;
-          bwd_entry<T>(p, b, h, i, n0 + jl, rh, s[nt][2 * rr + c], dp[nt][2 * rr + c], sLse[il], sDelta[il], pd[c],
+          const uint32_t rh = p.has_dropout ? drop_row_hash(p, sq, b, h, i) : 0u;
+          bwd_entry<T>(p, sq, b, h, i, n0 + jl, rh, s[nt][2 * rr + c], dp[nt][2 * rr + c], sLse[il], sDelta[il], pd[c],
                        ds[c]);
         }
         const int off = jl * PROW + half * 32 + nt * 8 + 2 * t;
@@ -184,26 +192,26 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dkdv_kernel(const AttnPa
   }
   cp_async_wait_all();  // (the K/V load when no query tile ran)
 
-  T* dkg = static_cast<T*>(p.dk) + ((int64_t)b * p.Hkv + hk) * p.S * p.E;
-  T* dvg = static_cast<T*>(p.dv) + ((int64_t)b * p.Hkv + hk) * p.S * p.Ev;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int j = n0 + kr * 16 + g + rr * 8;
-    if (j >= p.S) continue;
+    if (j >= sq.S) continue;
+    T* dkg = static_cast<T*>(p.dk) + key_row(p, sq, b, hk, j) * p.E;
+    T* dvg = static_cast<T*>(p.dv) + key_row(p, sq, b, hk, j) * p.Ev;
 #pragma unroll
     for (int n = 0; n < 2 * NP; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = half * (D / 2) + n * 8 + 2 * t + c;
-        if (col < p.E) dkg[(int64_t)j * p.E + col] = Dt<T>::from_float(dk[n][2 * rr + c] * p.scale);
-        if (col < p.Ev) dvg[(int64_t)j * p.Ev + col] = Dt<T>::from_float(dv[n][2 * rr + c]);
+        if (col < p.E) dkg[col] = Dt<T>::from_float(dk[n][2 * rr + c] * p.scale);
+        if (col < p.Ev) dvg[col] = Dt<T>::from_float(dv[n][2 * rr + c]);
       }
   }
 }
 
 // dQ for one 64-query tile of one query head, over every key tile it can see. V_{j+1} loads
 // (cp.async) during phase B of tile j; K_j only once phase B of tile j-1 is done with its buffer.
-template <typename T, int D>
+template <typename T, int D, bool VARLEN>
 __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnParams p) {
   constexpr int BM = kBwdBM, BN = kBwdBN, SROW = D + 8, PROW = BN + 8;
   constexpr int NP = D / 32;
@@ -218,49 +226,52 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
   float* sDelta = sLse + BM;
 
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const Seq sq = sequence<VARLEN>(p, b);
+  if (m0 >= sq.L) return;  // varlen: the grid is sized for the longest sequence
   const int hk = h / p.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int qr = warp & 3;     // query rows qr*16 .. +15 (both phases)
   const int half = warp >> 2;  // phase A: keys half*32 .. +31; phase B: columns half*D/2 ..
 
-  const int64_t bh_row = ((int64_t)b * p.Hq + h) * p.L;
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + bh_row * p.Ev;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const int64_t lrow = lse_row(p, sq, b, h, 0);
+  const int64_t do_stride = out_row_step(p) * p.Ev;
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + q_offset(p, sq, b, h);
+  const uint16_t* dog = static_cast<const uint16_t*>(p.dout) + out_row(p, sq, b, h, 0) * p.Ev;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + k_offset(p, sq, b, hk);
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + v_offset(p, sq, b, hk);
 
   float dq[2 * NP][4];
 #pragma unroll
   for (int n = 0; n < 2 * NP; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
   int j_lo, j_hi;
-  key_range(p, m0, min(m0 + BM, p.L) - 1, j_lo, j_hi);
+  key_range(p, sq, m0, min(m0 + BM, sq.L) - 1, j_lo, j_hi);
   const int nb_begin = j_lo / BN;
   const int nb_end = j_hi > j_lo ? (j_hi + BN - 1) / BN : nb_begin;
 
   const int irow[2] = {m0 + qr * 16 + g, m0 + qr * 16 + g + 8};
   uint32_t rhash[2] = {0u, 0u};
   if (p.has_dropout) {
-    rhash[0] = drop_row_hash(p, b, h, irow[0]);
-    rhash[1] = drop_row_hash(p, b, h, irow[1]);
+    rhash[0] = drop_row_hash(p, sq, b, h, irow[0]);
+    rhash[1] = drop_row_hash(p, sq, b, h, irow[1]);
   }
 
   if (nb_begin < nb_end) {
-    load_tile<BM, D, kBwdThreads>(sQ, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
-    load_tile<BM, D, kBwdThreads>(sdO, dog, p.Ev, m0, p.L, p.Ev, p.vec_loads);
-    load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, nb_begin * BN, p.S, p.Ev, p.vec_loads);
+    load_tile<BM, D, kBwdThreads>(sQ, qg, p.q_sl, m0, sq.L, p.E, p.vec_loads);
+    load_tile<BM, D, kBwdThreads>(sdO, dog, do_stride, m0, sq.L, p.Ev, p.vec_loads);
+    load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, nb_begin * BN, sq.S, p.Ev, p.vec_loads);
     cp_async_commit();
     for (int r = threadIdx.x; r < BM; r += kBwdThreads) {
       const int i = m0 + r;
-      sLse[r] = i < p.L ? p.lse_in[bh_row + i] * kLog2e : INFINITY;
-      sDelta[r] = i < p.L ? p.delta[bh_row + i] : 0.f;
+      sLse[r] = i < sq.L ? p.lse_in[lrow + i] * kLog2e : INFINITY;
+      sDelta[r] = i < sq.L ? p.delta[lrow + i] : 0.f;
     }
   }
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int n0 = nb * BN;
     __syncthreads();  // every warp is done with the previous K, dS tiles
-    load_tile<BN, D, kBwdThreads>(sK, kg, p.k_sl, n0, p.S, p.E, p.vec_loads);
+    load_tile<BN, D, kBwdThreads>(sK, kg, p.k_sl, n0, sq.S, p.E, p.vec_loads);
     cp_async_commit();
     cp_async_wait_all();  // K_j, and V_j issued during the previous phase B
     __syncthreads();
@@ -282,14 +293,14 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int j = n0 + half * 32 + nt * 8 + 2 * t + c;
-          bwd_entry<T>(p, b, h, irow[rr], j, rhash[rr], s[nt][2 * rr + c], dp[nt][2 * rr + c], sLse[il], sDelta[il],
+          bwd_entry<T>(p, sq, b, h, irow[rr], j, rhash[rr], s[nt][2 * rr + c], dp[nt][2 * rr + c], sLse[il], sDelta[il],
                        pd[c], ds[c]);
         }
         st32(sdS + il * PROW + half * 32 + nt * 8 + 2 * t, Dt<T>::pack(ds[0], ds[1]));
       }
     __syncthreads();
     if (nb + 1 < nb_end) {  // V is free until the next phase A: load V_{j+1} while phase B runs
-      load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0 + BN, p.S, p.Ev, p.vec_loads);
+      load_tile<BN, D, kBwdThreads>(sV, vg, p.v_sl, n0 + BN, sq.S, p.Ev, p.vec_loads);
       cp_async_commit();
     }
 
@@ -297,17 +308,17 @@ __global__ void __launch_bounds__(kBwdThreads) attn_bwd_dq_kernel(const AttnPara
     warp_gemm_ab<T, NP, BN>(dq, sdS + qr * 16 * PROW, PROW, sK + half * (D / 2), SROW, lane);
   }
 
-  T* dqg = static_cast<T*>(p.dq) + bh_row * p.E;
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int i = irow[rr];
-    if (i >= p.L) continue;
+    if (i >= sq.L) continue;
+    T* dqg = static_cast<T*>(p.dq) + out_row(p, sq, b, h, i) * p.E;
 #pragma unroll
     for (int n = 0; n < 2 * NP; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int col = half * (D / 2) + n * 8 + 2 * t + c;
-        if (col < p.E) dqg[(int64_t)i * p.E + col] = Dt<T>::from_float(dq[n][2 * rr + c] * p.scale);
+        if (col < p.E) dqg[col] = Dt<T>::from_float(dq[n][2 * rr + c] * p.scale);
       }
   }
 }

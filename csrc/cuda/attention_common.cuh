@@ -48,46 +48,121 @@ struct AttnParams {
   bool vec_loads;  // every tile row is 16-byte aligned: cp.async in 16-byte chunks
   uint32_t drop_threshold, seed_hash;
   long long window_left, window_right, diag_offset;
+  // Packed variable-length batches (cu_q != nullptr): q, k, v are (T, H, D) with batch strides 0;
+  // out, dout, dq are (Tq, Hq, .), dk, dv (Tk, Hkv, .), lse and delta (Hq, Tq); blockIdx.z is the
+  // sequence: sequence() gives a block its own L, S, diag_offset and first rows.
+  const int* cu_q;
+  const int* cu_k;
+  int Tq;
+  bool bottom_right;
+  // Split-KV forward (num_splits > 1, dense only): block x = query tile * num_splits + split, the
+  // split covering keys [split * split_keys, +split_keys) (a multiple of the key tile). Partial
+  // results: o_part (B*Hq*L, num_splits, Ev) normalised, lse_part (B*Hq*L, num_splits) log2 units.
+  int num_splits, split_keys;
+  float* o_part;
+  float* lse_part;
 };
+
+// ------------------------------------------------------------------------------------------
+// Where a block's rows live: batch entry b of a dense call, or sequence b of a varlen one. The
+// parameter block stays read-only (kernel parameters are read from constant memory); only these
+// few per-block values live in registers.
+// ------------------------------------------------------------------------------------------
+struct Seq {
+  int L, S;               // query rows and keys of this sequence
+  long long diag_offset;  // the window rule's diagonal (varlen: S - L if bottom_right else 0)
+  int64_t q_start, k_start;  // first query / key row in the packed tensors (0 when dense)
+};
+
+// VARLEN is a template flag of the tensor-core kernels: their dense instances keep L, S and the
+// diagonal in the constant bank (a run-time choice here costs ~40 registers a thread and halves
+// the occupancy of the 64-wide forward); the SIMT kernels decide at run time (sequence_any).
+template <bool VARLEN>
+__device__ __forceinline__ Seq sequence(const AttnParams& p, int b) {
+  Seq s{p.L, p.S, p.diag_offset, 0, 0};
+  if constexpr (VARLEN) {
+    const int q0 = p.cu_q[b], k0 = p.cu_k[b];
+    s.q_start = q0;
+    s.k_start = k0;
+    s.L = p.cu_q[b + 1] - q0;
+    s.S = p.cu_k[b + 1] - k0;
+    s.diag_offset = p.bottom_right ? (long long)s.S - s.L : 0;
+  }
+  return s;
+}
+
+__device__ __forceinline__ Seq sequence_any(const AttnParams& p, int b) {
+  return p.cu_q != nullptr ? sequence<true>(p, b) : sequence<false>(p, b);
+}
+
+// Element offsets of row 0 of (batch b, head h) in q, k, v (rows then advance by q_sl, k_sl, v_sl).
+__device__ __forceinline__ int64_t q_offset(const AttnParams& p, const Seq& sq, int b, int h) {
+  return b * p.q_sb + sq.q_start * p.q_sl + h * p.q_sh;
+}
+__device__ __forceinline__ int64_t k_offset(const AttnParams& p, const Seq& sq, int b, int hk) {
+  return b * p.k_sb + sq.k_start * p.k_sl + hk * p.k_sh;
+}
+__device__ __forceinline__ int64_t v_offset(const AttnParams& p, const Seq& sq, int b, int hk) {
+  return b * p.v_sb + sq.k_start * p.v_sl + hk * p.v_sh;
+}
+
+// Row of query i of (b, h) in out / dout / dq (times Ev or E for the element offset), and the
+// step between consecutive queries.
+__device__ __forceinline__ int64_t out_row(const AttnParams& p, const Seq& sq, int b, int h, int i) {
+  return p.cu_q != nullptr ? (sq.q_start + i) * p.Hq + h : ((int64_t)b * p.Hq + h) * p.L + i;
+}
+__device__ __forceinline__ int64_t out_row_step(const AttnParams& p) { return p.cu_q != nullptr ? p.Hq : 1; }
+
+// Index of query i of (b, h) in lse / delta; also the dropout hash's row (the contract's
+// (b*Hq + h)*L + i dense, h*Tq + cu_q[b] + i varlen).
+__device__ __forceinline__ int64_t lse_row(const AttnParams& p, const Seq& sq, int b, int h, int i) {
+  return p.cu_q != nullptr ? (int64_t)h * p.Tq + sq.q_start + i : ((int64_t)b * p.Hq + h) * p.L + i;
+}
+
+// Row of key j of (b, hk) in dk / dv.
+__device__ __forceinline__ int64_t key_row(const AttnParams& p, const Seq& sq, int b, int hk, int j) {
+  return p.cu_q != nullptr ? (sq.k_start + j) * p.Hkv + hk : ((int64_t)b * p.Hkv + hk) * p.S + j;
+}
 
 // ------------------------------------------------------------------------------------------
 // Masking, window and dropout rules (the native contract in fastattn/ops/attention.py).
 // ------------------------------------------------------------------------------------------
-__device__ __forceinline__ bool visible(const AttnParams& p, int i, int j) {
-  if (i >= p.L || j >= p.S) return false;
-  const long long d = (long long)j - i - p.diag_offset;
+__device__ __forceinline__ bool visible(const AttnParams& p, const Seq& sq, int i, int j) {
+  if (i >= sq.L || j >= sq.S) return false;
+  const long long d = (long long)j - i - sq.diag_offset;
   if (p.window_left >= 0 && d < -p.window_left) return false;
   if (p.window_right >= 0 && d > p.window_right) return false;
   return true;
 }
 
 // Keys [lo, hi) that some query in [i0, i1] may see (hi == lo: none).
-__device__ __forceinline__ void key_range(const AttnParams& p, int i0, int i1, int& lo, int& hi) {
-  long long l = 0, h = p.S;
-  if (p.window_left >= 0) l = max(l, (long long)i0 + p.diag_offset - p.window_left);
-  if (p.window_right >= 0) h = min(h, (long long)i1 + p.diag_offset + p.window_right + 1);
-  l = min(l, (long long)p.S);
+__device__ __forceinline__ void key_range(const AttnParams& p, const Seq& sq, int i0, int i1, int& lo, int& hi) {
+  long long l = 0, h = sq.S;
+  if (p.window_left >= 0) l = max(l, (long long)i0 + sq.diag_offset - p.window_left);
+  if (p.window_right >= 0) h = min(h, (long long)i1 + sq.diag_offset + p.window_right + 1);
+  l = min(l, (long long)sq.S);
   h = max(h, l);
   lo = (int)l;
   hi = (int)h;
 }
 
 // Queries [lo, hi) that may see some key in [j0, j1].
-__device__ __forceinline__ void query_range(const AttnParams& p, int j0, int j1, int& lo, int& hi) {
-  long long l = 0, h = p.L;
-  if (p.window_right >= 0) l = max(l, (long long)j0 - p.diag_offset - p.window_right);
-  if (p.window_left >= 0) h = min(h, (long long)j1 - p.diag_offset + p.window_left + 1);
-  l = min(l, (long long)p.L);
+__device__ __forceinline__ void query_range(const AttnParams& p, const Seq& sq, int j0, int j1, int& lo, int& hi) {
+  long long l = 0, h = sq.L;
+  if (p.window_right >= 0) l = max(l, (long long)j0 - sq.diag_offset - p.window_right);
+  if (p.window_left >= 0) h = min(h, (long long)j1 - sq.diag_offset + p.window_left + 1);
+  l = min(l, (long long)sq.L);
   h = max(h, l);
   lo = (int)l;
   hi = (int)h;
 }
 
 // Whether every (query, key) of the tile [m0, m0+BM) x [n0, n0+BN) is in range and visible.
-__device__ __forceinline__ bool tile_fully_visible(const AttnParams& p, int m0, int bm, int n0, int bn) {
-  if (m0 + bm > p.L || n0 + bn > p.S) return false;
-  const long long dmin = (long long)n0 - (m0 + bm - 1) - p.diag_offset;
-  const long long dmax = (long long)(n0 + bn - 1) - m0 - p.diag_offset;
+__device__ __forceinline__ bool tile_fully_visible(const AttnParams& p, const Seq& sq, int m0, int bm, int n0,
+                                                   int bn) {
+  if (m0 + bm > sq.L || n0 + bn > sq.S) return false;
+  const long long dmin = (long long)n0 - (m0 + bm - 1) - sq.diag_offset;
+  const long long dmax = (long long)(n0 + bn - 1) - m0 - sq.diag_offset;
   if (p.window_left >= 0 && dmin < -p.window_left) return false;
   if (p.window_right >= 0 && dmax > p.window_right) return false;
   return true;
@@ -103,10 +178,9 @@ __host__ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// hash(seed, row) with row = (b*Hq + h)*L + i taken mod 2^32.
-__device__ __forceinline__ uint32_t drop_row_hash(const AttnParams& p, int b, int h, int i) {
-  const unsigned long long row = ((unsigned long long)b * p.Hq + h) * (unsigned long long)p.L + i;
-  return mix32(p.seed_hash ^ (uint32_t)row);
+// hash(seed, row) with row = lse_row(b, h, i) taken mod 2^32.
+__device__ __forceinline__ uint32_t drop_row_hash(const AttnParams& p, const Seq& sq, int b, int h, int i) {
+  return mix32(p.seed_hash ^ (uint32_t)lse_row(p, sq, b, h, i));
 }
 
 __device__ __forceinline__ bool drop_keep(const AttnParams& p, uint32_t row_hash, int j) {

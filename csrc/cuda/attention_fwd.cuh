@@ -10,6 +10,10 @@
 //   5. O += P V_j: P's accumulators are re-packed as A fragments in registers, V_j is read with
 //      ldmatrix.trans.
 // Key tiles no query of the block can see (causal / window) are skipped.
+//
+// Varlen: blockIdx.z is the sequence (sequence()), query tiles past its end exit at once.
+// Split-KV (decoding, few query tiles): blockIdx.x also picks a slice of the keys; the block writes
+// its normalised partial output and lse, attn_fwd_split_reduce_kernel combines the slices.
 #pragma once
 
 #include "attention_common.cuh"
@@ -24,7 +28,7 @@ constexpr int fwd_smem_bytes() {
   return (kFwdBM + 2 * kFwdBN) * (D + 8) * 2;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool VARLEN>
 __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnParams p) {
   constexpr int BM = kFwdBM, BN = kFwdBN, SROW = D + 8;
   constexpr int NT_S = BN / 8;  // score n-tiles per warp
@@ -35,17 +39,24 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
   uint16_t* sK = sQ + BM * SROW;
   uint16_t* sV = sK + BN * SROW;
 
-  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int split = blockIdx.x % p.num_splits;
+  const int m0 = (blockIdx.x / p.num_splits) * BM, h = blockIdx.y, b = blockIdx.z;
+  const Seq sq = sequence<VARLEN>(p, b);
+  if (m0 >= sq.L) return;  // varlen: the grid is sized for the longest sequence
   const int hk = h / p.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};  // this thread's query rows
 
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + q_offset(p, sq, b, h);
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + k_offset(p, sq, b, hk);
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + v_offset(p, sq, b, hk);
 
   int j_lo, j_hi;
-  key_range(p, m0, min(m0 + BM, p.L) - 1, j_lo, j_hi);
+  key_range(p, sq, m0, min(m0 + BM, sq.L) - 1, j_lo, j_hi);
+  if (p.num_splits > 1) {  // this block's slice (block aligned, so no tile crosses two slices)
+    j_lo = max(j_lo, split * p.split_keys);
+    j_hi = max(j_lo, min(j_hi, (split + 1) * p.split_keys));
+  }
   const int nb_begin = j_lo / BN;
   const int nb_end = j_hi > j_lo ? (j_hi + BN - 1) / BN : nb_begin;
 
@@ -56,13 +67,13 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
   float l_run[2] = {0.f, 0.f};              // this thread's part of the running sum
   uint32_t rhash[2] = {0u, 0u};
   if (p.has_dropout) {
-    rhash[0] = drop_row_hash(p, b, h, row[0]);
-    rhash[1] = drop_row_hash(p, b, h, row[1]);
+    rhash[0] = drop_row_hash(p, sq, b, h, row[0]);
+    rhash[1] = drop_row_hash(p, sq, b, h, row[1]);
   }
 
   if (nb_begin < nb_end) {
-    load_tile<BM, D, kFwdThreads>(sQ, qg, p.q_sl, m0, p.L, p.E, p.vec_loads);
-    load_tile<BN, D, kFwdThreads>(sK, kg, p.k_sl, nb_begin * BN, p.S, p.E, p.vec_loads);
+    load_tile<BM, D, kFwdThreads>(sQ, qg, p.q_sl, m0, sq.L, p.E, p.vec_loads);
+    load_tile<BN, D, kFwdThreads>(sK, kg, p.k_sl, nb_begin * BN, sq.S, p.E, p.vec_loads);
     cp_async_commit();
   }
 
@@ -70,7 +81,7 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
     const int n0 = nb * BN;
     cp_async_wait_all();
     __syncthreads();  // Q, K_j landed; every warp is done with V_{j-1}
-    load_tile<BN, D, kFwdThreads>(sV, vg, p.v_sl, n0, p.S, p.Ev, p.vec_loads);
+    load_tile<BN, D, kFwdThreads>(sV, vg, p.v_sl, n0, sq.S, p.Ev, p.vec_loads);
     cp_async_commit();
 
     float s[NT_S][4];
@@ -79,7 +90,7 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
     warp_gemm_abt<T, NT_S, D>(s, sQ + warp * 16 * SROW, SROW, sK, SROW, lane);
 
     // Scores to log2 units, masked entries to -inf.
-    if (!p.has_bias && !p.has_softcap && tile_fully_visible(p, m0, BM, n0, BN)) {
+    if (!p.has_bias && !p.has_softcap && tile_fully_visible(p, sq, m0, BM, n0, BN)) {
 #pragma unroll
       for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
@@ -91,7 +102,7 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
         for (int e = 0; e < 4; ++e) {
           const int i = row[e >> 1], j = n0 + nt * 8 + 2 * t + (e & 1);
           float th;
-          s[nt][e] = visible(p, i, j) ? score_nat<T>(p, s[nt][e], b, h, i, j, th) * kLog2e : -INFINITY;
+          s[nt][e] = visible(p, sq, i, j) ? score_nat<T>(p, s[nt][e], b, h, i, j, th) * kLog2e : -INFINITY;
         }
     }
 
@@ -128,7 +139,7 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
     cp_async_wait_all();
     __syncthreads();  // V_j landed; every warp is done with K_j
     if (nb + 1 < nb_end) {
-      load_tile<BN, D, kFwdThreads>(sK, kg, p.k_sl, n0 + BN, p.S, p.E, p.vec_loads);
+      load_tile<BN, D, kFwdThreads>(sK, kg, p.k_sl, n0 + BN, sq.S, p.E, p.vec_loads);
       cp_async_commit();
     }
 
@@ -156,10 +167,22 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int i = row[rr];
-    if (i >= p.L) continue;
+    if (i >= sq.L) continue;
     const float inv = l > 0.f ? p.drop_scale / l : 0.f;
-    const int64_t orow = ((int64_t)b * p.Hq + h) * p.L + i;
-    T* dst = out + orow * p.Ev;
+    if (p.num_splits > 1) {  // partial result of this key slice, fp32; lse in log2 units, -inf if empty
+      const int64_t prow = lse_row(p, sq, b, h, i) * p.num_splits + split;
+      float* dst = p.o_part + prow * p.Ev;
+#pragma unroll
+      for (int nd = 0; nd < NT_O; ++nd)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nd * 8 + 2 * t + c;
+          if (col < p.Ev) dst[col] = o[nd][2 * rr + c] * inv;
+        }
+      if (t == 0) p.lse_part[prow] = l > 0.f ? m_run[rr] + log2f(l) : -INFINITY;
+      continue;
+    }
+    T* dst = out + out_row(p, sq, b, h, i) * p.Ev;
 #pragma unroll
     for (int nd = 0; nd < NT_O; ++nd)
 #pragma unroll
@@ -167,8 +190,35 @@ __global__ void __launch_bounds__(kFwdThreads) attn_fwd_mma_kernel(const AttnPar
         const int col = nd * 8 + 2 * t + c;
         if (col < p.Ev) dst[col] = Dt<T>::from_float(o[nd][2 * rr + c] * inv);
       }
-    if (t == 0) p.lse[orow] = l > 0.f ? (m_run[rr] + log2f(l)) * kLn2 : INFINITY;
+    if (t == 0) p.lse[lse_row(p, sq, b, h, i)] = l > 0.f ? (m_run[rr] + log2f(l)) * kLn2 : INFINITY;
   }
+}
+
+// Combines the key slices of a split-KV forward: one warp per query row (dense (B, Hq, L) order):
+// out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse); no visible key in any slice
+// (all -inf) gives out 0, lse +inf.
+template <typename T>
+__global__ void __launch_bounds__(256) attn_fwd_split_reduce_kernel(const AttnParams p, int64_t rows) {
+  const int64_t r = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  const float* lse_s = p.lse_part + r * p.num_splits;
+  float mx = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, lse_s[s]);
+  const float m_use = mx == -INFINITY ? 0.f : mx;
+  float total = 0.f;
+  for (int s = 0; s < p.num_splits; ++s) total += exp2f(lse_s[s] - m_use);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* dst = static_cast<T*>(p.out) + r * p.Ev;
+  for (int c = lane; c < p.Ev; c += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = exp2f(lse_s[s] - m_use);
+      if (w > 0.f) acc += w * p.o_part[(r * p.num_splits + s) * p.Ev + c];
+    }
+    dst[c] = Dt<T>::from_float(acc * inv);
+  }
+  if (lane == 0) p.lse[r] = total > 0.f ? (m_use + log2f(total)) * kLn2 : INFINITY;
 }
 
 }  // namespace cuda_attn
