@@ -780,10 +780,41 @@ def test_cuda_matches_torch(cls, kw):
     our_p = [p.detach().clone().requires_grad_() for p in ref_p]
     ref = torch_cls(two_groups(ref_p, lr=0.03), lr=0.01, foreach=False, **kw)
     ours = our_cls(two_groups(our_p, lr=0.03), lr=0.01, backend="cuda", **kw)
-    run_steps(ref, ref_p, 6)
-    run_steps(ours, our_p, 6)
-    assert_same(our_p, ref_p, exact=False, atol=1e-5, rtol=1e-5)
+    for s in range(20):  # every step, not just the end
+        run_steps(ref, ref_p, 1, start=s)
+        run_steps(ours, our_p, 1, start=s)
+        assert_same(our_p, ref_p, exact=False, atol=1e-5, rtol=1e-5)
     assert_same_state(ours, ref, exact=False, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls,kw", MASTER_CASES, ids=str)
+def test_cuda_master_weights_track_float32_run(cls, kw, dtype, backend):
+    """GPU master-weight steps: the masters follow torch's float32 run (same rounded grads) step by
+    step, the params are the masters rounded, and the run without masters drifts away."""
+    shapes = [(300, 7), (1,), (0,), (1000,), (3, 1000, 513)] + [(i + 1,) for i in range(100)]
+    start = [p.detach().to(dtype) for p in make_params(shapes)]
+    exact_p = [p.float().cuda().requires_grad_() for p in start]
+    our_p = [p.cuda().requires_grad_() for p in start]
+    low_p = [p.cuda().requires_grad_() for p in start]
+    exact = getattr(torch.optim, cls)(exact_p, foreach=False, **kw)
+    ours = CLASSES[cls](our_p, backend=backend, master_weights=True, **kw)
+    low = CLASSES[cls](low_p, backend=backend, **kw)
+    for s in range(30):
+        for p, q, r, g in zip(exact_p, our_p, low_p, _drift_grads(s, exact_p, dtype)):
+            p.grad, q.grad, r.grad = g.float(), g.clone(), g.clone()
+        exact.step()
+        ours.step()
+        low.step()
+        for p, q in zip(exact_p, our_p):
+            master = ours.state[q]["master_param"]
+            torch.testing.assert_close(master, p.detach(), atol=1e-5, rtol=1e-5)
+            assert torch.equal(q.detach(), master.to(dtype))
+    mean_err = lambda ps: torch.cat([(a.float() - b).abs().flatten() for a, b in zip(ps, exact_p)]).mean().item()  # noqa: E731
+    assert mean_err(low_p) > 5 * mean_err(our_p)
 
 
 @pytest.mark.cuda
