@@ -163,12 +163,21 @@ FASTATTN_SIMD void unscale_tile(T* __restrict g, int64_t n, T scale) {
 // One tile: p, g, b are float32/float64 arrays of n elements (b unused without momentum).
 template <typename T>
 FASTATTN_SIMD void sgd_tile(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t n, SgdArgs<T> a) {
-  if (a.has_momentum) {
+  if (a.has_momentum && a.new_buffer) {  // first step: the buffer is the gradient (never read)
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      T gi = a.maximize ? -g[i] : g[i];
+      gi = a.has_weight_decay ? std::fma(a.weight_decay, p[i], gi) : gi;
+      b[i] = gi;                                                        // buf = grad.clone()
+      T d = a.nesterov ? std::fma(a.momentum, gi, gi) : gi;
+      p[i] = std::fma(a.neg_lr, d, p[i]);
+    }
+  } else if (a.has_momentum) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       T gi = a.maximize ? -g[i] : g[i];                                 // -grad
       gi = a.has_weight_decay ? std::fma(a.weight_decay, p[i], gi) : gi;  // grad.add(param, alpha=wd)
-      T bi = a.new_buffer ? gi : std::fma(a.one_minus_dampening, gi, b[i] * a.momentum);  // buf.mul_(m).add_(g, alpha=1-d)
+      T bi = std::fma(a.one_minus_dampening, gi, b[i] * a.momentum);   // buf.mul_(m).add_(g, alpha=1-d)
       b[i] = bi;
       T d = a.nesterov ? std::fma(a.momentum, bi, gi) : bi;             // grad.add(buf, alpha=m) or buf
       p[i] = std::fma(a.neg_lr, d, p[i]);                               // param.add_(d, alpha=-lr)
