@@ -851,6 +851,15 @@ def test_cuda_opcheck_and_grad_scaler():
     torch.library.opcheck(torch.ops.fastattn.adam_step_.default,
                           (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
                            None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda")))
+    params, grads, m, v, vmax, steps = _adam_op_inputs([(5, 3), (1,), (0,), (40000,)], torch.bfloat16, device="cuda")
+    masters = [t.float() for t in params]
+    m, v, vmax = ([t.float() for t in ts] for ts in (m, v, vmax))
+    torch.library.opcheck(torch.ops.fastattn.adam_step_.default,
+                          (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
+                           None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda"), masters))
+    torch.library.opcheck(torch.ops.fastattn.sgd_step_.default,
+                          (params, grads, m, [True, False, False, True], 0.01, 0.9, 0.0, 0.01, True, False,
+                           None, None, None, masters))
     for cls, torch_cls in ((Adam, torch.optim.Adam), (SGD, torch.optim.SGD)):
         def train(make_opt):
             torch.manual_seed(0)
