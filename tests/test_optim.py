@@ -764,6 +764,31 @@ def test_triton_master_weights(cls, kw, triton_device):
             torch.testing.assert_close(tri_opt.state[p][key].cpu(), value, atol=1e-6, rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_triton_master_params_op_with_amp_args(op, triton_device):
+    """The op level: master params with grad_scale / found_inf / lr_tensor, Triton against the reference."""
+    runs = []
+    for backend in ("triton", "reference"):
+        params, grads, m, v, vmax, steps = _adam_op_inputs(MANY_SHAPES[:6], torch.bfloat16, device=triton_device)
+        masters = [t.float() + 1e-3 for t in params]  # masters carry more than the params' bits
+        m, v, vmax = ([t.float() for t in ts] for ts in (m, v, vmax))
+        dev = dict(device=triton_device)
+        for found in (1.0, 0.0):  # a skipped step, then a real one
+            amp = dict(grad_scale=torch.tensor(4.0, **dev), found_inf=torch.tensor(found, **dev),
+                       lr_tensor=torch.tensor(0.05, **dev), master_params=masters, backend=backend)
+            if op == "adam":
+                optim_ops.adam_step_(params, grads, m, v, vmax, steps, lr=0.1, amsgrad=True, weight_decay=0.1,
+                                     decoupled_weight_decay=True, **amp)
+            else:
+                optim_ops.sgd_step_(params, grads, m, [True] * len(params), lr=0.1, momentum=0.9, nesterov=True,
+                                    weight_decay=0.1, **amp)
+        runs.append([t.cpu() for t in params + grads + masters + m + v + vmax + steps])
+    for a, b in zip(*runs):  # float32 masters and state tight; bf16 params and grads within an ulp
+        rtol = 1e-5 if a.dtype == torch.float32 else 2 ** -8
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-6, rtol=rtol)
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA (run on a GPU machine).
 # --------------------------------------------------------------------------------------------
