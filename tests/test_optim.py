@@ -250,6 +250,154 @@ def test_low_precision_params(cls, kw, dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# fp32 master weights (master_weights=True) for float16/bfloat16 params.
+# --------------------------------------------------------------------------------------------
+MASTER_CASES = [("SGD", dict(lr=1e-3, momentum=0.9, weight_decay=0.01)),
+                ("SGD", dict(lr=1e-3, momentum=0.9, nesterov=True, maximize=True)),
+                ("Adam", dict(lr=1e-3, weight_decay=0.01, amsgrad=True)),
+                ("AdamW", dict(lr=1e-3, weight_decay=0.1))]
+CLASSES = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
+
+
+def _drift_grads(step, params, dtype):
+    """Gradients with a steady sign (0.5 + noise), rounded to dtype: small steps that all go one way."""
+    g = torch.Generator().manual_seed(500 + step)
+    return [(0.5 + 0.1 * torch.randn(p.shape, generator=g)).to(p.device, dtype) for p in params]
+
+
+def _master_run(cls, kw, dtype, master_weights, backend, steps, shapes=((300, 7), (1,), (0,), (1000,)),
+                device="cpu"):
+    """N steps on `dtype` params, and torch's float32 run from the same start with the same rounded grads."""
+    start = [p.detach().to(dtype) for p in make_params(shapes)]
+    exact_p = [p.float().to(device).requires_grad_() for p in start]
+    our_p = [p.to(device).requires_grad_() for p in start]
+    exact = getattr(torch.optim, cls)(exact_p, foreach=False, **kw)
+    ours = CLASSES[cls](our_p, backend=backend, master_weights=master_weights, **kw)
+    for s in range(steps):
+        for p, q, g in zip(exact_p, our_p, _drift_grads(s, exact_p, dtype)):
+            p.grad, q.grad = g.float(), g.clone()
+        exact.step()
+        ours.step()
+    return exact_p, our_p, ours
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls,kw", MASTER_CASES, ids=str)
+def test_master_weights_track_float32_run(cls, kw, dtype):
+    """With masters the low-precision params are torch's float32 run rounded (bit for bit on the CPU:
+    the master *is* that run); without, most of the small steps are rounded away."""
+    exact_p, our_p, ours = _master_run(cls, kw, dtype, True, "cpu", steps=30)
+    for p, e in zip(our_p, exact_p):
+        state = ours.state[p]
+        assert state["master_param"].dtype == torch.float32 and p.dtype == dtype
+        assert all(t.dtype == torch.float32 for k, t in state.items() if k not in ("step", "master_param"))
+        assert_same([state["master_param"]], [e])
+        assert torch.equal(p.detach(), e.detach().to(dtype))
+    # the same run without master weights drifts away from the float32 run (what the masters fix)
+    exact_p, low_p, _ = _master_run(cls, kw, dtype, False, "cpu", steps=30)
+    mean_err = lambda ps: torch.cat([(a.float() - b).abs().flatten() for a, b in zip(ps, exact_p)]).mean().item()  # noqa: E731
+    err_low, err_master = mean_err(low_p), mean_err(our_p)
+    assert err_low > 5 * err_master, (err_low, err_master)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("cls,kw", MASTER_CASES[::2], ids=str)
+def test_master_weights_reference_backend_and_float32_params_unchanged(cls, kw):
+    _, cpu_p, cpu_opt = _master_run(cls, kw, torch.bfloat16, True, "cpu", steps=5)
+    _, ref_p, ref_opt = _master_run(cls, kw, torch.bfloat16, True, "reference", steps=5)
+    assert_same(cpu_p, ref_p)
+    assert_same([cpu_opt.state[p]["master_param"] for p in cpu_p], [ref_opt.state[p]["master_param"] for p in ref_p])
+    # float32 params: master_weights changes nothing (no master, torch's result bit for bit)
+    ref_p, ref, our_p, _ = pair(getattr(torch.optim, cls), CLASSES[cls], SHAPES[:3], kw, "cpu")
+    ours = CLASSES[cls](two_groups(our_p, lr=0.03), backend="cpu", master_weights=True, **kw)
+    run_steps(ref, ref_p, 5)
+    run_steps(ours, our_p, 5)
+    assert_same(our_p, ref_p)
+    assert_same_state(ours, ref)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("cls,kw", MASTER_CASES[::2], ids=str)
+def test_master_weights_state_dict_round_trip(cls, kw):
+    _, our_p, ours = _master_run(cls, kw, torch.bfloat16, True, "cpu", steps=4)
+    saved = copy.deepcopy(ours.state_dict())
+    assert all(s["master_param"].dtype == torch.float32 for s in saved["state"].values())
+    new_p = [p.detach().clone().requires_grad_() for p in our_p]
+    loaded = CLASSES[cls](new_p, backend="cpu", master_weights=True, **kw)
+    loaded.load_state_dict(saved)
+    for p, q in zip(our_p, new_p):  # masters and state back in float32, not cast to bf16 as torch would
+        for key, value in ours.state[p].items():
+            assert loaded.state[q][key].dtype == value.dtype and torch.equal(loaded.state[q][key], value), key
+    for s in range(4, 7):
+        for p, q, g in zip(our_p, new_p, _drift_grads(s, our_p, torch.bfloat16)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        loaded.step()
+    assert_same(new_p, our_p)
+    assert_same([loaded.state[q]["master_param"] for q in new_p], [ours.state[p]["master_param"] for p in our_p])
+    # torch's optimizers load it too (they cast the state to bf16 and ignore the master)
+    torch_p = [p.detach().clone().requires_grad_() for p in our_p]
+    getattr(torch.optim, cls)(torch_p, foreach=False, **kw).load_state_dict(copy.deepcopy(ours.state_dict()))
+
+
+@needs_cpu_kernel
+def test_master_weights_mixed_group_and_grad_scaler():
+    """bf16 and float32 params in one group: the bf16 ones get masters, the float32 ones don't;
+    grad_scale / found_inf work on the master path (grads unscaled in place, in bf16)."""
+    p16 = torch.randn(50, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_()
+    p32 = torch.randn(40, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    opt = Adam([p16, p32], lr=0.01, backend="cpu", master_weights=True)
+    p16.grad, p32.grad = torch.ones(50, dtype=torch.bfloat16) * 8, torch.ones(40) * 8
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    opt.step()
+    assert "master_param" in opt.state[p16] and "master_param" not in opt.state[p32]
+    assert torch.equal(p16.grad, torch.ones(50, dtype=torch.bfloat16))
+    before = (p16.detach().clone(), opt.state[p16]["master_param"].clone())
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p16, before[0]) and torch.equal(opt.state[p16]["master_param"], before[1])
+
+
+def test_master_params_op_checks():
+    p = [torch.zeros(3, dtype=torch.bfloat16)]
+    g = [torch.zeros(3, dtype=torch.bfloat16)]
+    with pytest.raises(TypeError, match=r"params\[0\] must be float16 or bfloat16 when master_params"):
+        optim_ops.sgd_step_([torch.zeros(3)], [torch.zeros(3)], [], [], lr=0.1, master_params=[torch.zeros(3)])
+    with pytest.raises(TypeError, match=r"master_params\[0\] has dtype torch.bfloat16, expected torch.float32"):
+        optim_ops.sgd_step_(p, g, [], [], lr=0.1, master_params=[torch.zeros(3, dtype=torch.bfloat16)])
+    with pytest.raises(TypeError, match=r"momentum_buffers\[0\] has dtype torch.bfloat16, expected torch.float32"):
+        optim_ops.sgd_step_(p, g, [torch.zeros(3, dtype=torch.bfloat16)], [True], lr=0.1, momentum=0.9,
+                            master_params=[torch.zeros(3)])
+    with pytest.raises(ValueError, match=r"master_params\[0\] has shape \(4,\)"):
+        optim_ops.adam_step_(p, g, [torch.zeros(3)], [torch.zeros(3)], [], [torch.tensor(0.0)], lr=0.1,
+                             master_params=[torch.zeros(4)])
+
+
+@needs_cpu_kernel
+def test_master_params_native_checks_and_opcheck():
+    p, g = [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3, dtype=torch.bfloat16)]
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be float16 or bfloat16, got Float"):
+        torch.ops.fastattn.sgd_step_([torch.zeros(3)], [torch.zeros(3)], [], [], 0.1, 0.0, 0.0, 0.0, False, False,
+                                     None, None, None, [torch.zeros(3)])
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] has dtype BFloat16, expected Float"):
+        torch.ops.fastattn.adam_step_(p, g, [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], [],
+                                      [torch.tensor(0.0)], 0.1, 0.9, 0.999, 1e-8, 0.0, False, False, False,
+                                      None, None, None, [torch.zeros(3)])
+    shapes = [(5, 3), (1,), (0,), (40000,)]
+    for dtype in (torch.bfloat16, torch.float16):
+        params, grads, m, v, vmax, steps = _adam_op_inputs(shapes, dtype, True)
+        masters = [t.float() for t in params]
+        m, v, vmax = ([t.float() for t in ts] for ts in (m, v, vmax))
+        torch.library.opcheck(torch.ops.fastattn.adam_step_.default,
+                              (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
+                               None, torch.tensor(4.0), torch.tensor(0.0), masters))
+        torch.library.opcheck(torch.ops.fastattn.sgd_step_.default,
+                              (params, grads, m, [True, False, False, True], 0.01, 0.9, 0.0, 0.01, True, False,
+                               None, None, None, masters))
+
+
+# --------------------------------------------------------------------------------------------
 # state_dict in torch's format, both ways, and training continues identically.
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
@@ -536,6 +684,111 @@ def test_triton_amp_args_and_bf16(triton_device):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3)
 
 
+class _LaunchCounter:
+    """Stands in for a Triton kernel in fastattn.triton.optim and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+MANY_SHAPES = [(0,), (1,), (700,), (3, 0), (1,), (129,), (2049,), (5, 7), (1,), (0,), (513,)]
+
+
+@needs_triton
+@pytest.mark.parametrize("cls,kw", [("SGD", dict(momentum=0.9, weight_decay=0.1)),
+                                    ("SGD", dict(momentum=0.9, nesterov=True, maximize=True)),
+                                    ("SGD", dict()),
+                                    ("Adam", dict(weight_decay=0.1, amsgrad=True)),
+                                    ("AdamW", dict(betas=(0.3, 0.9), maximize=True))], ids=str)
+def test_triton_multi_tensor_launch(cls, kw, triton_device, monkeypatch):
+    """Many tensors of mixed sizes (empty, 1-element, several chunks each): one launch per step, equal
+    to torch."""
+    from fastattn.triton import optim as triton_optim
+    monkeypatch.setattr(triton_optim, "CHUNK", 512)  # several chunks per tensor, several blocks per chunk
+    monkeypatch.setattr(triton_optim, "BLOCK", 128)
+    kernel = "_sgd_kernel" if cls == "SGD" else "_adam_kernel"
+    counter = _LaunchCounter(getattr(triton_optim, kernel))
+    monkeypatch.setattr(triton_optim, kernel, counter)
+    ref_p = [p.to(triton_device).detach().requires_grad_() for p in make_params(MANY_SHAPES)]
+    our_p = [p.detach().clone().requires_grad_() for p in ref_p]
+    ref = getattr(torch.optim, cls)(ref_p, lr=0.01, foreach=False, **kw)
+    ours = CLASSES[cls](our_p, lr=0.01, backend="triton", **kw)
+    run_steps(ref, ref_p, 3, none_every=0)
+    run_steps(ours, our_p, 3, none_every=0)
+    assert counter.launches == 3
+    assert_same(our_p, ref_p, exact=False, atol=1e-6, rtol=1e-5)
+    assert_same_state(ours, ref, exact=False, atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+@needs_cpu_kernel
+def test_triton_mixed_dtypes_one_launch_per_dtype(triton_device, monkeypatch):
+    from fastattn.triton import optim as triton_optim
+    monkeypatch.setattr(triton_optim, "CHUNK", 256)
+    counter = _LaunchCounter(triton_optim._adam_kernel)
+    monkeypatch.setattr(triton_optim, "_adam_kernel", counter)
+    shapes = [(300,), (1,), (0,), (17, 3)]
+    results = []
+    for backend in ("triton", "cpu"):
+        ps, gs, ms, vs, xs, ss = [], [], [], [], [], []
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            p, g, m, v, x, s = _adam_op_inputs(shapes, dtype, device=triton_device if backend == "triton" else "cpu")
+            ps += p; gs += g; ms += m; vs += v; xs += x; ss += s  # noqa: E702
+        optim_ops.adam_step_(ps, gs, ms, vs, xs, ss, lr=0.01, amsgrad=True, weight_decay=0.1, backend=backend)
+        results.append([t.cpu() for t in ps + ms + vs + xs + ss])
+    assert counter.launches == 3
+    for a, b in zip(*results):  # float32 math in both; one rounding per element to the storage dtype
+        tol = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[a.dtype]
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=tol)
+
+
+@needs_triton
+@needs_cpu_kernel
+@pytest.mark.parametrize("cls,kw", MASTER_CASES, ids=str)
+def test_triton_master_weights(cls, kw, triton_device):
+    """Triton's master-weight step against the CPU kernel's; the bf16 param is its master rounded to
+    nearest (checks the kernel's hand-written bf16 rounding: the interpreter's cast truncates)."""
+    _, cpu_p, cpu_opt = _master_run(cls, kw, torch.bfloat16, True, "cpu", steps=4, shapes=MANY_SHAPES[:7])
+    _, tri_p, tri_opt = _master_run(cls, kw, torch.bfloat16, True, "triton", steps=4, shapes=MANY_SHAPES[:7],
+                                    device=triton_device)
+    for p, q in zip(tri_p, cpu_p):
+        master = tri_opt.state[p]["master_param"]
+        assert master.dtype == torch.float32
+        assert torch.equal(p.detach(), master.to(torch.bfloat16))
+        torch.testing.assert_close(master.cpu(), cpu_opt.state[q]["master_param"], atol=1e-6, rtol=1e-6)
+        for key, value in cpu_opt.state[q].items():
+            torch.testing.assert_close(tri_opt.state[p][key].cpu(), value, atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_triton_master_params_op_with_amp_args(op, triton_device):
+    """The op level: master params with grad_scale / found_inf / lr_tensor, Triton against the reference."""
+    runs = []
+    for backend in ("triton", "reference"):
+        params, grads, m, v, vmax, steps = _adam_op_inputs(MANY_SHAPES[:6], torch.bfloat16, device=triton_device)
+        masters = [t.float() + 1e-3 for t in params]  # masters carry more than the params' bits
+        m, v, vmax = ([t.float() for t in ts] for ts in (m, v, vmax))
+        dev = dict(device=triton_device)
+        for found in (1.0, 0.0):  # a skipped step, then a real one
+            amp = dict(grad_scale=torch.tensor(4.0, **dev), found_inf=torch.tensor(found, **dev),
+                       lr_tensor=torch.tensor(0.05, **dev), master_params=masters, backend=backend)
+            if op == "adam":
+                optim_ops.adam_step_(params, grads, m, v, vmax, steps, lr=0.1, amsgrad=True, weight_decay=0.1,
+                                     decoupled_weight_decay=True, **amp)
+            else:
+                optim_ops.sgd_step_(params, grads, m, [True] * len(params), lr=0.1, momentum=0.9, nesterov=True,
+                                    weight_decay=0.1, **amp)
+        runs.append([t.cpu() for t in params + grads + masters + m + v + vmax + steps])
+    for a, b in zip(*runs):  # float32 masters and state tight; bf16 params and grads within an ulp
+        rtol = 1e-5 if a.dtype == torch.float32 else 2 ** -8
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-6, rtol=rtol)
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA (run on a GPU machine).
 # --------------------------------------------------------------------------------------------
@@ -552,10 +805,41 @@ def test_cuda_matches_torch(cls, kw):
     our_p = [p.detach().clone().requires_grad_() for p in ref_p]
     ref = torch_cls(two_groups(ref_p, lr=0.03), lr=0.01, foreach=False, **kw)
     ours = our_cls(two_groups(our_p, lr=0.03), lr=0.01, backend="cuda", **kw)
-    run_steps(ref, ref_p, 6)
-    run_steps(ours, our_p, 6)
-    assert_same(our_p, ref_p, exact=False, atol=1e-5, rtol=1e-5)
+    for s in range(20):  # every step, not just the end
+        run_steps(ref, ref_p, 1, start=s)
+        run_steps(ours, our_p, 1, start=s)
+        assert_same(our_p, ref_p, exact=False, atol=1e-5, rtol=1e-5)
     assert_same_state(ours, ref, exact=False, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls,kw", MASTER_CASES, ids=str)
+def test_cuda_master_weights_track_float32_run(cls, kw, dtype, backend):
+    """GPU master-weight steps: the masters follow torch's float32 run (same rounded grads) step by
+    step, the params are the masters rounded, and the run without masters drifts away."""
+    shapes = [(300, 7), (1,), (0,), (1000,), (3, 1000, 513)] + [(i + 1,) for i in range(100)]
+    start = [p.detach().to(dtype) for p in make_params(shapes)]
+    exact_p = [p.float().cuda().requires_grad_() for p in start]
+    our_p = [p.cuda().requires_grad_() for p in start]
+    low_p = [p.cuda().requires_grad_() for p in start]
+    exact = getattr(torch.optim, cls)(exact_p, foreach=False, **kw)
+    ours = CLASSES[cls](our_p, backend=backend, master_weights=True, **kw)
+    low = CLASSES[cls](low_p, backend=backend, **kw)
+    for s in range(30):
+        for p, q, r, g in zip(exact_p, our_p, low_p, _drift_grads(s, exact_p, dtype)):
+            p.grad, q.grad, r.grad = g.float(), g.clone(), g.clone()
+        exact.step()
+        ours.step()
+        low.step()
+        for p, q in zip(exact_p, our_p):
+            master = ours.state[q]["master_param"]
+            torch.testing.assert_close(master, p.detach(), atol=1e-5, rtol=1e-5)
+            assert torch.equal(q.detach(), master.to(dtype))
+    mean_err = lambda ps: torch.cat([(a.float() - b).abs().flatten() for a, b in zip(ps, exact_p)]).mean().item()  # noqa: E731
+    assert mean_err(low_p) > 5 * mean_err(our_p)
 
 
 @pytest.mark.cuda
@@ -592,6 +876,15 @@ def test_cuda_opcheck_and_grad_scaler():
     torch.library.opcheck(torch.ops.fastattn.adam_step_.default,
                           (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
                            None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda")))
+    params, grads, m, v, vmax, steps = _adam_op_inputs([(5, 3), (1,), (0,), (40000,)], torch.bfloat16, device="cuda")
+    masters = [t.float() for t in params]
+    m, v, vmax = ([t.float() for t in ts] for ts in (m, v, vmax))
+    torch.library.opcheck(torch.ops.fastattn.adam_step_.default,
+                          (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
+                           None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda"), masters))
+    torch.library.opcheck(torch.ops.fastattn.sgd_step_.default,
+                          (params, grads, m, [True, False, False, True], 0.01, 0.9, 0.0, 0.01, True, False,
+                           None, None, None, masters))
     for cls, torch_cls in ((Adam, torch.optim.Adam), (SGD, torch.optim.SGD)):
         def train(make_opt):
             torch.manual_seed(0)
@@ -617,8 +910,8 @@ def test_triton_opcheck_on_gpu():
     params, grads, m, v, vmax, steps = _adam_op_inputs([(5, 3), (1,), (40000,)], device="cuda")
     torch.library.opcheck(torch.ops.fastattn.adam_step_triton.default,
                           (params, grads, m, v, vmax, steps, 0.01, 0.9, 0.999, 1e-8, 0.1, True, False, True,
-                           None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda")))
+                           None, torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda"), []))
     params, grads, bufs, _, _, _ = _adam_op_inputs([(5, 3), (1,), (40000,)], device="cuda")
     torch.library.opcheck(torch.ops.fastattn.sgd_step_triton.default,
                           (params, grads, bufs, [True, False, True], 0.01, 0.9, 0.0, 0.01, True, False,
-                           None, None, None))
+                           None, None, None, []))

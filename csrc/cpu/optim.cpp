@@ -48,7 +48,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
       "bool[] new_buffers, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None) -> ()");
   // One Adam (decoupled_weight_decay=False) or AdamW (True) step; state_steps[i] (a 1-element
   // float tensor) is incremented first, then drives the bias corrections. max_exp_avg_sqs is
   // empty unless amsgrad. Unscaling, skipping and lr_tensor as for sgd_step_ (a skipped step
@@ -58,7 +58,12 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(g!)[]? master_params=None) -> ()");
+  // master_params (both ops): fp32 master weights of float16/bfloat16 params. When given (one per
+  // param), the step reads master_params[i] instead of params[i], keeps the optimizer state
+  // (momentum_buffers / exp_avgs / exp_avg_sqs / max_exp_avg_sqs) in float32, updates the master
+  // in float32 and writes its rounded value to params[i] in the same pass; grads keep the
+  // params' dtype.
 }
 
 namespace fastattn {
@@ -158,12 +163,21 @@ FASTATTN_SIMD void unscale_tile(T* __restrict g, int64_t n, T scale) {
 // One tile: p, g, b are float32/float64 arrays of n elements (b unused without momentum).
 template <typename T>
 FASTATTN_SIMD void sgd_tile(T* __restrict p, const T* __restrict g, T* __restrict b, int64_t n, SgdArgs<T> a) {
-  if (a.has_momentum) {
+  if (a.has_momentum && a.new_buffer) {  // first step: the buffer is the gradient (never read)
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      T gi = a.maximize ? -g[i] : g[i];
+      gi = a.has_weight_decay ? std::fma(a.weight_decay, p[i], gi) : gi;
+      b[i] = gi;                                                        // buf = grad.clone()
+      T d = a.nesterov ? std::fma(a.momentum, gi, gi) : gi;
+      p[i] = std::fma(a.neg_lr, d, p[i]);
+    }
+  } else if (a.has_momentum) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       T gi = a.maximize ? -g[i] : g[i];                                 // -grad
       gi = a.has_weight_decay ? std::fma(a.weight_decay, p[i], gi) : gi;  // grad.add(param, alpha=wd)
-      T bi = a.new_buffer ? gi : std::fma(a.one_minus_dampening, gi, b[i] * a.momentum);  // buf.mul_(m).add_(g, alpha=1-d)
+      T bi = std::fma(a.one_minus_dampening, gi, b[i] * a.momentum);   // buf.mul_(m).add_(g, alpha=1-d)
       b[i] = bi;
       T d = a.nesterov ? std::fma(a.momentum, bi, gi) : bi;             // grad.add(buf, alpha=m) or buf
       p[i] = std::fma(a.neg_lr, d, p[i]);                               // param.add_(d, alpha=-lr)
@@ -196,6 +210,23 @@ void sgd_range(S* p, S* g, S* b, int64_t n, const SgdArgs<T>& a) {
       if (a.unscale) store_tile(tg, g + s, m);
       if (a.has_momentum) store_tile(tb, b + s, m);
     }
+  }
+}
+
+// Master weights: the float32 master and buffer are updated in place, the float16/bfloat16
+// gradient goes through a float32 tile, the rounded master is written to the param.
+template <typename S>
+void sgd_range_master(float* master, S* p, S* g, float* b, int64_t n, const SgdArgs<float>& a) {
+  float tg[TILE];
+  for (int64_t s = 0; s < n; s += TILE) {
+    int64_t m = std::min(TILE, n - s);
+    load_tile(g + s, tg, m);
+    if (a.unscale) {
+      unscale_tile<float>(tg, m, a.inv_scale_div);
+      store_tile(tg, g + s, m);
+    }
+    sgd_tile<float>(master + s, tg, b ? b + s : nullptr, m, a);
+    store_tile(master + s, p + s, m);
   }
 }
 
@@ -294,10 +325,35 @@ void adam_range(S* p, S* g, S* m, S* v, S* vmax, int64_t n, const AdamArgs<T>& a
   }
 }
 
+template <typename S>
+void adam_range_master(float* master, S* p, S* g, float* m, float* v, float* vmax, int64_t n,
+                       const AdamArgs<float>& a) {
+  float tg[TILE], den[TILE];
+  for (int64_t s = 0; s < n; s += TILE) {
+    int64_t k = std::min(TILE, n - s);
+    load_tile(g + s, tg, k);
+    if (a.unscale) {
+      unscale_tile<float>(tg, k, a.inv_scale_div);
+      store_tile(tg, g + s, k);
+    }
+    adam_moments<float>(master + s, tg, m + s, v + s, a.amsgrad ? vmax + s : nullptr, den, k, a);
+    if (a.torch_sqrt) {
+      sqrt_tile(den, k, true);
+      adam_update<float, false>(master + s, m + s, den, k, a);
+    } else {
+      adam_update<float, true>(master + s, m + s, den, k, a);
+    }
+    store_tile(master + s, p + s, k);
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Host side: checks, scalars, chunk list, dispatch.
 // ------------------------------------------------------------------------------------------
-void check_list(const at::TensorList& params, const at::TensorList& other, const char* name) {
+// other[i] has params[i]'s shape and device, and its dtype (or `dtype` when given: float32 state
+// and masters of float16/bfloat16 params).
+void check_list(const at::TensorList& params, const at::TensorList& other, const char* name,
+                std::optional<at::ScalarType> dtype = std::nullopt) {
   TORCH_CHECK(other.size() == params.size(), "fastattn optimizer step: ", name, " has ", other.size(),
               " tensors, params has ", params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -305,8 +361,9 @@ void check_list(const at::TensorList& params, const at::TensorList& other, const
     const auto& t = other[i];
     TORCH_CHECK(t.device() == p.device(), "fastattn optimizer step: ", name, "[", i, "] is on ", t.device(),
                 ", params[", i, "] on ", p.device());
-    TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fastattn optimizer step: ", name, "[", i, "] has dtype ",
-                t.scalar_type(), ", expected params[", i, "]'s ", p.scalar_type());
+    const at::ScalarType want = dtype.value_or(p.scalar_type());
+    TORCH_CHECK(t.scalar_type() == want, "fastattn optimizer step: ", name, "[", i, "] has dtype ",
+                t.scalar_type(), ", expected ", want);
     TORCH_CHECK(t.sizes() == p.sizes(), "fastattn optimizer step: ", name, "[", i, "] has shape ", t.sizes(),
                 ", expected params[", i, "]'s ", p.sizes());
     TORCH_CHECK(t.is_contiguous(), "fastattn optimizer step: ", name, "[", i, "] must be contiguous");
@@ -335,6 +392,15 @@ bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && scalar_value(*found_inf, "found_inf") != 0.0;
 }
 
+// With master weights every param is float16/bfloat16 and its master and state are float32.
+void check_master(const at::TensorList& params, const at::TensorList& masters) {
+  check_list(params, masters, "master_params", at::kFloat);
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK(params[i].scalar_type() == at::kHalf || params[i].scalar_type() == at::kBFloat16,
+                "fastattn optimizer step: with master_params, params[", i, "] must be float16 or bfloat16, got ",
+                params[i].scalar_type());
+}
+
 std::vector<int64_t> numels_of(const at::TensorList& params) {
   std::vector<int64_t> n;
   for (const auto& p : params) n.push_back(p.numel());
@@ -359,12 +425,16 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   const c10::List<bool>& new_buffers, double lr, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  std::optional<at::TensorList> master_params) {
   check_params(params);
   check_list(params, grads, "grads");
+  const bool master = master_params.has_value();
+  if (master) check_master(params, *master_params);
+  const auto state_dtype = master ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt;
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
-    check_list(params, momentum_buffers, "momentum_buffers");
+    check_list(params, momentum_buffers, "momentum_buffers", state_dtype);
     TORCH_CHECK(new_buffers.size() == params.size(), "fastattn.sgd_step_: new_buffers has ", new_buffers.size(),
                 " entries, params has ", params.size());
   }
@@ -394,6 +464,15 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     const at::Tensor& p = params[c.tensor];
     const bool new_buffer = has_momentum && is_new[c.tensor];
     const int64_t n = c.end - c.begin;
+    if (master) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(p.scalar_type(), "sgd_step_master", [&] {
+        float* bp = has_momentum ? momentum_buffers[c.tensor].data_ptr<float>() + c.begin : nullptr;
+        sgd_range_master<scalar_t>((*master_params)[c.tensor].data_ptr<float>() + c.begin,
+                                   p.data_ptr<scalar_t>() + c.begin, grads[c.tensor].data_ptr<scalar_t>() + c.begin,
+                                   bp, n, args_for(0.0f, new_buffer));
+      });
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_step_", [&] {
       using T = at::opmath_type<scalar_t>;
       scalar_t* bp = has_momentum ? momentum_buffers[c.tensor].data_ptr<scalar_t>() + c.begin : nullptr;
@@ -407,12 +486,16 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
                    double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                    bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   std::optional<at::TensorList> master_params) {
   check_params(params);
   check_list(params, grads, "grads");
-  check_list(params, exp_avgs, "exp_avgs");
-  check_list(params, exp_avg_sqs, "exp_avg_sqs");
-  if (amsgrad) check_list(params, max_exp_avg_sqs, "max_exp_avg_sqs");
+  const bool master = master_params.has_value();
+  if (master) check_master(params, *master_params);
+  const auto state_dtype = master ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt;
+  check_list(params, exp_avgs, "exp_avgs", state_dtype);
+  check_list(params, exp_avg_sqs, "exp_avg_sqs", state_dtype);
+  if (amsgrad) check_list(params, max_exp_avg_sqs, "max_exp_avg_sqs", state_dtype);
   TORCH_CHECK(state_steps.size() == params.size(), "fastattn.adam_step_: state_steps has ", state_steps.size(),
               " tensors, params has ", params.size());
   for (size_t i = 0; i < state_steps.size(); ++i) {
@@ -481,6 +564,17 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   for_each_chunk(make_chunks(numels_of(params)), [&](const Chunk& c) {
     const at::Tensor& p = params[c.tensor];
     const int64_t b = c.begin, n = c.end - c.begin;
+    if (master) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(p.scalar_type(), "adam_step_master", [&] {
+        float* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<float>() + b : nullptr;
+        adam_range_master<scalar_t>((*master_params)[c.tensor].data_ptr<float>() + b, p.data_ptr<scalar_t>() + b,
+                                    grads[c.tensor].data_ptr<scalar_t>() + b,
+                                    exp_avgs[c.tensor].data_ptr<float>() + b,
+                                    exp_avg_sqs[c.tensor].data_ptr<float>() + b, vmax, n,
+                                    args_for(0.0f, per[c.tensor]));
+      });
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adam_step_", [&] {
       using T = at::opmath_type<scalar_t>;
       scalar_t* vmax = amsgrad ? max_exp_avg_sqs[c.tensor].data_ptr<scalar_t>() + b : nullptr;

@@ -10,6 +10,10 @@
 // Inside a block each thread handles kILP consecutive elements per iteration, with one vector
 // load/store per list when every address of the chunk is aligned to kILP elements.
 //
+// Master weights (master_params given): the lists carry one more address, the float32 master; the
+// kernel (MASTER = true) reads the master instead of the float16/bfloat16 param, keeps the state in
+// float32, and stores the updated master and its rounded value to the param in the same pass.
+//
 // found_inf, grad_scale and a tensor lr are read on the device (no host synchronisation): a
 // found inf/NaN makes every block return before touching memory. Adam's steps are incremented by
 // a small second kernel after all blocks have read them. Math in float32 with explicitly rounded
@@ -22,6 +26,7 @@
 #include <torch/library.h>
 
 #include <map>
+#include <type_traits>
 #include <vector>
 
 namespace fastattn {
@@ -33,8 +38,9 @@ constexpr int kILP = 4;              // elements per thread per iteration
 constexpr int kMaxBlocks = 320;      // blocks per launch
 template <int DEPTH>
 struct MaxTensors {};                // tensor slots per launch, so that the struct stays < 4 KB
-template <> struct MaxTensors<3> { static constexpr int value = 48; };
-template <> struct MaxTensors<5> { static constexpr int value = 32; };
+template <> struct MaxTensors<4> { static constexpr int value = 48; };  // SGD: param, grad, buffer, master
+template <> struct MaxTensors<6> { static constexpr int value = 36; };  // Adam: + exp_avg, exp_avg_sq, max
+
 
 template <int DEPTH>
 struct TensorListArgs {
@@ -46,8 +52,8 @@ struct TensorListArgs {
   unsigned char block_to_tensor[kMaxBlocks];
   int block_to_chunk[kMaxBlocks];
 };
-static_assert(sizeof(TensorListArgs<3>) <= 4000, "kernel arguments must stay below 4 KB");
-static_assert(sizeof(TensorListArgs<5>) <= 4000, "kernel arguments must stay below 4 KB");
+static_assert(sizeof(TensorListArgs<4>) <= 3968, "kernel arguments must stay below 4 KB (with Hyper)");
+static_assert(sizeof(TensorListArgs<6>) <= 3968, "kernel arguments must stay below 4 KB (with Hyper)");
 
 // Scalars shared by every tensor of a call; pointers are device scalars or nullptr.
 struct Hyper {
@@ -114,54 +120,53 @@ __device__ __forceinline__ bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kILP) == 0;
 }
 
-template <typename T, int N>
-__device__ __forceinline__ void load(float (&r)[N][kILP], int list, T* const (&ptr)[N], int64_t i, int64_t len,
-                                     bool vec) {
-  if (ptr[list] == nullptr) return;
+// One list's kILP elements at i (zeros past len) into float registers, and back.
+template <typename T>
+__device__ __forceinline__ void load(float (&r)[kILP], const T* ptr, int64_t i, int64_t len, bool vec) {
   if (vec) {
-    Pack<T> pk = *reinterpret_cast<const Pack<T>*>(ptr[list] + i);
+    Pack<T> pk = *reinterpret_cast<const Pack<T>*>(ptr + i);
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) r[list][k] = static_cast<float>(pk.v[k]);
+    for (int k = 0; k < kILP; ++k) r[k] = static_cast<float>(pk.v[k]);
   } else {
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) r[list][k] = i + k < len ? static_cast<float>(ptr[list][i + k]) : 0.f;
+    for (int k = 0; k < kILP; ++k) r[k] = i + k < len ? static_cast<float>(ptr[i + k]) : 0.f;
   }
 }
 
-template <typename T, int N>
-__device__ __forceinline__ void store(const float (&r)[N][kILP], int list, T* const (&ptr)[N], int64_t i,
-                                      int64_t len, bool vec) {
-  if (ptr[list] == nullptr) return;
+template <typename T>
+__device__ __forceinline__ void store(const float (&r)[kILP], T* ptr, int64_t i, int64_t len, bool vec) {
   if (vec) {
     Pack<T> pk;
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) pk.v[k] = static_cast<T>(r[list][k]);
-    *reinterpret_cast<Pack<T>*>(ptr[list] + i) = pk;
+    for (int k = 0; k < kILP; ++k) pk.v[k] = static_cast<T>(r[k]);
+    *reinterpret_cast<Pack<T>*>(ptr + i) = pk;
   } else {
 #pragma unroll
     for (int k = 0; k < kILP; ++k)
-      if (i + k < len) ptr[list][i + k] = static_cast<T>(r[list][k]);
+      if (i + k < len) ptr[i + k] = static_cast<T>(r[k]);
   }
 }
 
-template <typename T, int N>
-__device__ __forceinline__ bool chunk_is_vectorizable(T* const (&ptr)[N], int64_t len) {
-  bool ok = len % kILP == 0;
-#pragma unroll
-  for (int l = 0; l < N; ++l) ok = ok && (ptr[l] == nullptr || aligned<T>(ptr[l]));
-  return ok;
+// Vector loads/stores need every used address aligned to a whole pack.
+template <typename T>
+__device__ __forceinline__ bool pack_aligned(const T* p) {
+  return p == nullptr || aligned<T>(p);
 }
 
 __device__ __forceinline__ bool skipped(const Hyper& h) { return h.found_inf != nullptr && *h.found_inf != 0.f; }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) sgd_kernel(TensorListArgs<3> args, Hyper h) {
+// T: the param's (and grad's) type; MASTER: float32 master and state (T is float16/bfloat16).
+template <typename T, bool MASTER>
+__global__ void __launch_bounds__(kThreads, 2) sgd_kernel(TensorListArgs<4> args, Hyper h) {
+  using State = std::conditional_t<MASTER, float, T>;
   if (skipped(h)) return;
   const int t = args.block_to_tensor[blockIdx.x];
   const int64_t base = static_cast<int64_t>(args.block_to_chunk[blockIdx.x]) * kChunk;
   const int64_t len = min(static_cast<int64_t>(kChunk), args.sizes[t] - base);
-  T* const ptr[3] = {static_cast<T*>(args.addresses[0][t]) + base, static_cast<T*>(args.addresses[1][t]) + base,
-                     h.has_momentum ? static_cast<T*>(args.addresses[2][t]) + base : nullptr};
+  T* param = static_cast<T*>(args.addresses[0][t]) + base;
+  T* grad = static_cast<T*>(args.addresses[1][t]) + base;
+  State* buf = h.has_momentum ? static_cast<State*>(args.addresses[2][t]) + base : nullptr;
+  float* master = MASTER ? static_cast<float*>(args.addresses[3][t]) + base : nullptr;
   SgdScalars s;
   s.neg_lr = -(h.lr_ptr ? *h.lr_ptr : h.lr);
   s.momentum = h.momentum;
@@ -169,29 +174,35 @@ __global__ void __launch_bounds__(kThreads, 2) sgd_kernel(TensorListArgs<3> args
   s.weight_decay = h.weight_decay;
   s.grad_scale = h.grad_scale ? *h.grad_scale : 1.f;
   s.new_buffer = args.flags[t] != 0;
-  const bool vec = chunk_is_vectorizable(ptr, len);
+  const bool vec = len % kILP == 0 && pack_aligned(param) && pack_aligned(grad) && pack_aligned(buf) &&
+                   pack_aligned(master);
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP) {
-    float r[3][kILP];
-    load(r, 0, ptr, i, len, vec);
-    load(r, 1, ptr, i, len, vec);
-    if (h.has_momentum && !s.new_buffer) load(r, 2, ptr, i, len, vec);
+    float p[kILP], g[kILP], b[kILP] = {};
+    if (MASTER) load(p, master, i, len, vec); else load(p, param, i, len, vec);
+    load(g, grad, i, len, vec);
+    if (h.has_momentum && !s.new_buffer) load(b, buf, i, len, vec);
 #pragma unroll
-    for (int k = 0; k < kILP; ++k) sgd_math(r[0][k], r[1][k], r[2][k], s, h);
-    store(r, 0, ptr, i, len, vec);
-    if (h.grad_scale) store(r, 1, ptr, i, len, vec);
-    store(r, 2, ptr, i, len, vec);
+    for (int k = 0; k < kILP; ++k) sgd_math(p[k], g[k], b[k], s, h);
+    store(p, param, i, len, vec);
+    if (MASTER) store(p, master, i, len, vec);
+    if (h.grad_scale) store(g, grad, i, len, vec);
+    if (h.has_momentum) store(b, buf, i, len, vec);
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) adam_kernel(TensorListArgs<5> args, Hyper h) {
+template <typename T, bool MASTER>
+__global__ void __launch_bounds__(kThreads, 2) adam_kernel(TensorListArgs<6> args, Hyper h) {
+  using State = std::conditional_t<MASTER, float, T>;
   if (skipped(h)) return;
   const int t = args.block_to_tensor[blockIdx.x];
   const int64_t base = static_cast<int64_t>(args.block_to_chunk[blockIdx.x]) * kChunk;
   const int64_t len = min(static_cast<int64_t>(kChunk), args.sizes[t] - base);
-  T* const ptr[5] = {static_cast<T*>(args.addresses[0][t]) + base, static_cast<T*>(args.addresses[1][t]) + base,
-                     static_cast<T*>(args.addresses[2][t]) + base, static_cast<T*>(args.addresses[3][t]) + base,
-                     h.amsgrad ? static_cast<T*>(args.addresses[4][t]) + base : nullptr};
+  T* param = static_cast<T*>(args.addresses[0][t]) + base;
+  T* grad = static_cast<T*>(args.addresses[1][t]) + base;
+  State* exp_avg = static_cast<State*>(args.addresses[2][t]) + base;
+  State* exp_avg_sq = static_cast<State*>(args.addresses[3][t]) + base;
+  State* max_exp_avg_sq = h.amsgrad ? static_cast<State*>(args.addresses[4][t]) + base : nullptr;
+  float* master = MASTER ? static_cast<float*>(args.addresses[5][t]) + base : nullptr;
   // Scalars of this tensor's step, in double as torch computes them in Python.
   const double step = static_cast<double>(*args.steps[t]) + 1.0;
   const double lr = h.lr_ptr ? static_cast<double>(*h.lr_ptr) : h.lr_d;
@@ -208,17 +219,23 @@ __global__ void __launch_bounds__(kThreads, 2) adam_kernel(TensorListArgs<5> arg
   s.bias_correction2_sqrt = static_cast<float>(sqrt(bias_correction2));
   s.neg_step_size = static_cast<float>(-(lr / bias_correction1));
   s.decay = static_cast<float>(1.0 - lr * h.weight_decay_d);
-  const bool vec = chunk_is_vectorizable(ptr, len);
+  const bool vec = len % kILP == 0 && pack_aligned(param) && pack_aligned(grad) && pack_aligned(exp_avg) &&
+                   pack_aligned(exp_avg_sq) && pack_aligned(max_exp_avg_sq) && pack_aligned(master);
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < len; i += static_cast<int64_t>(blockDim.x) * kILP) {
-    float r[5][kILP];
+    float p[kILP], g[kILP], m[kILP], v[kILP], vmax[kILP] = {};
+    if (MASTER) load(p, master, i, len, vec); else load(p, param, i, len, vec);
+    load(g, grad, i, len, vec);
+    load(m, exp_avg, i, len, vec);
+    load(v, exp_avg_sq, i, len, vec);
+    if (h.amsgrad) load(vmax, max_exp_avg_sq, i, len, vec);
 #pragma unroll
-    for (int l = 0; l < 5; ++l) load(r, l, ptr, i, len, vec);
-#pragma unroll
-    for (int k = 0; k < kILP; ++k) adam_math(r[0][k], r[1][k], r[2][k], r[3][k], r[4][k], s, h);
-    store(r, 0, ptr, i, len, vec);
-    if (h.grad_scale) store(r, 1, ptr, i, len, vec);
-#pragma unroll
-    for (int l = 2; l < 5; ++l) store(r, l, ptr, i, len, vec);
+    for (int k = 0; k < kILP; ++k) adam_math(p[k], g[k], m[k], v[k], vmax[k], s, h);
+    store(p, param, i, len, vec);
+    if (MASTER) store(p, master, i, len, vec);
+    if (h.grad_scale) store(g, grad, i, len, vec);
+    store(m, exp_avg, i, len, vec);
+    store(v, exp_avg_sq, i, len, vec);
+    if (h.amsgrad) store(vmax, max_exp_avg_sq, i, len, vec);
   }
 }
 
@@ -286,7 +303,15 @@ const float* device_scalar(const std::optional<at::Tensor>& t, const at::Device&
   return t->data_ptr<float>();
 }
 
-void check_lists(at::TensorList params, const std::vector<std::pair<at::TensorList, const char*>>& others) {
+// A list that must match params (shape, device, contiguous) and have params' dtype, or float32 when
+// float32_state (state and masters with master weights).
+struct ListToCheck {
+  at::TensorList list;
+  const char* name;
+  bool float32_state;
+};
+
+void check_lists(at::TensorList params, const std::vector<ListToCheck>& others) {
   TORCH_CHECK(!params.empty(), "fastattn optimizer step (CUDA): params is empty");
   const auto device = params[0].device();
   for (size_t i = 0; i < params.size(); ++i) {
@@ -298,23 +323,37 @@ void check_lists(at::TensorList params, const std::vector<std::pair<at::TensorLi
                 p.scalar_type());
     TORCH_CHECK(p.is_contiguous(), "fastattn optimizer step (CUDA): params[", i, "] must be contiguous");
   }
-  for (const auto& [list, name] : others) {
+  for (const auto& [list, name, float32_state] : others) {
     TORCH_CHECK(list.size() == params.size(), "fastattn optimizer step (CUDA): ", name, " has ", list.size(),
                 " tensors, params has ", params.size());
     for (size_t i = 0; i < list.size(); ++i) {
       const auto& t = list[i];
-      TORCH_CHECK(t.device() == device && t.scalar_type() == params[i].scalar_type() &&
-                      t.sizes() == params[i].sizes() && t.is_contiguous(),
-                  "fastattn optimizer step (CUDA): ", name, "[", i,
-                  "] must be a contiguous tensor with params[", i, "]'s dtype, shape and device");
+      const auto dtype = float32_state ? at::kFloat : params[i].scalar_type();
+      TORCH_CHECK(t.device() == device && t.scalar_type() == dtype && t.sizes() == params[i].sizes() &&
+                      t.is_contiguous(),
+                  "fastattn optimizer step (CUDA): ", name, "[", i, "] must be a contiguous ", dtype,
+                  " tensor with params[", i, "]'s shape and device");
     }
   }
+}
+
+// With master weights every param is float16/bfloat16 and has a float32 master.
+void check_master(at::TensorList params, const std::optional<at::TensorList>& master_params) {
+  if (!master_params.has_value()) return;
+  check_lists(params, {{*master_params, "master_params", true}});
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK(params[i].scalar_type() == at::kHalf || params[i].scalar_type() == at::kBFloat16,
+                "fastattn optimizer step (CUDA): with master_params, params[", i,
+                "] must be float16 or bfloat16, got ", params[i].scalar_type());
 }
 
 // float32, float16, bfloat16 (float64 stays on the CPU): three instantiations per kernel.
 #define FASTATTN_DISPATCH_PARAM_TYPES(TYPE, NAME, ...)                  \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// Master weights: float16, bfloat16 params (two more instantiations per kernel).
+#define FASTATTN_DISPATCH_MASTER_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // Indices of params grouped by dtype (one kernel instantiation per dtype).
 std::map<at::ScalarType, std::vector<int64_t>> by_dtype(at::TensorList params) {
@@ -326,12 +365,15 @@ std::map<at::ScalarType, std::vector<int64_t>> by_dtype(at::TensorList params) {
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    const c10::List<bool>& new_buffers, double lr, double momentum, double dampening,
                    double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   std::optional<at::TensorList> master_params) {
   if (params.empty()) return;
   const bool has_momentum = momentum != 0.0;
-  std::vector<std::pair<at::TensorList, const char*>> others = {{grads, "grads"}};
-  if (has_momentum) others.push_back({momentum_buffers, "momentum_buffers"});
+  const bool master = master_params.has_value();
+  std::vector<ListToCheck> others = {{grads, "grads", false}};
+  if (has_momentum) others.push_back({momentum_buffers, "momentum_buffers", master});
   check_lists(params, others);
+  check_master(params, master_params);
   TORCH_CHECK(!has_momentum || new_buffers.size() == params.size(), "fastattn.sgd_step_: new_buffers has ",
               new_buffers.size(), " entries, params has ", params.size());
   const auto device = params[0].device();
@@ -350,14 +392,24 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   std::vector<unsigned char> flags(params.size(), 0);
   for (size_t i = 0; has_momentum && i < params.size(); ++i) flags[i] = new_buffers.get(i) ? 1 : 0;
   auto stream = at::cuda::getCurrentCUDAStream();
+  const std::vector<at::TensorList> lists = {params, grads, momentum_buffers,
+                                              master ? *master_params : at::TensorList()};
   for (const auto& [dtype, which] : by_dtype(params)) {
-    FASTATTN_DISPATCH_PARAM_TYPES(dtype, "sgd_step_cuda", [&] {
-      multi_tensor_apply<3>({params, grads, momentum_buffers}, which, {}, flags,
-                            [&](const TensorListArgs<3>& args, int blocks) {
-                              sgd_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args, h);
-                              C10_CUDA_KERNEL_LAUNCH_CHECK();
-                            });
-    });
+    if (master) {
+      FASTATTN_DISPATCH_MASTER_TYPES(dtype, "sgd_step_cuda", [&] {
+        multi_tensor_apply<4>(lists, which, {}, flags, [&](const TensorListArgs<4>& args, int blocks) {
+          sgd_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(args, h);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    } else {
+      FASTATTN_DISPATCH_PARAM_TYPES(dtype, "sgd_step_cuda", [&] {
+        multi_tensor_apply<4>(lists, which, {}, flags, [&](const TensorListArgs<4>& args, int blocks) {
+          sgd_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(args, h);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
   }
 }
 
@@ -365,12 +417,15 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                     bool decoupled_weight_decay, const std::optional<at::Tensor>& lr_tensor,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    std::optional<at::TensorList> master_params) {
   if (params.empty()) return;
-  std::vector<std::pair<at::TensorList, const char*>> others = {
-      {grads, "grads"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"}};
-  if (amsgrad) others.push_back({max_exp_avg_sqs, "max_exp_avg_sqs"});
+  const bool master = master_params.has_value();
+  std::vector<ListToCheck> others = {
+      {grads, "grads", false}, {exp_avgs, "exp_avgs", master}, {exp_avg_sqs, "exp_avg_sqs", master}};
+  if (amsgrad) others.push_back({max_exp_avg_sqs, "max_exp_avg_sqs", master});
   check_lists(params, others);
+  check_master(params, master_params);
   const auto device = params[0].device();
   TORCH_CHECK(state_steps.size() == params.size(), "fastattn.adam_step_: state_steps has ", state_steps.size(),
               " tensors, params has ", params.size());
@@ -396,14 +451,24 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   h.l2_decay = weight_decay != 0.0 && !decoupled_weight_decay;
   h.decoupled_decay = weight_decay != 0.0 && decoupled_weight_decay;
   auto stream = at::cuda::getCurrentCUDAStream();
+  const std::vector<at::TensorList> lists = {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                              master ? *master_params : at::TensorList()};
   for (const auto& [dtype, which] : by_dtype(params)) {
-    FASTATTN_DISPATCH_PARAM_TYPES(dtype, "adam_step_cuda", [&] {
-      multi_tensor_apply<5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, which, steps, {},
-                            [&](const TensorListArgs<5>& args, int blocks) {
-                              adam_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args, h);
-                              C10_CUDA_KERNEL_LAUNCH_CHECK();
-                            });
-    });
+    if (master) {
+      FASTATTN_DISPATCH_MASTER_TYPES(dtype, "adam_step_cuda", [&] {
+        multi_tensor_apply<6>(lists, which, steps, {}, [&](const TensorListArgs<6>& args, int blocks) {
+          adam_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(args, h);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    } else {
+      FASTATTN_DISPATCH_PARAM_TYPES(dtype, "adam_step_cuda", [&] {
+        multi_tensor_apply<6>(lists, which, steps, {}, [&](const TensorListArgs<6>& args, int blocks) {
+          adam_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(args, h);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
   }
   // Every block has read its step: count this one (unless found_inf says it was skipped).
   for (size_t start = 0; start < steps.size(); start += kMaxSteps) {

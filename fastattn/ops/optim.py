@@ -3,10 +3,11 @@
 Native contract (the same for every backend, so the tests can hold them all to one oracle):
 
     sgd_step_(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay,
-              nesterov, maximize, lr_tensor=None, grad_scale=None, found_inf=None) -> ()
+              nesterov, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+              master_params=None) -> ()
     adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_tensor=None,
-               grad_scale=None, found_inf=None) -> ()
+               grad_scale=None, found_inf=None, master_params=None) -> ()
 
 * Lists of tensors, updated in place in one pass: ``params[i]``, ``grads[i]`` and the state tensors
   ``[i]`` share dtype (float32, float64, float16 or bfloat16; the math runs in float32, float64 for
@@ -25,6 +26,12 @@ Native contract (the same for every backend, so the tests can hold them all to o
 * ``lr_tensor`` (1 element) replaces ``lr``; ``grad_scale``: gradients are divided by it and written
   back unscaled (as torch's fused optimizers do); ``found_inf != 0``: nothing changes at all (the
   GPU kernels read both on the device: no host synchronisation).
+* ``master_params`` (fp32 master weights, apex / AMP style): one float32 tensor per float16/bfloat16
+  param. The step then reads the master instead of the param, keeps the state (momentum buffers,
+  exp_avgs, ...) in float32, updates the master in float32 and writes its rounded value to the param
+  in the same pass; grads stay in the params' dtype (unscaled in place as above). Without master
+  weights a bf16 param absorbs only updates larger than half its ulp (2^-9 relative): small Adam
+  steps are lost every step; with them the fp16/bf16 param is always the fp32 trajectory, rounded.
 """
 from __future__ import annotations
 
@@ -47,10 +54,26 @@ def _skip(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
+def _with_master(step, params, grads, master_params, grad_scale, *args):
+    """The reference step on the float32 masters and float32 copies of the grads, then rounded back."""
+    grads32 = [g.float() for g in grads]
+    step(master_params, grads32, *args)
+    for g, g32 in zip(grads, grads32):
+        if grad_scale is not None:
+            g.copy_(g32)
+    for p, m in zip(params, master_params):
+        p.copy_(m)
+
+
 def sgd_step_reference(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay,
-                       nesterov, maximize, lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+                       nesterov, maximize, lr_tensor=None, grad_scale=None, found_inf=None,
+                       master_params=None) -> None:
     if _skip(found_inf):
         return
+    if master_params is not None:
+        return _with_master(lambda p, g, *_: sgd_step_reference(
+            p, g, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+            lr_tensor, grad_scale), params, grads, master_params, grad_scale)
     if lr_tensor is not None:
         lr = lr_tensor.item()
     for i, param in enumerate(params):
@@ -72,9 +95,14 @@ def sgd_step_reference(params, grads, momentum_buffers, new_buffers, lr, momentu
 
 def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                         eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_tensor=None,
-                        grad_scale=None, found_inf=None) -> None:
+                        grad_scale=None, found_inf=None, master_params=None) -> None:
     if _skip(found_inf):
         return
+    if master_params is not None:
+        return _with_master(lambda p, g, *_: adam_step_reference(
+            p, g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+            amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale), params, grads, master_params,
+            grad_scale)
     for i, param in enumerate(params):
         grad = grads[i]
         if grad_scale is not None:
@@ -110,13 +138,13 @@ def adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
 def _register_fakes():
     @torch.library.register_fake("fastattn::sgd_step_")
     def _sgd_fake(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay,
-                  nesterov, maximize, lr_tensor=None, grad_scale=None, found_inf=None):
+                  nesterov, maximize, lr_tensor=None, grad_scale=None, found_inf=None, master_params=None):
         return None
 
     @torch.library.register_fake("fastattn::adam_step_")
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                    weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_tensor=None, grad_scale=None,
-                   found_inf=None):
+                   found_inf=None, master_params=None):
         return None
 
 
@@ -133,7 +161,8 @@ def _triton():
 # --------------------------------------------------------------------------------------------
 # Input checks.
 # --------------------------------------------------------------------------------------------
-def _check_list(name: str, ts, params: Sequence[Tensor], state: bool = True) -> None:
+def _check_list(name: str, ts, params: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> None:
+    """ts[i] matches params[i] in shape, device and dtype (or `dtype`: float32 state with master weights)."""
     if not isinstance(ts, (list, tuple)):
         raise TypeError(f"{name} must be a list of Tensors, got {type(ts).__name__}")
     if len(ts) != len(params):
@@ -145,7 +174,10 @@ def _check_list(name: str, ts, params: Sequence[Tensor], state: bool = True) -> 
             raise RuntimeError(f"{name}[{i}] is sparse: the fused optimizer steps take dense tensors only")
         if t.shape != p.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, params[{i}] {tuple(p.shape)}")
-        if t.dtype != p.dtype:
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {dtype} (master weights keep float32 "
+                            f"state)")
+        if dtype is None and t.dtype != p.dtype:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}, params[{i}] {p.dtype}: they must match")
         if t.device != p.device:
             raise ValueError(f"{name}[{i}] is on {t.device}, params[{i}] on {p.device}")
@@ -165,6 +197,17 @@ def _check_params(params) -> torch.device:
         elif p.device != device:
             raise ValueError(f"params must be on one device, got {device} and {p.device} (params[{i}])")
     return device if device is not None else torch.device("cpu")
+
+
+def _check_master(master_params, params) -> Optional[torch.dtype]:
+    """The dtype the state lists must have: float32 with master weights, else the params' own."""
+    if master_params is None:
+        return None
+    _check_list("master_params", master_params, params, torch.float32)
+    for i, p in enumerate(params):
+        if p.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"params[{i}] must be float16 or bfloat16 when master_params are given, got {p.dtype}")
+    return torch.float32
 
 
 def _check_scalar_tensor(name: str, t: Optional[Tensor]) -> None:
@@ -247,12 +290,14 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
               new_buffers: List[bool], *, lr: float, momentum: float = 0.0, dampening: float = 0.0,
               weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
               lr_tensor: Optional[Tensor] = None, grad_scale: Optional[Tensor] = None,
-              found_inf: Optional[Tensor] = None, backend: Optional[str] = None) -> None:
+              found_inf: Optional[Tensor] = None, master_params: Optional[List[Tensor]] = None,
+              backend: Optional[str] = None) -> None:
     """One fused SGD step over lists of tensors, in place (see the module docstring)."""
     device = _check_params(params)
     _check_list("grads", grads, params)
+    state_dtype = _check_master(master_params, params)
     if momentum != 0:
-        _check_list("momentum_buffers", momentum_buffers, params)
+        _check_list("momentum_buffers", momentum_buffers, params, state_dtype)
         if len(new_buffers) != len(params):
             raise ValueError(f"new_buffers has {len(new_buffers)} entries, params has {len(params)}")
     else:
@@ -265,11 +310,11 @@ def sgd_step_(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[
     if not params:
         return
     _sgd_run(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-             lr_tensor, grad_scale, found_inf, backend, device)
+             lr_tensor, grad_scale, found_inf, backend, device, master_params)
 
 
 def _sgd_run(params, grads, momentum_buffers, new_buffers, lr, momentum, dampening, weight_decay, nesterov,
-             maximize, lr_tensor, grad_scale, found_inf, backend, device) -> None:
+             maximize, lr_tensor, grad_scale, found_inf, backend, device, master_params=None) -> None:
     """sgd_step_ after its checks (fastattn.optim calls this: its lists are consistent by construction)."""
     name = _backend.select("sgd_step_", backend, device, _reasons(params), native_op="sgd_step_")
     if momentum == 0:
@@ -278,12 +323,13 @@ def _sgd_run(params, grads, momentum_buffers, new_buffers, lr, momentum, dampeni
     new_buffers = [bool(b) for b in new_buffers]
     hyper = (float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
     if name == "reference":
-        return sgd_step_reference(params, grads, momentum_buffers, new_buffers, *hyper, *scalars)
-    (p, g, b), write_back = _contiguous_lists(params, grads, momentum_buffers)
+        return sgd_step_reference(params, grads, momentum_buffers, new_buffers, *hyper, *scalars, master_params)
+    (p, g, b, w), write_back = _contiguous_lists(params, grads, momentum_buffers, master_params or [])
+    w = w if master_params is not None else None
     if name == "triton":
-        _triton().sgd_step_triton(p, g, b, new_buffers, *hyper, *scalars)
+        _triton().sgd_step_triton(p, g, b, new_buffers, *hyper, *scalars, w or [])
     else:
-        torch.ops.fastattn.sgd_step_(p, g, b, new_buffers, *hyper, *scalars)
+        torch.ops.fastattn.sgd_step_(p, g, b, new_buffers, *hyper, *scalars, w)
     for orig, copy in write_back:
         orig.copy_(copy)
 
@@ -293,14 +339,15 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
                beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False,
                maximize: bool = False, decoupled_weight_decay: bool = False, lr_tensor: Optional[Tensor] = None,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-               backend: Optional[str] = None) -> None:
+               master_params: Optional[List[Tensor]] = None, backend: Optional[str] = None) -> None:
     """One fused Adam (or AdamW: ``decoupled_weight_decay=True``) step over lists of tensors, in place."""
     device = _check_params(params)
     _check_list("grads", grads, params)
-    _check_list("exp_avgs", exp_avgs, params)
-    _check_list("exp_avg_sqs", exp_avg_sqs, params)
+    state_dtype = _check_master(master_params, params)
+    _check_list("exp_avgs", exp_avgs, params, state_dtype)
+    _check_list("exp_avg_sqs", exp_avg_sqs, params, state_dtype)
     if amsgrad:
-        _check_list("max_exp_avg_sqs", max_exp_avg_sqs, params)
+        _check_list("max_exp_avg_sqs", max_exp_avg_sqs, params, state_dtype)
     else:
         max_exp_avg_sqs = []
     if len(state_steps) != len(params):
@@ -318,12 +365,13 @@ def adam_step_(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor]
     if not params:
         return
     _adam_run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-              amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale, found_inf, backend, device)
+              amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale, found_inf, backend, device,
+              master_params)
 
 
 def _adam_run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
               weight_decay, amsgrad, maximize, decoupled_weight_decay, lr_tensor, grad_scale, found_inf, backend,
-              device) -> None:
+              device, master_params=None) -> None:
     """adam_step_ after its checks (fastattn.optim calls this: its lists are consistent by construction)."""
     name = _backend.select("adam_step_", backend, device, _reasons(params, state_steps), native_op="adam_step_")
     max_exp_avg_sqs = max_exp_avg_sqs if amsgrad else []
@@ -332,11 +380,13 @@ def _adam_run(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
              bool(maximize), bool(decoupled_weight_decay))
     if name == "reference":
         return adam_step_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *hyper,
-                                   *scalars)
-    (p, g, m, v, vmax), write_back = _contiguous_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+                                   *scalars, master_params)
+    (p, g, m, v, vmax, w), write_back = _contiguous_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                                          master_params or [])
+    w = w if master_params is not None else None
     if name == "triton":
-        _triton().adam_step_triton(p, g, m, v, vmax, list(state_steps), *hyper, *scalars)
+        _triton().adam_step_triton(p, g, m, v, vmax, list(state_steps), *hyper, *scalars, w or [])
     else:
-        torch.ops.fastattn.adam_step_(p, g, m, v, vmax, list(state_steps), *hyper, *scalars)
+        torch.ops.fastattn.adam_step_(p, g, m, v, vmax, list(state_steps), *hyper, *scalars, w)
     for orig, copy in write_back:
         orig.copy_(copy)

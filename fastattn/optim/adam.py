@@ -6,6 +6,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastattn.ops.optim import _adam_run
+from fastattn.optim import master as _master
 from fastattn.optim.sgd import amp_args, by_device, check_backend, check_unsupported, lr_args, real_lists
 
 __all__ = ["Adam", "AdamW"]
@@ -23,11 +24,13 @@ class Adam(Optimizer):
     parameter's device (as with torch's ``fused``/``capturable``); a state loaded from torch with
     ``step`` elsewhere is moved on the next step. ``foreach``/``fused``/``capturable`` are accepted
     and ignored (the step is always fused and never synchronises with the host on a GPU).
+    ``master_weights=True``: float16/bfloat16 params get an fp32 master copy (``state["master_param"]``)
+    and fp32 state, see :mod:`fastattn.optim.master`.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend=None):
+                 decoupled_weight_decay=False, backend=None, master_weights=False):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -52,6 +55,7 @@ class Adam(Optimizer):
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
         self.backend = check_backend(backend)
+        self.master_weights = bool(master_weights)
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
@@ -83,7 +87,13 @@ class Adam(Optimizer):
             state["step"] = step.to(device=p.device, dtype=torch.float32)  # e.g. loaded from torch's CPU step
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if _master.has_master(getattr(self, "master_weights", False), p):
+            _master.ensure_master(state, p, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
         return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        _master.restore_float32_state(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -107,25 +117,32 @@ class Adam(Optimizer):
         beta1, beta2 = (_beta(b) for b in group["betas"])
         lr, lr_tensor = lr_args(group["lr"])
         for idx in by_device(list(enumerate(params))).values():
-            ps = [params[i] for i in idx]
-            states = [self._state_for(p, amsgrad) for p in ps]
-            scale, found = amp_args(self, ps[0].device)
-            lists = real_lists(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
-                               [s["exp_avg_sq"] for s in states],
-                               [s["max_exp_avg_sq"] for s in states] if amsgrad else [])
-            _adam_run(*lists, [s["step"] for s in states], lr, beta1, beta2, group["eps"], group["weight_decay"],
-                      amsgrad, group["maximize"], group["decoupled_weight_decay"], lr_tensor, scale, found,
-                      self.backend, ps[0].device)
+            ps_all = [params[i] for i in idx]
+            for part in _master.split(ps_all, getattr(self, "master_weights", False)):
+                if not part:
+                    continue
+                ps = [ps_all[i] for i in part]
+                states = [self._state_for(p, amsgrad) for p in ps]
+                with_master = _master.has_master(getattr(self, "master_weights", False), ps[0])
+                masters = [s[_master.MASTER_KEY] for s in states] if with_master else None
+                scale, found = amp_args(self, ps[0].device)
+                lists = real_lists(ps, [p.grad for p in ps], [s["exp_avg"] for s in states],
+                                   [s["exp_avg_sq"] for s in states],
+                                   [s["max_exp_avg_sq"] for s in states] if amsgrad else [])
+                _adam_run(*lists, [s["step"] for s in states], lr, beta1, beta2, group["eps"],
+                          group["weight_decay"], amsgrad, group["maximize"], group["decoupled_weight_decay"],
+                          lr_tensor, scale, found, self.backend, ps[0].device, masters)
 
 
 class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay (torch.optim.AdamW's arguments and defaults)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None,
+                 master_weights=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend, master_weights=master_weights)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -9,6 +9,7 @@ from torch.optim import Optimizer
 
 from fastattn import backend as _backend
 from fastattn.ops.optim import _check_hyper, _sgd_run
+from fastattn.optim import master as _master
 
 __all__ = ["SGD"]
 
@@ -71,10 +72,12 @@ class SGD(Optimizer):
     Same arguments, defaults, errors, ``param_groups`` and ``state`` (``momentum_buffer``) as
     ``torch.optim.SGD``; ``foreach``/``fused`` are accepted and ignored (the step is always fused);
     ``backend=`` picks the kernel. Sparse gradients take torch's plain math.
+    ``master_weights=True``: float16/bfloat16 params get an fp32 master copy (``state["master_param"]``)
+    and an fp32 momentum buffer, see :mod:`fastattn.optim.master`.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None, master_weights=False):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -91,6 +94,7 @@ class SGD(Optimizer):
                         fused=fused)
         super().__init__(params, defaults)
         self.backend = check_backend(backend)
+        self.master_weights = bool(master_weights)
         self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
@@ -101,6 +105,10 @@ class SGD(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        _master.restore_float32_state(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,24 +130,38 @@ class SGD(Optimizer):
         for p in group["params"]:
             if p.grad is not None:
                 (sparse if p.grad.is_sparse else dense).append(p)
+        master_weights = getattr(self, "master_weights", False)
         for ps in by_device([(i, p) for i, p in enumerate(dense)]).values():
-            params = [dense[i] for i in ps]
-            grads = [p.grad for p in params]
-            bufs, new = [], []
-            if momentum != 0:
-                for p in params:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    new.append(buf is None)
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.empty_like(p.grad)
-                    bufs.append(buf)
-            scale, found = amp_args(self, params[0].device)
-            params, grads, bufs = real_lists(params, grads, bufs)
-            _sgd_run(params, grads, bufs, new, hyper["lr"], momentum, hyper["dampening"], hyper["weight_decay"],
-                     hyper["nesterov"], hyper["maximize"], lr_tensor, scale, found, self.backend, params[0].device)
+            on_device = [dense[i] for i in ps]
+            for part in _master.split(on_device, master_weights):
+                if part:
+                    self._step_params([on_device[i] for i in part], hyper, momentum, lr_tensor, master_weights)
         for p in sparse:  # torch's single-tensor math (plain tensor ops) handles sparse gradients
             self._sparse_step(p, group, lr_tensor.item() if lr_tensor is not None else lr)
+
+    def _step_params(self, params, hyper, momentum, lr_tensor, master_weights) -> None:
+        """One fused call: params on one device, all with a master or all without."""
+        masters = None
+        if _master.has_master(master_weights, params[0]):
+            for p in params:
+                _master.ensure_master(self.state[p], p, ("momentum_buffer",))
+            masters = [self.state[p][_master.MASTER_KEY] for p in params]
+        grads = [p.grad for p in params]
+        bufs, new = [], []
+        if momentum != 0:
+            for p in params:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                new.append(buf is None)
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.empty_like(p.grad, dtype=torch.float32 if masters
+                                                                      else p.grad.dtype)
+                bufs.append(buf)
+        scale, found = amp_args(self, params[0].device)
+        params, grads, bufs = real_lists(params, grads, bufs)
+        _sgd_run(params, grads, bufs, new, hyper["lr"], momentum, hyper["dampening"], hyper["weight_decay"],
+                 hyper["nesterov"], hyper["maximize"], lr_tensor, scale, found, self.backend, params[0].device,
+                 masters)
 
     def _sparse_step(self, p: Tensor, group, lr: float) -> None:
         scale, found = amp_args(self, p.device)
