@@ -602,47 +602,4 @@ def test_native_op_checks():
         torch.ops.fastattn.attention_bwd(out, q, q, q, out, lse.double(), None, 0.0, 1.0, -1, -1, 0, 0.0, 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_per_sequence_reference(backend, causal):
-    prepare(backend, 3000)
-    dev = device_of(backend)
-    lens_q, lens_k = [3, 1, 9, 0], [5, 4, 9, 2]
-    Hq, Hkv, E, Ev = 4, 2, 16, 8
-    q = torch.randn(sum(lens_q), Hq, E, device=dev, dtype=torch.float64 if backend in ("cpu", "reference") else torch.float32)
-    k = torch.randn(sum(lens_k), Hkv, E, device=dev, dtype=q.dtype)
-    v = torch.randn(sum(lens_k), Hkv, Ev, device=dev, dtype=q.dtype)
-    q.requires_grad_(True)
-    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
-    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
-    out = fastattn.attention_varlen(q, k, v, cu_q.to(dev), cu_k.to(dev), max(lens_q), max(lens_k), causal=causal,
-                                    backend=backend)
-    assert out.shape == (sum(lens_q), Hq, Ev)
-    out.sum().backward()
-    qd, kd, vd = q.detach().double().requires_grad_(True), k.double(), v.double()
-    pieces = []
-    for i in range(len(lens_q)):
-        a, b = int(cu_q[i]), int(cu_q[i + 1])
-        c, d = int(cu_k[i]), int(cu_k[i + 1])
-        ref, _ = attention_reference(qd[a:b].transpose(0, 1)[None], kd[c:d].transpose(0, 1)[None],
-                                     vd[c:d].transpose(0, 1)[None], None, 0.0, 1 / math.sqrt(E), -1,
-                                     0 if causal else -1, (d - c) - (b - a))
-        pieces.append(ref[0].transpose(0, 1))
-    ref = torch.cat(pieces)
-    ref.sum().backward()
-    tol = dict(atol=1e-5, rtol=1e-5) if q.dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out.detach().double(), ref.detach(), **tol)
-    torch.testing.assert_close(q.grad.double(), qd.grad, **tol)
-
-
-def test_varlen_bad_offsets():
-    q = torch.randn(6, 2, 8)
-    good = torch.tensor([0, 2, 6], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
-        fastattn.attention_varlen(q, q, q, torch.tensor([0, 4, 3], dtype=torch.int32), good)
-    with pytest.raises(ValueError, match="cu_seqlens_k must be a 1-D int32/int64"):
-        fastattn.attention_varlen(q, q, q, good, good.float())
-    with pytest.raises(ValueError, match="max_seqlen_q"):
-        fastattn.attention_varlen(q, q, q, good, good, max_seqlen_q=3)
-    with pytest.raises(ValueError, match="packed"):
-        fastattn.attention_varlen(q[None], q, q, good, good)
+# attention_varlen: tests/test_attention_varlen.py
