@@ -603,3 +603,121 @@ def test_native_op_checks():
 
 
 # attention_varlen: tests/test_attention_varlen.py
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout with a drawn seed: torch.manual_seed reproducibility, torch.compile(fullgraph=True)
+# ---------------------------------------------------------------------------------------------
+def _drawn_seed_after(state_seed):
+    """The seed attention draws right after torch.manual_seed(state_seed)."""
+    torch.manual_seed(state_seed)
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+def _dropout_inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 17, 16, generator=g, requires_grad=True) for _ in range(3)]
+
+
+@needs_native
+def test_drawn_seed_eager_matches_explicit_seed():
+    """seed=None draws from torch's generator: forward and gradients equal those of that seed given explicitly."""
+    q, k, v = _dropout_inputs()
+    seed = _drawn_seed_after(7)
+    torch.manual_seed(7)
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = fastattn.attention(q, k, v, dropout_p=0.3, seed=seed, backend="cpu")
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+    torch.manual_seed(8)
+    assert not torch.equal(fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu"), out)
+
+
+@needs_native
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_dropout(compiler):
+    """The dropout seed draw compiles without a graph break (fullgraph=True), forward and backward."""
+    torch._dynamo.reset()
+    q, k, v = _dropout_inputs()
+    sdpa = torch.compile(lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c, dropout_p=0.1, backend="cpu"),
+                         fullgraph=True, backend=compiler)
+    torch.manual_seed(1)
+    out = sdpa(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.shape == q.shape and not torch.isnan(out).any() and not torch.isnan(dq).any()
+    torch.manual_seed(1)
+    again = sdpa(q, k, v)
+    torch.manual_seed(2)
+    other = sdpa(q, k, v)
+    assert torch.equal(out, again), "torch.manual_seed must make compiled dropout reproducible"
+    assert not torch.equal(out, other), "another generator state must drop other entries"
+    if compiler == "aot_eager":  # the draw is torch's own randint: the same seed as eager
+        seed = _drawn_seed_after(1)
+        ref = fastattn.attention(q, k, v, dropout_p=0.1, seed=seed, backend="cpu")
+        assert torch.equal(out, ref)
+        for ours, theirs in zip((dq, dk, dv), torch.autograd.grad(ref.sum(), (q, k, v))):
+            torch.testing.assert_close(ours, theirs)
+    # Whatever seed was drawn (inductor draws it with its own generator): with v = identity the output is
+    # the dropped probabilities, so out != 0 is the mask used; forward and gradients must be the oracle's
+    # with that mask.
+    S = 17
+    v_eye = torch.eye(S).expand(2, 3, S, S).clone().requires_grad_()
+    out = sdpa(q, k, v_eye)
+    keep = out.detach() != 0
+    assert 0.8 < keep.double().mean().item() < 0.97
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v_eye), go)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v_eye)]
+    ref, _ = attention_reference(*leaves, dropout_p=0.1, scale=0.25, keep=keep)
+    ref_grads = torch.autograd.grad(ref, leaves, go.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-4)
+
+
+@needs_native
+def test_drawn_seed_ops_opcheck():
+    q, k, v = (t.detach().requires_grad_() for t in _dropout_inputs())
+    seed = torch.tensor(5, dtype=torch.int64)
+    args = [q, k, v, None, 0.2, 0.25, -1, 0, 0, 0.0, seed, "cpu"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered")
+        torch.library.opcheck(torch.ops.fastattn.attention_fwd_drawn_seed.default, args)
+        out, lse = torch.ops.fastattn.attention_fwd_drawn_seed(*args)
+        bwd = [torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, 0.2, 0.25, -1, 0, 0,
+               0.0, seed, "cpu"]
+        torch.library.opcheck(torch.ops.fastattn.attention_bwd_drawn_seed.default, bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks of rank >= 5: the bias stays a stride-0 view where the mask broadcasts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_shape,materialised", [
+    ((1, 1, 1, 1, 12), 12),            # broadcast over every batch dim: a view of the mask
+    ((2, 3, 1, 1, 12), 2 * 3 * 12),    # batch dims merge into one stride: a view
+    ((2, 1, 1, 9, 12), 2 * 3 * 9 * 12),  # varies along batch dim 0 only: batch dims materialised, heads not
+    ((2, 1, 4, 1, 1), 2 * 3 * 4),
+])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_rank5_mask_bias_is_broadcast_view(mask_shape, materialised, kind):
+    from fastattn.ops.attention import _mask_to_bias
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 9, 16, generator=g)
+    k = torch.randn(2, 3, 4, 12, 16, generator=g)
+    mask = torch.rand(mask_shape, generator=g) > 0.3 if kind == "bool" else torch.randn(mask_shape, generator=g)
+    target = tuple(q.shape[:-1]) + (12,)
+    bias = _mask_to_bias(mask, q.reshape(6, 4, 9, 16), target)
+    assert bias.shape == (6, 4, 9, 12)
+    assert bias.untyped_storage().nbytes() <= materialised * bias.element_size(), "bias materialised beyond the mask"
+    expected = bias_of(mask, target, torch.float32).reshape(6, 4, 9, 12)
+    assert torch.equal(bias, expected)
+    # and attention with it matches torch's
+    kw = dict(attn_mask=mask)
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, k, **kw, backend="reference"),
+                               F.scaled_dot_product_attention(q, k, k, **kw), atol=2e-5, rtol=1e-4)
+    if NATIVE:
+        torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, k, **kw, backend="cpu"),
+                                   F.scaled_dot_product_attention(q, k, k, **kw), atol=2e-5, rtol=1e-4)

@@ -369,7 +369,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
     """bool (True = attend) or float mask -> additive bias in q's dtype, as (B, Hq, L, S).
 
-    ``target_shape`` is the caller's ``(..., L, S)``; broadcast dims stay stride-0 views.
+    ``target_shape`` is the caller's ``(..., L, S)``. Broadcast dims stay stride-0 views: the bias is
+    only ever as large as the mask itself, except when several batch dims (rank >= 5) cannot be merged
+    into one stride (e.g. a mask that varies along the first batch dim but not the second); then only
+    the batch dims are materialised, the head, query and key dims keep their broadcast.
     """
     if attn_mask.dtype == torch.bool:
         bias = torch.zeros(attn_mask.shape, dtype=q4.dtype, device=q4.device)
@@ -377,55 +380,127 @@ def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
     else:
         bias = attn_mask.to(q4.dtype)
     B, Hq, L, _ = q4.shape
-    return bias.expand(target_shape).reshape(B, Hq, L, target_shape[-1])
+    S = target_shape[-1]
+    full = bias.expand(target_shape)
+    try:
+        return full.view(B, Hq, L, S)
+    except RuntimeError:  # batch dims with strides that no single stride describes
+        pass
+    bias = bias.reshape((1,) * (len(target_shape) - bias.dim()) + tuple(bias.shape))
+    tail = tuple(bias.shape[-3:])  # the mask's own (heads, L, S): 1 where it broadcasts
+    per_batch = bias.expand(tuple(target_shape[:-3]) + tail).contiguous().view((B,) + tail)
+    return per_batch.expand(B, Hq, L, S)
 
 
 # --------------------------------------------------------------------------------------------
 # Backend choice.
 # --------------------------------------------------------------------------------------------
-def _reasons(q: Tensor, v: Tensor, bias: Optional[Tensor]):
-    E, Ev = q.shape[-1], v.shape[-1]
-    bias_grad = bias is not None and bias.requires_grad
-
+def _reasons(dtype: torch.dtype, big_head: bool, bias_grad: bool):
+    """What each backend lacks for an input: ``big_head`` = a head size (E or Ev) above 256."""
     def common() -> List[str]:
         return ["a float attn_mask that requires grad (only the reference backend differentiates it)"] if bias_grad else []
 
-    def cpu() -> List[str]:
-        return common()
-
-    def cuda() -> List[str]:
+    def gpu(kernel: str) -> List[str]:
         why = common()
-        if q.dtype == torch.float64:
-            why.append("float64 input (the CUDA kernel takes float16, bfloat16, float32)")
-        if max(E, Ev) > 256:
-            why.append(f"head size {max(E, Ev)} > 256")
+        if dtype == torch.float64:
+            why.append(f"float64 input (the {kernel} kernel takes float16, bfloat16, float32)")
+        if big_head:
+            why.append("head size > 256")
         return why
 
-    def triton() -> List[str]:
-        why = common()
-        if q.dtype == torch.float64:
-            why.append("float64 input (the Triton kernel takes float16, bfloat16, float32)")
-        if max(E, Ev) > 256:
-            why.append(f"head size {max(E, Ev)} > 256")
-        return why
+    return {"cpu": common, "cuda": lambda: gpu("CUDA"), "triton": lambda: gpu("Triton"), "reference": lambda: []}
 
-    return {"cpu": cpu, "cuda": cuda, "triton": triton, "reference": lambda: []}
+
+@torch.compiler.assume_constant_result
+def _select(backend: Optional[str], device: torch.device, dtype: torch.dtype, big_head: bool, bias_grad: bool) -> str:
+    """The backend for one call, from Python constants only: torch.compile runs this while tracing and
+    bakes the answer into the graph (the registry look-ups inside are not traceable; a later
+    ``fastattn.set_backend`` does not reach graphs already compiled)."""
+    return _backend.select("attention", backend, device, _reasons(dtype, big_head, bias_grad),
+                           native_op="attention_fwd")
+
+
+def _kernel_ops(backend_name: str):
+    """(forward, backward) of the native contract for the kernel backends cpu, cuda, triton."""
+    if backend_name == "triton":
+        from fastattn.triton.attention import triton_attention_bwd, triton_attention_fwd
+        return triton_attention_fwd, triton_attention_bwd
+    return torch.ops.fastattn.attention_fwd, torch.ops.fastattn.attention_bwd
+
+
+# Dropout with a drawn seed. The seed comes from torch's generator as a 0-d int64 CPU tensor
+# (torch.randint: traceable, and torch.manual_seed makes it reproducible); these two ops read it
+# (.item()) when they run, so torch.compile traces the whole call without a graph break. They wrap
+# the kernel backends' ops of the same contract (the backend's name is an argument).
+@torch.library.custom_op("fastattn::attention_fwd_drawn_seed", mutates_args=())
+def _fwd_drawn_seed(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropout_p: float, scale: float,
+                    window_left: int, window_right: int, diag_offset: int, softcap: float, seed: Tensor,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    fwd, _ = _kernel_ops(backend)
+    out, lse = fwd(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, int(seed))
+    return out, lse
+
+
+@torch.library.custom_op("fastattn::attention_bwd_drawn_seed", mutates_args=())
+def _bwd_drawn_seed(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    attn_bias: Optional[Tensor], dropout_p: float, scale: float, window_left: int, window_right: int,
+                    diag_offset: int, softcap: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    _, bwd = _kernel_ops(backend)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right,
+                     diag_offset, softcap, int(seed))
+    return dq, dk, dv
+
+
+@_fwd_drawn_seed.register_fake
+def _(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed, backend):
+    return _fwd_fake(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, 0)
+
+
+@_bwd_drawn_seed.register_fake
+def _(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap,
+      seed, backend):
+    return _bwd_fake(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right,
+                     diag_offset, softcap, 0)
+
+
+def _drawn_seed_setup_context(ctx, inputs, output):
+    q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], bias, seed)
+    ctx.params = (dropout_p, scale, wl, wr, diag, softcap)
+    ctx.backend = backend
+
+
+def _drawn_seed_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    refuse_double_backward("attention", grad_out, q, k, v)
+    dq, dk, dv = _bwd_drawn_seed(grad_out.contiguous(), q, k, v, out, lse, bias, *ctx.params, seed, ctx.backend)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_fwd_drawn_seed.register_autograd(_drawn_seed_backward, setup_context=_drawn_seed_setup_context)
 
 
 def _run(backend_name: str, q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed):
+    """``seed``: an int, or a drawn 0-d int64 tensor (see _fwd_drawn_seed)."""
     if backend_name == "reference":
         return attention_reference(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed)
-    if backend_name == "triton":
-        op = _triton_op()
-    else:
-        op = _native_fwd
+    if isinstance(seed, Tensor):
+        return _fwd_drawn_seed(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed, backend_name)
+    op = _triton_op() if backend_name == "triton" else _native_fwd
     return op(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed)
+
+
+def _draw_seed_tensor() -> Tensor:
+    """A dropout seed from torch's default generator, as a 0-d int64 CPU tensor (no .item(): traceable)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
 def _draw_seed(dropout_p: float) -> int:
     if dropout_p == 0.0:
         return 0
-    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+    return int(_draw_seed_tensor().item())
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +520,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     * ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` before the mask.
     * ``return_lse=True`` also returns the log-sum-exp ``(..., L)`` (float32, float64 for float64 input; ``-inf`` for a row
       with nothing to attend to), detached.
-    * ``seed``: the dropout mask's seed (drawn from torch's generator when None).
+    * ``seed``: the dropout mask's seed (drawn from torch's generator when None, so
+      ``torch.manual_seed`` makes dropout reproducible; ``torch.compile(fullgraph=True)`` traces the draw).
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if causal_align not in ("top_left", "bottom_right"):
@@ -467,9 +543,13 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     bias = None if attn_mask is None else _mask_to_bias(attn_mask, q, tuple(query.shape[:-1]) + (S,))
     diag = (S - L) if causal_align == "bottom_right" else 0
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(E) if E > 0 else 1.0
-    seed = _draw_seed(dropout_p) if seed is None else int(seed)
+    if seed is not None:
+        seed = int(seed)
+    else:  # drawn; a tensor, so that torch.compile traces the draw (see _fwd_drawn_seed)
+        seed = _draw_seed_tensor() if dropout_p > 0 else 0
 
-    name = _backend.select("attention", backend, q.device, _reasons(q, v, bias), native_op="attention_fwd")
+    big_head = True if max(q.shape[-1], v.shape[-1]) > 256 else False  # a branch: a constant under torch.compile
+    name = _select(backend, q.device, q.dtype, big_head, bias is not None and bias.requires_grad)
     out, lse = _run(name, q, k, v, bias, float(dropout_p), scale, wl, wr, diag, float(softcap), seed)
 
     out = out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
