@@ -17,7 +17,7 @@
 // Forward: one task = one query block of one (sequence, head): online softmax over its visible key
 // blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)); key blocks that the
 // window/causal rule hides entirely are never visited. The query blocks of all sequences form one
-// list, costliest first, so uneven lengths balance over the threads. With few query rows
+// list, longest sequences first, so uneven lengths balance over the threads. With few query rows
 // (decoding, L <= 16) a task is additionally one slice of the key blocks (split-KV) when the query
 // blocks alone are too little work: each slice writes its partial (acc, m, l) and a reduce pass
 // combines them. Tiles of <= 4 query rows replace the two GEMMs by prefetching streaming loops
@@ -516,11 +516,18 @@ void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
   });
 }
 
-// Work items ordered by decreasing cost (stable: equal costs keep their order), so that the long
-// ones start first and the short ones fill the gaps at the end.
-template <typename Item>
-void costliest_first(std::vector<Item>& items) {
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+// The sequences, longest (most visible pairs) first; equal ones keep their order. Tasks are listed
+// sequence by sequence in this order, so long sequences start first and short ones fill the gaps
+// at the end, while within a sequence consecutive tasks share a head's K/V (kept in cache).
+std::vector<int64_t> longest_first(const Problem& p) {
+  const int64_t n = static_cast<int64_t>(p.seqs.size());
+  std::vector<int64_t> order(n), cost(n);
+  for (int64_t b = 0; b < n; ++b) {
+    order[b] = b;
+    cost[b] = p.visible_pairs(p.seqs[b]);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
 }
 
 // Tile sizes (fp32, AVX-512 Zen 4, measured). Forward: 128 x 256 score tiles (128 KiB, in L2
@@ -566,23 +573,29 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
     n_split = std::max<int64_t>(1, std::min((p.max_S + BN - 1) / BN, splits));
   }
 
-  // Work items: every query block of every sequence with the key blocks it sees, costliest first.
-  // A task is one item x one query head x one key slice.
+  // Work items: every query block of every sequence with the key blocks it sees. A task is one
+  // (query block, query head) x one key slice; listed by sequence (longest first), then head, then
+  // query block.
   struct Item {
-    int64_t seq, i0, rows, kb_begin, kb_end, cost;
+    int64_t seq, i0, rows, kb_begin, kb_end;
+  };
+  struct QTask {
+    int64_t item, head;
   };
   std::vector<Item> items;
-  for (int64_t b = 0; b < static_cast<int64_t>(p.seqs.size()); ++b) {
+  std::vector<QTask> qtasks;
+  for (int64_t b : longest_first(p)) {
     const Seq& sq = p.seqs[b];
+    const int64_t first = static_cast<int64_t>(items.size());
     for (int64_t i0 = 0; i0 < sq.L; i0 += BM) {
       const int64_t rows = std::min(BM, sq.L - i0);
       auto [lo, hi] = p.key_range(sq, i0, rows);
-      const int64_t kb_begin = hi < lo ? 0 : lo / BN, kb_end = hi < lo ? 0 : hi / BN + 1;
-      items.push_back({b, i0, rows, kb_begin, kb_end, rows * std::max<int64_t>(hi - lo + 1, 0)});
+      items.push_back({b, i0, rows, hi < lo ? 0 : lo / BN, hi < lo ? 0 : hi / BN + 1});
     }
+    for (int64_t h = 0; h < p.Hq; ++h)
+      for (int64_t it = first; it < static_cast<int64_t>(items.size()); ++it) qtasks.push_back({it, h});
   }
-  costliest_first(items);
-  const int64_t n_items = static_cast<int64_t>(items.size()), ntasks = n_items * p.Hq * n_split;
+  const int64_t n_qtasks_listed = static_cast<int64_t>(qtasks.size()), ntasks = n_qtasks_listed * n_split;
   // Partial results of the slices (only with n_split > 1): acc (unnormalised), m, l per row.
   std::vector<acc_t> part_acc, part_m, part_l;
   if (n_split > 1) {
@@ -602,8 +615,8 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
                std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
                std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<uint32_t>(BM)};
     return [&, sc = std::move(sc)](int64_t task) mutable {
-      const int64_t split = task % n_split, h = (task / n_split) % p.Hq;
-      const Item& it = items[task / (n_split * p.Hq)];
+      const int64_t split = task % n_split, h = qtasks[task / n_split].head;
+      const Item& it = items[qtasks[task / n_split].item];
       const Seq& sq = p.seqs[it.seq];
       const int64_t hk = h / p.group, i0 = it.i0, rows = it.rows;
       acc_t *s = sc.s.data(), *acc = sc.acc.data(), *m = sc.m.data(), *l = sc.l.data();
@@ -659,12 +672,12 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
   if (n_split == 1) return;
   // Combine the slices of each (item, head): m = max m_s, l = Σ l_s·e^{m_s - m}, out = Σ acc_s·e^{m_s - m} / l.
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, n_items * p.Hq, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_qtasks_listed, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> o(Ev);
     for (int64_t ih = begin; ih < end; ++ih) {
-      const Item& it = items[ih / p.Hq];
+      const Item& it = items[qtasks[ih].item];
       const Seq& sq = p.seqs[it.seq];
-      const int64_t h = ih % p.Hq, task0 = ih * n_split;
+      const int64_t h = qtasks[ih].head, task0 = ih * n_split;
       for (int64_t r = 0; r < it.rows; ++r) {
         scalar_t* dst = out + p.out.at(sq.qi, h, it.i0 + r);
         acc_t& lse_r = lse[p.stat.at(sq.qi, h, it.i0 + r)];
@@ -697,7 +710,7 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// Backward work split: "fused" (one task per (sequence, kv head), costliest first) when those
+// Backward work split: "fused" (one task per (sequence, kv head), longest first) when those
 // tasks keep the threads busy, i.e. when a greedy schedule of them is within 25% of a perfect
 // split; else "split" (two passes of finer tasks; ~40% more GEMM work, but balanced).
 // FASTATTN_ATTN_BWD=fused|split forces one (tests use it).
@@ -839,18 +852,18 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   };
 
   // Sequences without keys have no dK/dV to write and dQ 0 (already there); the others give the
-  // fused tasks, one per (sequence, kv head), costliest first.
+  // fused tasks, one per (sequence, kv head), longest sequences first.
   struct SeqHead {
     int64_t seq, head, cost;
   };
+  const std::vector<int64_t> order = longest_first(p);
   std::vector<SeqHead> pairs;
-  for (int64_t b = 0; b < n_seq; ++b) {
+  for (int64_t b : order) {
     const Seq& sq = p.seqs[b];
     if (sq.S == 0) continue;
     const int64_t cost = p.visible_pairs(sq) * G + sq.S;  // + S: writing dK/dV
     for (int64_t hk = 0; hk < p.Hkv; ++hk) pairs.push_back({b, hk, cost});
   }
-  costliest_first(pairs);
   std::vector<int64_t> costs;
   for (const SeqHead& x : pairs) costs.push_back(x.cost);
 
@@ -865,19 +878,11 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   } else {
     // Pass 1: dK/dV, one task per key block.
     struct Block {
-      int64_t seq, head, start, cost;  // start: first key (pass 1) or query row (pass 2)
+      int64_t seq, head, start;  // start: first key (pass 1) or query row (pass 2)
     };
     std::vector<Block> blocks;
-    for (const SeqHead& x : pairs) {
-      const Seq& sq = p.seqs[x.seq];
-      for (int64_t j0 = 0; j0 < sq.S; j0 += BN) {
-        const int64_t n = std::min(BN, sq.S - j0);
-        const int64_t i_lo = std::max<int64_t>(0, p.query_lo(sq, j0));
-        const int64_t i_hi = std::min<int64_t>(sq.L - 1, p.query_hi(sq, j0 + n - 1));
-        blocks.push_back({x.seq, x.head, j0, n * std::max<int64_t>(1, i_hi - i_lo + 1)});
-      }
-    }
-    costliest_first(blocks);
+    for (const SeqHead& x : pairs)
+      for (int64_t j0 = 0; j0 < p.seqs[x.seq].S; j0 += BN) blocks.push_back({x.seq, x.head, j0});
     run_tasks(static_cast<int64_t>(blocks.size()), [&]() {
       return [&, sc = make_scratch()](int64_t task) mutable {
         const Block& x = blocks[task];
@@ -886,17 +891,15 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
     });
     // Pass 2: dQ, one task per query block.
     blocks.clear();
-    for (int64_t b = 0; b < n_seq; ++b) {
+    for (int64_t b : order) {
       const Seq& sq = p.seqs[b];
       if (sq.S == 0) continue;
-      for (int64_t i0 = 0; i0 < sq.L; i0 += BM) {
-        const int64_t rows = std::min(BM, sq.L - i0);
-        auto [lo, hi] = p.key_range(sq, i0, rows);
-        if (hi < lo) continue;
-        for (int64_t h = 0; h < p.Hq; ++h) blocks.push_back({b, h, i0, rows * (hi - lo + 1)});
-      }
+      for (int64_t h = 0; h < p.Hq; ++h)
+        for (int64_t i0 = 0; i0 < sq.L; i0 += BM) {
+          auto [lo, hi] = p.key_range(sq, i0, std::min(BM, sq.L - i0));
+          if (hi >= lo) blocks.push_back({b, h, i0});
+        }
     }
-    costliest_first(blocks);
     run_tasks(static_cast<int64_t>(blocks.size()), [&]() {
       return [&, sc = make_scratch()](int64_t task) mutable {
         const Block& x = blocks[task];
