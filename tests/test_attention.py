@@ -637,6 +637,17 @@ def test_drawn_seed_eager_matches_explicit_seed():
 
 
 @needs_native
+def test_drawn_seed_reference_backend_takes_the_seed_tensor():
+    """The reference backend hashes the drawn seed tensor itself: the same mask as the kernel's."""
+    q, k, v = _dropout_inputs()
+    seed = _drawn_seed_after(3)
+    torch.manual_seed(3)
+    ref = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="reference")
+    ours = fastattn.attention(q, k, v, dropout_p=0.5, seed=seed, backend="cpu")
+    torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-4)
+
+
+@needs_native
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph_dropout(compiler):
     """The dropout seed draw compiles without a graph break (fullgraph=True), forward and backward."""
