@@ -296,6 +296,18 @@ def test_cpu_backward_modes(monkeypatch, mode, case):
 
 
 @needs_native
+@pytest.mark.parametrize("gemm", ["default", "blas"])
+def test_cpu_forward_tile_products(monkeypatch, gemm):
+    """The forward's fp32 tile products: the AVX-512 micro-kernel (default on AVX-512 CPUs) and BLAS
+    (elsewhere; forced here), on edges that are not multiples of its 6 x 64 blocks."""
+    if gemm == "blas":
+        monkeypatch.setenv("FASTATTN_ATTN_GEMM", "blas")
+    run_case("cpu", 1, 2, 2, 301, 517, 40, 72)
+    run_case("cpu", 2, 3, 1, 77, 1031, 96, 130, causal=True, align="bottom_right")
+    run_case("cpu", 1, 2, 2, 70, 150, 16, 8, dropout_p=0.25, seed=11, softcap=2.0, mask=torch.randn(70, 150))
+
+
+@needs_native
 @pytest.mark.parametrize("L", [1, 5, 16])
 def test_cpu_split_kv_decoding(L):
     """Few query rows: the forward splits the keys across tasks and reduces the partial results."""

@@ -11,7 +11,8 @@
 // Blocking. The scores of one (sequence, head) are cut into BLOCK_M query rows x BLOCK_N keys
 // tiles; the L x S matrix never exists. Tile products (Q Kᵀ, P V, and the four of the backward) are
 // BLAS sgemm_/dgemm_ calls on raw pointers (fp16/bf16 tiles are converted to fp32 in per-thread
-// scratch first); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
+// scratch first), except on AVX-512 CPUs, where Q Kᵀ (forward and backward) and the forward's P V
+// run on our own fp32 micro-kernel (gemm_avx512; FASTATTN_ATTN_GEMM=blas turns it off); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
 // FASTATTN_SIMD functions, compiled per ISA.
 //
 // Forward: one task = one query block of one (sequence, head): online softmax over its visible key
@@ -102,6 +103,83 @@ template <typename T>
 void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
   if (M > 0 && N > 0) blas('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The forward's fp32 tile products on AVX-512 (our own micro-kernel). The BLAS this torch ships
+// (MKL) runs its AVX2 code on non-Intel CPUs; with 512-bit FMAs the two tile products go faster.
+// C[M×N] = alpha·A[M×K]·B[K×N] (+ C when accumulate): blocks of 6 rows x 64 columns of C stay in 24
+// zmm registers while k runs; each step broadcasts A[r][k] and multiplies it with the 64 floats of
+// row k of B (masked loads/stores at the right edge). QKᵀ takes B = Kᵀ (transposed into scratch
+// once per key block), P·V takes B = V as it is.
+// ---------------------------------------------------------------------------------------------
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTATTN_AVX512_TILES 1
+template <int MR>
+__attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int lda,
+                                                                    const float* B, int ldb, bool accumulate,
+                                                                    float* C, int ldc, const __mmask16* mask) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + static_cast<int64_t>(k) * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(mask[0], b), b1 = _mm512_maskz_loadu_ps(mask[1], b + 16);
+    const __m512 b2 = _mm512_maskz_loadu_ps(mask[2], b + 32), b3 = _mm512_maskz_loadu_ps(mask[3], b + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[static_cast<int64_t>(r) * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {  // masked: columns past the edge are neither read nor written
+      float* c = C + static_cast<int64_t>(r) * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(al, acc[r][v]);
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c));
+      _mm512_mask_storeu_ps(c, mask[v], x);
+    }
+}
+
+__attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda,
+                                                        const float* B, int ldb, bool accumulate, float* C, int ldc) {
+  for (int j = 0; j < N; j += 64) {
+    __mmask16 mask[4];
+    for (int v = 0; v < 4; ++v) {
+      const int c = N - j - 16 * v;
+      mask[v] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+    }
+    int i = 0;
+    for (; i + 6 <= M; i += 6)
+      rows_x64_avx512<6>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
+                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
+    for (; i < M; ++i)
+      rows_x64_avx512<1>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
+                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
+  }
+}
+
+// Whether the forward uses it: an AVX-512 CPU, unless FASTATTN_ATTN_GEMM=blas (tests compare both).
+bool use_avx512_tiles() {
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  const char* env = std::getenv("FASTATTN_ATTN_GEMM");
+  return cpu_has && !(env && std::strcmp(env, "blas") == 0);
+}
+#else
+bool use_avx512_tiles() { return false; }
+void gemm_avx512(int, int, int, float, const float*, int, const float*, int, bool, float*, int) {}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise tile work (vectorized per ISA). Tiles are `rows` x `n`, row stride `ld`.
@@ -488,15 +566,33 @@ void mask_window(acc_t* s, int64_t ld, int64_t rows, int64_t n, int64_t i0, int6
   }
 }
 
+// k_t[e][j] = k[j][e]: a key block transposed (E x n), the B operand of QKᵀ on the micro-kernel.
+template <typename acc_t>
+void transpose_keys(const acc_t* k, int ld, int64_t n, int64_t E, acc_t* k_t) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t e = 0; e < E; ++e) k_t[e * n + j] = k[j * ld + e];
+}
+
 // Scores of one tile of head h of sequence sq: s = scale·Q·Kᵀ, softcap (tanh kept in t if given),
-// bias, window.
+// bias, window. Given k_t (the key block transposed, fp32), QKᵀ runs on the AVX-512 micro-kernel;
+// forward and backward make the same choice, so the backward recomputes the forward's scores bit
+// for bit (its probabilities exp(s - lse) need that when the logits are large).
 template <typename scalar_t, typename acc_t>
 void tile_scores(const Problem& p, const Seq& sq, acc_t* s, acc_t* t, int ld, int64_t rows, int64_t n, Tile<acc_t> q,
-                 Tile<acc_t> k, const scalar_t* bias, int64_t h, int64_t i0, int64_t j0) {
-  if (rows <= kFewRows)
+                 Tile<acc_t> k, const scalar_t* bias, int64_t h, int64_t i0, int64_t j0, const acc_t* k_t) {
+  bool done = false;
+  if (rows <= kFewRows) {
     scores_few_rows(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<acc_t>(p.scale));
-  else
-    gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
+    done = true;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (!done && k_t) {
+      gemm_avx512(static_cast<int>(rows), static_cast<int>(n), static_cast<int>(p.E), static_cast<float>(p.scale),
+                  q.ptr, q.ld, k_t, static_cast<int>(n), false, s, ld);
+      done = true;
+    }
+  }
+  if (!done) gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
   if (p.softcap > 0) softcap_tile(s, t, ld, rows, n, static_cast<acc_t>(p.softcap));
   if (p.has_bias) add_bias(s, ld, rows, n, bias + p.bias.at(sq.qi, h, i0) + j0 * p.bias_col, p.bias.row, p.bias_col);
   if (p.windowed() && !p.all_visible(sq, i0, i0 + rows, j0, j0 + n)) mask_window(s, ld, rows, n, i0, j0, p, sq);
@@ -609,11 +705,14 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
   struct Scratch {
     std::vector<acc_t> qbuf, kbuf, vbuf, s, keep, acc, m, l, alpha;
     std::vector<uint32_t> row_hash;
+    std::vector<acc_t> k_t;  // Kᵀ of one key block (E x BN), for the AVX-512 tile products
   };
+  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();
   run_tasks(ntasks, [&]() {
     Scratch sc{std::vector<acc_t>(BM * E), std::vector<acc_t>(BN * E), std::vector<acc_t>(BN * Ev),
                std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
-               std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<uint32_t>(BM)};
+               std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<uint32_t>(BM),
+               std::vector<acc_t>(own_gemm ? E * BN : 0)};
     return [&, sc = std::move(sc)](int64_t task) mutable {
       const int64_t split = task % n_split, h = qtasks[task / n_split].head;
       const Item& it = items[qtasks[task / n_split].item];
@@ -640,7 +739,10 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
         const int64_t j0 = kb * BN, n = std::min(BN, sq.S - j0);
         const Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
         const Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
-        tile_scores<scalar_t, acc_t>(p, sq, s, nullptr, BN, rows, n, qt, kt, bias, h, i0, j0);
+        const bool transposed = own_gemm && rows > kFewRows;
+        if (transposed) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
+        tile_scores<scalar_t, acc_t>(p, sq, s, nullptr, BN, rows, n, qt, kt, bias, h, i0, j0,
+                                     transposed ? sc.k_t.data() : nullptr);
         online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
         scale_rows(acc, Ev, rows, Ev, sc.alpha.data());
         if (dropout) {
@@ -650,8 +752,14 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
         }
         if (rows <= kFewRows)
           pv_few_rows(acc, Ev, s, BN, rows, vt.ptr, vt.ld, n, Ev);
-        else
+        else if constexpr (std::is_same_v<acc_t, float>) {
+          if (own_gemm)
+            gemm_avx512(rows, Ev, n, 1.0f, s, BN, vt.ptr, vt.ld, true, acc, Ev);
+          else
+            gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s, BN, vt.ptr, vt.ld, acc_t(1), acc, Ev);
+        } else {
           gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s, BN, vt.ptr, vt.ld, acc_t(1), acc, Ev);
+        }
       }
 
       if (n_split > 1) {
@@ -768,12 +876,14 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   const int ld_dq = static_cast<int>(p.dq.row);
 
   // Per-thread scratch for one tile and the dK/dV accumulators of one key block.
+  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();  // QKᵀ as in the forward
   struct Scratch {
-    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc;
+    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t;
     std::vector<uint32_t> row_hash;
   };
   auto make_scratch = [&]() {
     Scratch sc;
+    if (own_gemm) sc.k_t.resize(E * BN);
     sc.qbuf.resize(BM * E);
     sc.dobuf.resize(BM * Ev);
     sc.kbuf.resize(BN * E);
@@ -800,7 +910,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
     const Tile<acc_t> dot = load_rows(dout + p.out.at(sq.qi, h, i0), p.out.row, rows, Ev, sc.dobuf.data());
     acc_t* s = sc.s.data();
     acc_t* t = p.softcap > 0 ? sc.t.data() : nullptr;
-    tile_scores<scalar_t, acc_t>(p, sq, s, t, BN, rows, n, qt, kt, bias, h, i0, j0);
+    tile_scores<scalar_t, acc_t>(p, sq, s, t, BN, rows, n, qt, kt, bias, h, i0, j0,
+                                 own_gemm && rows > kFewRows ? sc.k_t.data() : nullptr);
     probs_from_lse(s, BN, rows, n, lse + row0);  // s is now P
     const acc_t* keep = nullptr;
     const acc_t* pd = s;  // the probabilities after dropout
@@ -825,6 +936,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   auto load_kv = [&](Scratch& sc, const Seq& sq, int64_t hk, int64_t j0, int64_t n) {
     Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
     Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
+    if (own_gemm) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
     return std::make_pair(kt, vt);
   };
 
