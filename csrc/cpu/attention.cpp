@@ -46,6 +46,11 @@
 
 #include "cpu/simd.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTATTN_AVX512_TILES 1  // the AVX-512 tile micro-kernel below (chosen at run time)
+#endif
+
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def(
       "attention_fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_bias, float dropout_p, "
@@ -112,9 +117,7 @@ void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int
 // row k of B (masked loads/stores at the right edge). QKᵀ takes B = Kᵀ (transposed into scratch
 // once per key block), P·V takes B = V as it is.
 // ---------------------------------------------------------------------------------------------
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define FASTATTN_AVX512_TILES 1
+#if defined(FASTATTN_AVX512_TILES)
 template <int MR>
 __attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int lda,
                                                                     const float* B, int ldb, bool accumulate,
