@@ -8,7 +8,9 @@ default SDPA on CPU; on a GPU each SDPA backend it has (flash, efficient, cudnn,
 ``torch.nn.attention.sdpa_kernel``. Modes: forward, backward (the gradients of q, k, v given the
 saved forward), forward+backward; causal and not; sequence lengths 128..8192 (2048 on CPU unless
 ``--max-seq``) at a fixed number of tokens (B = tokens / L), head size 64 and 128; fp32 on CPU,
-fp16 and bf16 on GPU; plus decoding (L = 1, S = 4096, B = 8, H = 32).
+fp16 and bf16 on GPU; plus decoding (L = 1, S = 4096, B = 8, H = 32); plus packed variable-length
+batches ("varlen": uneven lengths 1..L, one fused ``attention_varlen`` call vs a Python loop of torch's
+SDPA over the sequences, and vs a loop of our dense op).
 
 GFLOP/s count 4·B·H·L·S·E for the forward (half when causal), 2.5x that for the backward, 3.5x for
 forward+backward. "vs torch" = the fastest torch backend's time / ours (> 1: ours is faster).
@@ -97,6 +99,70 @@ def cases(args, device):
                    decode=True)
 
 
+def varlen_lengths(tokens: int, max_len: int, seed: int = 0):
+    """Uneven sequence lengths summing to ``tokens``: a few long ones and many short ones."""
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < tokens:
+        frac = torch.rand((), generator=g).item() ** 3  # skewed towards short sequences
+        lens.append(max(1, min(int(frac * max_len), tokens - sum(lens))))
+    return lens
+
+
+def run_varlen_cases(args, device, ours, timeit, table):
+    """Packed batches: our one fused call vs per-sequence loops (torch SDPA, and our dense op)."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    tokens = args.tokens or (4096 if device.type == "cpu" else 16384)
+    max_len = 256 if args.quick else (args.max_seq or 2048)
+    if args.quick:
+        tokens = 512
+    E, H = 64, (8 if device.type == "cpu" else 16)
+    lens = varlen_lengths(tokens, max_len)
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=device)
+    bounds = [(int(a), int(b)) for a, b in zip(cu.tolist(), cu.tolist()[1:])]
+    for causal in (False, True):
+        name = f"varlen N{len(lens)} T{tokens} max{max(lens)} H{H} E{E}{' causal' if causal else ''}"
+        if args.only and args.only not in name:
+            continue
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(tokens, H, E, generator=g).to(device, dtype) for _ in range(3))
+        fwd_flops = sum(4.0 * H * n * n * E * (0.5 if causal else 1.0) for n in lens)
+
+        def loop(attn):
+            def fn(qq, kk, vv):
+                outs = [attn(qq[a:b].transpose(0, 1), kk[a:b].transpose(0, 1), vv[a:b].transpose(0, 1))
+                        for a, b in bounds]
+                return torch.cat([o.transpose(0, 1) for o in outs])
+            return fn
+
+        impls = [(f"fastattn {b} varlen", lambda qq, kk, vv, b=b: fastattn.attention_varlen(
+            qq, kk, vv, cu, cu, max(lens), max(lens), causal=causal, backend=b)) for b in ours if b != "triton"]
+        impls += [(f"fastattn {b} per-seq loop", loop(lambda a, b_, c, b=b: fastattn.scaled_dot_product_attention(
+            a, b_, c, is_causal=causal, backend=b))) for b in ours if b != "triton"]
+        impls += [("torch sdpa per-seq loop", loop(lambda a, b_, c: F.scaled_dot_product_attention(
+            a, b_, c, is_causal=causal)))]
+        for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            times = {}
+            for label, fn in impls:
+                qq, kk, vv = (t.detach().requires_grad_(mode != "fwd") for t in (q, k, v))
+                try:
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            times[label] = timeit(lambda: fn(qq, kk, vv))
+                    else:
+                        go = torch.randn(tokens, H, E, device=device, dtype=dtype)
+                        times[label] = timeit(lambda: torch.autograd.grad(fn(qq, kk, vv), (qq, kk, vv), go))
+                except (RuntimeError, NotImplementedError) as e:
+                    print(f"  {label} {mode} {name}: skipped ({str(e).splitlines()[0][:100]})")
+            torch_t = times.get("torch sdpa per-seq loop")
+            for label, t in times.items():
+                row = dict(case=name, mode=mode, impl=label, ms=t * 1e3, **{"GFLOP/s": fwd_flops * mult / t / 1e9})
+                row["plot"] = f"{mode} {name}"
+                if torch_t is not None:
+                    row["vs torch"] = torch_t / t
+                table.add(**row)
+
+
 def main():
     p = common.parser("attention")
     p.add_argument("--max-seq", type=int, default=0, help="longest sequence (default 2048 on CPU, 8192 on GPU)")
@@ -104,6 +170,7 @@ def main():
     p.add_argument("--cpu-time", action="store_true", help="time with the process CPU clock (CPU only)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU)")
     p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument("--no-varlen", action="store_true", help="skip the packed variable-length cases")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -166,6 +233,9 @@ def main():
                 if torch_best is not None:
                     row["vs torch"] = torch_best / t
                 table.add(**row)
+
+    if not args.no_varlen:
+        run_varlen_cases(args, device, ours, timeit, table)
 
     note = ("GFLOP/s: 4·B·H·L·S·E forward (half when causal), 2.5x backward, 3.5x forward+backward. "
             "'vs torch': the fastest torch SDPA backend's time / this row's time."

@@ -296,6 +296,18 @@ def test_cpu_backward_modes(monkeypatch, mode, case):
 
 
 @needs_native
+@pytest.mark.parametrize("gemm", ["default", "blas"])
+def test_cpu_forward_tile_products(monkeypatch, gemm):
+    """The forward's fp32 tile products: the AVX-512 micro-kernel (default on AVX-512 CPUs) and BLAS
+    (elsewhere; forced here), on edges that are not multiples of its 6 x 64 blocks."""
+    if gemm == "blas":
+        monkeypatch.setenv("FASTATTN_ATTN_GEMM", "blas")
+    run_case("cpu", 1, 2, 2, 301, 517, 40, 72)
+    run_case("cpu", 2, 3, 1, 77, 1031, 96, 130, causal=True, align="bottom_right")
+    run_case("cpu", 1, 2, 2, 70, 150, 16, 8, dropout_p=0.25, seed=11, softcap=2.0, mask=torch.randn(70, 150))
+
+
+@needs_native
 @pytest.mark.parametrize("L", [1, 5, 16])
 def test_cpu_split_kv_decoding(L):
     """Few query rows: the forward splits the keys across tasks and reduces the partial results."""
@@ -602,47 +614,133 @@ def test_native_op_checks():
         torch.ops.fastattn.attention_bwd(out, q, q, q, out, lse.double(), None, 0.0, 1.0, -1, -1, 0, 0.0, 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_per_sequence_reference(backend, causal):
-    prepare(backend, 3000)
-    dev = device_of(backend)
-    lens_q, lens_k = [3, 1, 9, 0], [5, 4, 9, 2]
-    Hq, Hkv, E, Ev = 4, 2, 16, 8
-    q = torch.randn(sum(lens_q), Hq, E, device=dev, dtype=torch.float64 if backend in ("cpu", "reference") else torch.float32)
-    k = torch.randn(sum(lens_k), Hkv, E, device=dev, dtype=q.dtype)
-    v = torch.randn(sum(lens_k), Hkv, Ev, device=dev, dtype=q.dtype)
-    q.requires_grad_(True)
-    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
-    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
-    out = fastattn.attention_varlen(q, k, v, cu_q.to(dev), cu_k.to(dev), max(lens_q), max(lens_k), causal=causal,
-                                    backend=backend)
-    assert out.shape == (sum(lens_q), Hq, Ev)
-    out.sum().backward()
-    qd, kd, vd = q.detach().double().requires_grad_(True), k.double(), v.double()
-    pieces = []
-    for i in range(len(lens_q)):
-        a, b = int(cu_q[i]), int(cu_q[i + 1])
-        c, d = int(cu_k[i]), int(cu_k[i + 1])
-        ref, _ = attention_reference(qd[a:b].transpose(0, 1)[None], kd[c:d].transpose(0, 1)[None],
-                                     vd[c:d].transpose(0, 1)[None], None, 0.0, 1 / math.sqrt(E), -1,
-                                     0 if causal else -1, (d - c) - (b - a))
-        pieces.append(ref[0].transpose(0, 1))
-    ref = torch.cat(pieces)
-    ref.sum().backward()
-    tol = dict(atol=1e-5, rtol=1e-5) if q.dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out.detach().double(), ref.detach(), **tol)
-    torch.testing.assert_close(q.grad.double(), qd.grad, **tol)
+# attention_varlen: tests/test_attention_varlen.py
 
 
-def test_varlen_bad_offsets():
-    q = torch.randn(6, 2, 8)
-    good = torch.tensor([0, 2, 6], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
-        fastattn.attention_varlen(q, q, q, torch.tensor([0, 4, 3], dtype=torch.int32), good)
-    with pytest.raises(ValueError, match="cu_seqlens_k must be a 1-D int32/int64"):
-        fastattn.attention_varlen(q, q, q, good, good.float())
-    with pytest.raises(ValueError, match="max_seqlen_q"):
-        fastattn.attention_varlen(q, q, q, good, good, max_seqlen_q=3)
-    with pytest.raises(ValueError, match="packed"):
-        fastattn.attention_varlen(q[None], q, q, good, good)
+# ---------------------------------------------------------------------------------------------
+# Dropout with a drawn seed: torch.manual_seed reproducibility, torch.compile(fullgraph=True)
+# ---------------------------------------------------------------------------------------------
+def _drawn_seed_after(state_seed):
+    """The seed attention draws right after torch.manual_seed(state_seed)."""
+    torch.manual_seed(state_seed)
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+def _dropout_inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 17, 16, generator=g, requires_grad=True) for _ in range(3)]
+
+
+@needs_native
+def test_drawn_seed_eager_matches_explicit_seed():
+    """seed=None draws from torch's generator: forward and gradients equal those of that seed given explicitly."""
+    q, k, v = _dropout_inputs()
+    seed = _drawn_seed_after(7)
+    torch.manual_seed(7)
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = fastattn.attention(q, k, v, dropout_p=0.3, seed=seed, backend="cpu")
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+    torch.manual_seed(8)
+    assert not torch.equal(fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu"), out)
+
+
+@needs_native
+def test_drawn_seed_reference_backend_takes_the_seed_tensor():
+    """The reference backend hashes the drawn seed tensor itself: the same mask as the kernel's."""
+    q, k, v = _dropout_inputs()
+    seed = _drawn_seed_after(3)
+    torch.manual_seed(3)
+    ref = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="reference")
+    ours = fastattn.attention(q, k, v, dropout_p=0.5, seed=seed, backend="cpu")
+    torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_dropout(compiler):
+    """The dropout seed draw compiles without a graph break (fullgraph=True), forward and backward."""
+    torch._dynamo.reset()
+    q, k, v = _dropout_inputs()
+    sdpa = torch.compile(lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c, dropout_p=0.1, backend="cpu"),
+                         fullgraph=True, backend=compiler)
+    torch.manual_seed(1)
+    out = sdpa(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.shape == q.shape and not torch.isnan(out).any() and not torch.isnan(dq).any()
+    torch.manual_seed(1)
+    again = sdpa(q, k, v)
+    torch.manual_seed(2)
+    other = sdpa(q, k, v)
+    assert torch.equal(out, again), "torch.manual_seed must make compiled dropout reproducible"
+    assert not torch.equal(out, other), "another generator state must drop other entries"
+    if compiler == "aot_eager":  # the draw is torch's own randint: the same seed as eager
+        seed = _drawn_seed_after(1)
+        ref = fastattn.attention(q, k, v, dropout_p=0.1, seed=seed, backend="cpu")
+        assert torch.equal(out, ref)
+        for ours, theirs in zip((dq, dk, dv), torch.autograd.grad(ref.sum(), (q, k, v))):
+            torch.testing.assert_close(ours, theirs)
+    # Whatever seed was drawn (inductor draws it with its own generator): with v = identity the output is
+    # the dropped probabilities, so out != 0 is the mask used; forward and gradients must be the oracle's
+    # with that mask.
+    S = 17
+    v_eye = torch.eye(S).expand(2, 3, S, S).clone().requires_grad_()
+    out = sdpa(q, k, v_eye)
+    keep = out.detach() != 0
+    assert 0.8 < keep.double().mean().item() < 0.97
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v_eye), go)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v_eye)]
+    ref, _ = attention_reference(*leaves, dropout_p=0.1, scale=0.25, keep=keep)
+    ref_grads = torch.autograd.grad(ref, leaves, go.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-4)
+
+
+@needs_native
+def test_drawn_seed_ops_opcheck():
+    q, k, v = (t.detach().requires_grad_() for t in _dropout_inputs())
+    seed = torch.tensor(5, dtype=torch.int64)
+    args = [q, k, v, None, 0.2, 0.25, -1, 0, 0, 0.0, seed, "cpu"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered")
+        torch.library.opcheck(torch.ops.fastattn.attention_fwd_drawn_seed.default, args)
+        out, lse = torch.ops.fastattn.attention_fwd_drawn_seed(*args)
+        bwd = [torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, 0.2, 0.25, -1, 0, 0,
+               0.0, seed, "cpu"]
+        torch.library.opcheck(torch.ops.fastattn.attention_bwd_drawn_seed.default, bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks of rank >= 5: the bias stays a stride-0 view where the mask broadcasts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_shape,materialised", [
+    ((1, 1, 1, 1, 12), 12),            # broadcast over every batch dim: a view of the mask
+    ((2, 3, 1, 1, 12), 2 * 3 * 12),    # batch dims merge into one stride: a view
+    ((2, 1, 1, 9, 12), 2 * 3 * 9 * 12),  # varies along batch dim 0 only: batch dims materialised, heads not
+    ((2, 1, 4, 1, 1), 2 * 3 * 4),
+])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_rank5_mask_bias_is_broadcast_view(mask_shape, materialised, kind):
+    from fastattn.ops.attention import _mask_to_bias
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 9, 16, generator=g)
+    k = torch.randn(2, 3, 4, 12, 16, generator=g)
+    mask = torch.rand(mask_shape, generator=g) > 0.3 if kind == "bool" else torch.randn(mask_shape, generator=g)
+    target = tuple(q.shape[:-1]) + (12,)
+    bias = _mask_to_bias(mask, q.reshape(6, 4, 9, 16), target)
+    assert bias.shape == (6, 4, 9, 12)
+    assert bias.untyped_storage().nbytes() <= materialised * bias.element_size(), "bias materialised beyond the mask"
+    expected = bias_of(mask, target, torch.float32).reshape(6, 4, 9, 12)
+    assert torch.equal(bias, expected)
+    # and attention with it matches torch's
+    kw = dict(attn_mask=mask)
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, k, **kw, backend="reference"),
+                               F.scaled_dot_product_attention(q, k, k, **kw), atol=2e-5, rtol=1e-4)
+    if NATIVE:
+        torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, k, **kw, backend="cpu"),
+                                   F.scaled_dot_product_attention(q, k, k, **kw), atol=2e-5, rtol=1e-4)

@@ -1,25 +1,33 @@
-// Fused attention on the CPU: flash-style forward and backward.
+// Fused attention on the CPU: flash-style forward and backward, for dense (B, H, L, E) batches
+// (attention_fwd/bwd) and packed variable-length batches (attention_varlen_fwd/bwd).
 //
 // The contract (layouts, window rule, softcap, dropout hash, empty rows) is the docstring of
 // fastattn/ops/attention.py; every backend implements the same one.
 //
-// Blocking. The scores of one (batch, head) are cut into BLOCK_M query rows x BLOCK_N keys tiles;
-// the L x S matrix never exists. Tile products (Q Kᵀ, P V, and the four of the backward) are
+// One core for both ops. A problem is a list of sequences (the dense op: B equal ones), each an
+// L x S attention per head; `RowMap`s say where row i of head h of a sequence lives in each tensor,
+// so the loops below never know which layout they read.
+//
+// Blocking. The scores of one (sequence, head) are cut into BLOCK_M query rows x BLOCK_N keys
+// tiles; the L x S matrix never exists. Tile products (Q Kᵀ, P V, and the four of the backward) are
 // BLAS sgemm_/dgemm_ calls on raw pointers (fp16/bf16 tiles are converted to fp32 in per-thread
-// scratch first); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
+// scratch first), except on AVX-512 CPUs, where Q Kᵀ (forward and backward) and the forward's P V
+// run on our own fp32 micro-kernel (gemm_avx512; FASTATTN_ATTN_GEMM=blas turns it off); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
 // FASTATTN_SIMD functions, compiled per ISA.
 //
-// Forward: one task = one query block of one (batch, head): online softmax over its visible key
+// Forward: one task = one query block of one (sequence, head): online softmax over its visible key
 // blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)); key blocks that the
-// window/causal rule hides entirely are never visited. With few query rows (decoding, L <= 16) a
-// task is additionally one slice of the key blocks (split-KV) when B*H alone is too little work:
-// each slice writes its partial (acc, m, l) and a reduce pass combines them. Tiles of <= 4 query
-// rows replace the two GEMMs by prefetching streaming loops (memory-bound: K and V read once).
+// window/causal rule hides entirely are never visited. The query blocks of all sequences form one
+// list, longest sequences first, so uneven lengths balance over the threads. With few query rows
+// (decoding, L <= 16) a task is additionally one slice of the key blocks (split-KV) when the query
+// blocks alone are too little work: each slice writes its partial (acc, m, l) and a reduce pass
+// combines them. Tiles of <= 4 query rows replace the two GEMMs by prefetching streaming loops
+// (memory-bound: K and V read once).
 // Backward: delta = rowsum(dO * O); P is recomputed from the saved lse. "fused" mode: one task =
-// one (batch, kv head), walking key blocks outer and (query head of the group, query block) inner,
-// so dK/dV of a key block and dQ of the task's heads are owned by the task (no atomics; 5 GEMMs a
-// tile). "split" mode, when there are too few (batch, kv head) pairs to keep the threads busy:
-// pass 1 one task per key block computes dK/dV, pass 2 one task per query block computes dQ.
+// one (sequence, kv head), walking key blocks outer and (query head of the group, query block)
+// inner, so dK/dV of a key block and dQ of the task's heads are owned by the task (no atomics; 5
+// GEMMs a tile). "split" mode, when those tasks are too few or too uneven to keep the threads
+// busy: pass 1 one task per key block computes dK/dV, pass 2 one task per query block computes dQ.
 // Tasks are handed out dynamically, but each result is summed in a fixed order: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,8 +42,14 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include <utility>
 
 #include "cpu/simd.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTATTN_AVX512_TILES 1  // the AVX-512 tile micro-kernel below (chosen at run time)
+#endif
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def(
@@ -94,6 +108,81 @@ template <typename T>
 void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C, int ldc) {
   if (M > 0 && N > 0) blas('N', 'T', N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The forward's fp32 tile products on AVX-512 (our own micro-kernel). The BLAS this torch ships
+// (MKL) runs its AVX2 code on non-Intel CPUs; with 512-bit FMAs the two tile products go faster.
+// C[M×N] = alpha·A[M×K]·B[K×N] (+ C when accumulate): blocks of 6 rows x 64 columns of C stay in 24
+// zmm registers while k runs; each step broadcasts A[r][k] and multiplies it with the 64 floats of
+// row k of B (masked loads/stores at the right edge). QKᵀ takes B = Kᵀ (transposed into scratch
+// once per key block), P·V takes B = V as it is.
+// ---------------------------------------------------------------------------------------------
+#if defined(FASTATTN_AVX512_TILES)
+template <int MR>
+__attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int lda,
+                                                                    const float* B, int ldb, bool accumulate,
+                                                                    float* C, int ldc, const __mmask16* mask) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + static_cast<int64_t>(k) * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(mask[0], b), b1 = _mm512_maskz_loadu_ps(mask[1], b + 16);
+    const __m512 b2 = _mm512_maskz_loadu_ps(mask[2], b + 32), b3 = _mm512_maskz_loadu_ps(mask[3], b + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[static_cast<int64_t>(r) * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {  // masked: columns past the edge are neither read nor written
+      float* c = C + static_cast<int64_t>(r) * ldc + 16 * v;
+      __m512 x = _mm512_mul_ps(al, acc[r][v]);
+      if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c));
+      _mm512_mask_storeu_ps(c, mask[v], x);
+    }
+}
+
+__attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda,
+                                                        const float* B, int ldb, bool accumulate, float* C, int ldc) {
+  for (int j = 0; j < N; j += 64) {
+    __mmask16 mask[4];
+    for (int v = 0; v < 4; ++v) {
+      const int c = N - j - 16 * v;
+      mask[v] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+    }
+    int i = 0;
+    for (; i + 6 <= M; i += 6)
+      rows_x64_avx512<6>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
+                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
+    for (; i < M; ++i)
+      rows_x64_avx512<1>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
+                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
+  }
+}
+
+// Whether the forward uses it: an AVX-512 CPU, unless FASTATTN_ATTN_GEMM=blas (tests compare both).
+bool use_avx512_tiles() {
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  const char* env = std::getenv("FASTATTN_ATTN_GEMM");
+  return cpu_has && !(env && std::strcmp(env, "blas") == 0);
+}
+#else
+bool use_avx512_tiles() { return false; }
+void gemm_avx512(int, int, int, float, const float*, int, const float*, int, bool, float*, int) {}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise tile work (vectorized per ISA). Tiles are `rows` x `n`, row stride `ld`.
@@ -361,29 +450,69 @@ void score_grad(double* dp, const double* p, const double* keep, const double* t
 }
 
 // ---------------------------------------------------------------------------------------------
-// Problem description shared by forward and backward.
+// Problem description shared by forward and backward, by the dense and the packed (varlen) op.
+//
+// Both ops are a list of sequences; one (sequence, head) is an L x S attention problem. Where row i
+// of head h of a sequence lives in a tensor is a RowMap: element offset index·seq + h·head + i·row,
+// where index is the sequence's batch index (dense (B, H, L, E) tensors) or its first packed row
+// (varlen (total, H, E) tensors, where seq == row). The loops below reach every tensor through
+// RowMaps, so one tiled core serves both layouts.
 // ---------------------------------------------------------------------------------------------
+struct RowMap {
+  int64_t seq = 0, head = 0, row = 0;
+  int64_t at(int64_t index, int64_t h, int64_t i) const { return index * seq + h * head + i * row; }
+};
+
+struct Seq {
+  int64_t L, S, diag;  // query rows, keys, diagonal offset of the window rule
+  int64_t qi, ki;      // index into the query-side / key-side RowMaps (batch index or first row)
+};
+
 struct Problem {
-  int64_t B, Hq, Hkv, L, S, E, Ev, group;
+  int64_t Hq, Hkv, E, Ev, group;
   double scale, softcap, dropout_p;
-  int64_t window_left, window_right, diag;
+  int64_t window_left, window_right;
   uint32_t seed_hash, threshold;
-  int64_t qs[4], ks[4], vs[4], bs[4];  // element strides of q, k, v, bias
-  bool has_bias;
+  std::vector<Seq> seqs;
+  int64_t max_L = 0, max_S = 0;
+  // q, k, v: the inputs; out: also grad_out (contiguous like out); stat: lse and delta (row stride 1),
+  // and its offset is the row number the dropout hash takes; dq, dk, dv: the gradients (contiguous).
+  RowMap q, k, v, out, stat, dq, dk, dv;
+  RowMap bias;  // dense op only, plus the stride between keys
+  int64_t bias_col = 0;
+  bool has_bias = false;
 
   // Visible keys of query row i: [key_lo(i), key_hi(i)] (unclipped; may be empty).
-  int64_t key_lo(int64_t i) const { return window_left >= 0 ? i + diag - window_left : INT64_MIN / 4; }
-  int64_t key_hi(int64_t i) const { return window_right >= 0 ? i + diag + window_right : INT64_MAX / 4; }
+  int64_t key_lo(const Seq& s, int64_t i) const { return window_left >= 0 ? i + s.diag - window_left : INT64_MIN / 4; }
+  int64_t key_hi(const Seq& s, int64_t i) const { return window_right >= 0 ? i + s.diag + window_right : INT64_MAX / 4; }
   // Query rows that see key j: [query_lo(j), query_hi(j)].
-  int64_t query_lo(int64_t j) const { return window_right >= 0 ? j - diag - window_right : INT64_MIN / 4; }
-  int64_t query_hi(int64_t j) const { return window_left >= 0 ? j - diag + window_left : INT64_MAX / 4; }
+  int64_t query_lo(const Seq& s, int64_t j) const {
+    return window_right >= 0 ? j - s.diag - window_right : INT64_MIN / 4;
+  }
+  int64_t query_hi(const Seq& s, int64_t j) const {
+    return window_left >= 0 ? j - s.diag + window_left : INT64_MAX / 4;
+  }
   bool windowed() const { return window_left >= 0 || window_right >= 0; }
   // Does every (i, j) of rows [i0, i1) x keys [j0, j1) pass the window rule?
-  bool all_visible(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
-    return j0 >= key_lo(i1 - 1) && j1 - 1 <= key_hi(i0);
+  bool all_visible(const Seq& s, int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return j0 >= key_lo(s, i1 - 1) && j1 - 1 <= key_hi(s, i0);
   }
-  uint32_t row_hash(int64_t b, int64_t h, int64_t i) const {
-    return mix32(seed_hash ^ static_cast<uint32_t>(static_cast<uint64_t>((b * Hq + h) * L + i)));
+  // Keys [lo, hi] (clipped to the sequence) that rows [i0, i0 + rows) see; hi < lo when none.
+  std::pair<int64_t, int64_t> key_range(const Seq& s, int64_t i0, int64_t rows) const {
+    return {std::max<int64_t>(0, key_lo(s, i0)), std::min<int64_t>(s.S - 1, key_hi(s, i0 + rows - 1))};
+  }
+  // Number of visible (query, key) pairs of a sequence: the work it costs (used to balance tasks).
+  int64_t visible_pairs(const Seq& s) const {
+    if (!windowed()) return s.L * s.S;
+    int64_t n = 0;
+    for (int64_t i = 0; i < s.L; ++i) {
+      auto [lo, hi] = key_range(s, i, 1);
+      n += std::max<int64_t>(0, hi - lo + 1);
+    }
+    return n;
+  }
+  uint32_t row_hash(const Seq& s, int64_t h, int64_t i) const {
+    return mix32(seed_hash ^ static_cast<uint32_t>(static_cast<uint64_t>(stat.at(s.qi, h, i))));
   }
 };
 
@@ -428,35 +557,53 @@ void add_bias(acc_t* s, int64_t ld, int64_t rows, int64_t n, const scalar_t* bia
 
 // Scores outside the window of rows [i0, i0 + rows) x keys [j0, j0 + n) become -inf.
 template <typename acc_t>
-void mask_window(acc_t* s, int64_t ld, int64_t rows, int64_t n, int64_t i0, int64_t j0, const Problem& p) {
+void mask_window(acc_t* s, int64_t ld, int64_t rows, int64_t n, int64_t i0, int64_t j0, const Problem& p,
+                 const Seq& sq) {
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* x = s + r * ld;
-    const int64_t lo = std::clamp<int64_t>(p.key_lo(i0 + r) - j0, 0, n);      // first visible
-    const int64_t hi = std::clamp<int64_t>(p.key_hi(i0 + r) - j0 + 1, 0, n);  // one past the last
+    const int64_t lo = std::clamp<int64_t>(p.key_lo(sq, i0 + r) - j0, 0, n);      // first visible
+    const int64_t hi = std::clamp<int64_t>(p.key_hi(sq, i0 + r) - j0 + 1, 0, n);  // one past the last
     for (int64_t j = 0; j < std::min(lo, n); ++j) x[j] = ninf;
     for (int64_t j = std::max(hi, lo); j < n; ++j) x[j] = ninf;
   }
 }
 
-// Scores of one tile: s = scale·Q·Kᵀ, softcap (tanh kept in t if given), bias, window.
-template <typename scalar_t, typename acc_t>
-void tile_scores(const Problem& p, acc_t* s, acc_t* t, int ld, int64_t rows, int64_t n, Tile<acc_t> q,
-                 Tile<acc_t> k, const scalar_t* bias, int64_t b, int64_t h, int64_t i0, int64_t j0) {
-  if (rows <= kFewRows)
-    scores_few_rows(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<acc_t>(p.scale));
-  else
-    gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
-  if (p.softcap > 0) softcap_tile(s, t, ld, rows, n, static_cast<acc_t>(p.softcap));
-  if (p.has_bias) {
-    const scalar_t* bp = bias + b * p.bs[0] + h * p.bs[1] + i0 * p.bs[2] + j0 * p.bs[3];
-    add_bias(s, ld, rows, n, bp, p.bs[2], p.bs[3]);
-  }
-  if (p.windowed() && !p.all_visible(i0, i0 + rows, j0, j0 + n)) mask_window(s, ld, rows, n, i0, j0, p);
+// k_t[e][j] = k[j][e]: a key block transposed (E x n), the B operand of QKᵀ on the micro-kernel.
+template <typename acc_t>
+void transpose_keys(const acc_t* k, int ld, int64_t n, int64_t E, acc_t* k_t) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t e = 0; e < E; ++e) k_t[e * n + j] = k[j * ld + e];
 }
 
-// Run tasks [0, ntasks) on the thread pool, handed out one at a time (uneven causal tasks balance).
-// make_worker() is called once per thread and returns a callable worker(task) owning its scratch.
+// Scores of one tile of head h of sequence sq: s = scale·Q·Kᵀ, softcap (tanh kept in t if given),
+// bias, window. Given k_t (the key block transposed, fp32), QKᵀ runs on the AVX-512 micro-kernel;
+// forward and backward make the same choice, so the backward recomputes the forward's scores bit
+// for bit (its probabilities exp(s - lse) need that when the logits are large).
+template <typename scalar_t, typename acc_t>
+void tile_scores(const Problem& p, const Seq& sq, acc_t* s, acc_t* t, int ld, int64_t rows, int64_t n, Tile<acc_t> q,
+                 Tile<acc_t> k, const scalar_t* bias, int64_t h, int64_t i0, int64_t j0, const acc_t* k_t) {
+  bool done = false;
+  if (rows <= kFewRows) {
+    scores_few_rows(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<acc_t>(p.scale));
+    done = true;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (!done && k_t) {
+      gemm_avx512(static_cast<int>(rows), static_cast<int>(n), static_cast<int>(p.E), static_cast<float>(p.scale),
+                  q.ptr, q.ld, k_t, static_cast<int>(n), false, s, ld);
+      done = true;
+    }
+  }
+  if (!done) gemm_abt<acc_t>(rows, n, p.E, static_cast<acc_t>(p.scale), q.ptr, q.ld, k.ptr, k.ld, acc_t(0), s, ld);
+  if (p.softcap > 0) softcap_tile(s, t, ld, rows, n, static_cast<acc_t>(p.softcap));
+  if (p.has_bias) add_bias(s, ld, rows, n, bias + p.bias.at(sq.qi, h, i0) + j0 * p.bias_col, p.bias.row, p.bias_col);
+  if (p.windowed() && !p.all_visible(sq, i0, i0 + rows, j0, j0 + n)) mask_window(s, ld, rows, n, i0, j0, p, sq);
+}
+
+// Run tasks [0, ntasks) on the thread pool, handed out one at a time (uneven tasks balance; the
+// callers list the costly ones first). make_worker() is called once per thread and returns a
+// callable worker(task) owning its scratch.
 template <typename MakeWorker>
 void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
   if (ntasks <= 0) return;
@@ -466,6 +613,20 @@ void run_tasks(int64_t ntasks, const MakeWorker& make_worker) {
     auto worker = make_worker();
     for (int64_t task = next.fetch_add(1); task < ntasks; task = next.fetch_add(1)) worker(task);
   });
+}
+
+// The sequences, longest (most visible pairs) first; equal ones keep their order. Tasks are listed
+// sequence by sequence in this order, so long sequences start first and short ones fill the gaps
+// at the end, while within a sequence consecutive tasks share a head's K/V (kept in cache).
+std::vector<int64_t> longest_first(const Problem& p) {
+  const int64_t n = static_cast<int64_t>(p.seqs.size());
+  std::vector<int64_t> order(n), cost(n);
+  for (int64_t b = 0; b < n; ++b) {
+    order[b] = b;
+    cost[b] = p.visible_pairs(p.seqs[b]);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
 }
 
 // Tile sizes (fp32, AVX-512 Zen 4, measured). Forward: 128 x 256 score tiles (128 KiB, in L2
@@ -484,31 +645,56 @@ template <typename scalar_t>
 void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* bias,
                     scalar_t* out, void* lse_out) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
+  const int64_t E = p.E, Ev = p.Ev, nthreads = at::get_num_threads();
+  acc_t* lse = static_cast<acc_t*>(lse_out);
+  auto count_qblocks = [&](int64_t bm) {
+    int64_t n = 0;
+    for (const Seq& s : p.seqs) n += (s.L + bm - 1) / bm;
+    return n * p.Hq;
+  };
   // Query block: 256 rows (fewer K/V re-reads and BLAS packings) unless a window/causal mask makes
   // finer blocks skip more, or the blocks would be too few to feed the threads.
   int64_t BM = p.windowed() ? kFwdBlockM : 2 * kFwdBlockM;
-  while (BM > 32 && p.B * p.Hq * ((L + BM - 1) / BM) < 4 * at::get_num_threads()) BM /= 2;
-  BM = std::max<int64_t>(1, std::min(BM, L));
-  acc_t* lse = static_cast<acc_t*>(lse_out);
-  const int64_t n_qblocks = (L + BM - 1) / BM;
-  const int64_t n_bh = p.B * p.Hq;
+  while (BM > 32 && count_qblocks(BM) < 4 * nthreads) BM /= 2;
+  BM = std::max<int64_t>(1, std::min(BM, p.max_L));
+  const int64_t n_qtasks = count_qblocks(BM);
 
   // Decoding (L <= 16): when the query blocks are too few to feed the threads, the keys are
   // sliced too (split-KV). With at most kFewRows rows, key blocks are long (K, then V, streamed
   // in long runs; few softmax rescales) unless they must be short to make enough slices.
   int64_t BN = p.windowed() ? kFwdBlockN : 2 * kFwdBlockN, n_split = 1;  // 256 x 512 tiles without a window
-  if (L <= kDecodeMaxRows) {
-    const int64_t want_tasks = 8 * at::get_num_threads();
-    const int64_t splits = std::max<int64_t>(1, (want_tasks + n_bh * n_qblocks - 1) / (n_bh * n_qblocks));
-    if (L <= kFewRows) {
-      const int64_t per_split = ((S + splits - 1) / splits + kFwdBlockN - 1) / kFwdBlockN * kFwdBlockN;
+  if (p.max_L <= kDecodeMaxRows && n_qtasks > 0) {
+    const int64_t splits = std::max<int64_t>(1, (8 * nthreads + n_qtasks - 1) / n_qtasks);
+    if (p.max_L <= kFewRows) {
+      const int64_t per_split = ((p.max_S + splits - 1) / splits + kFwdBlockN - 1) / kFwdBlockN * kFwdBlockN;
       BN = std::clamp(per_split, kFwdBlockN, kDecodeBlockN);
     }
-    n_split = std::max<int64_t>(1, std::min((S + BN - 1) / BN, splits));
+    n_split = std::max<int64_t>(1, std::min((p.max_S + BN - 1) / BN, splits));
   }
-  const int64_t n_kblocks = (S + BN - 1) / BN;
-  const int64_t ntasks = n_bh * n_qblocks * n_split;
+
+  // Work items: every query block of every sequence with the key blocks it sees. A task is one
+  // (query block, query head) x one key slice; listed by sequence (longest first), then head, then
+  // query block.
+  struct Item {
+    int64_t seq, i0, rows, kb_begin, kb_end;
+  };
+  struct QTask {
+    int64_t item, head;
+  };
+  std::vector<Item> items;
+  std::vector<QTask> qtasks;
+  for (int64_t b : longest_first(p)) {
+    const Seq& sq = p.seqs[b];
+    const int64_t first = static_cast<int64_t>(items.size());
+    for (int64_t i0 = 0; i0 < sq.L; i0 += BM) {
+      const int64_t rows = std::min(BM, sq.L - i0);
+      auto [lo, hi] = p.key_range(sq, i0, rows);
+      items.push_back({b, i0, rows, hi < lo ? 0 : lo / BN, hi < lo ? 0 : hi / BN + 1});
+    }
+    for (int64_t h = 0; h < p.Hq; ++h)
+      for (int64_t it = first; it < static_cast<int64_t>(items.size()); ++it) qtasks.push_back({it, h});
+  }
+  const int64_t n_qtasks_listed = static_cast<int64_t>(qtasks.size()), ntasks = n_qtasks_listed * n_split;
   // Partial results of the slices (only with n_split > 1): acc (unnormalised), m, l per row.
   std::vector<acc_t> part_acc, part_m, part_l;
   if (n_split > 1) {
@@ -519,108 +705,114 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
   const bool dropout = p.dropout_p > 0;
   const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
 
+  struct Scratch {
+    std::vector<acc_t> qbuf, kbuf, vbuf, s, keep, acc, m, l, alpha;
+    std::vector<uint32_t> row_hash;
+    std::vector<acc_t> k_t;  // Kᵀ of one key block (E x BN), for the AVX-512 tile products
+  };
+  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();
   run_tasks(ntasks, [&]() {
-    // Per-thread scratch.
-    std::vector<acc_t> qbuf(BM * E), kbuf(BN * E), vbuf(BN * Ev), s(BM * BN), keep(dropout ? BM * BN : 0);
-    std::vector<acc_t> acc(BM * Ev), m(BM), l(BM), alpha(BM);
-    std::vector<uint32_t> row_hash(BM);
-    return [&p, &part_acc, &part_m, &part_l, q, k, v, bias, out, lse, BM, BN, L, S, E, Ev, n_qblocks, n_kblocks,
-            n_split, dropout, inv_keep, qbuf = std::move(qbuf), kbuf = std::move(kbuf), vbuf = std::move(vbuf),
-            s = std::move(s), keep = std::move(keep), acc = std::move(acc), m = std::move(m), l = std::move(l),
-            alpha = std::move(alpha), row_hash = std::move(row_hash)](int64_t task) mutable {
-      const int64_t split = task % n_split;
-      const int64_t qb = (task / n_split) % n_qblocks;
-      const int64_t bh = task / (n_split * n_qblocks);
-      const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
-      const int64_t i0 = qb * BM, rows = std::min(BM, L - i0);
+    Scratch sc{std::vector<acc_t>(BM * E), std::vector<acc_t>(BN * E), std::vector<acc_t>(BN * Ev),
+               std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
+               std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<uint32_t>(BM),
+               std::vector<acc_t>(own_gemm ? E * BN : 0)};
+    return [&, sc = std::move(sc)](int64_t task) mutable {
+      const int64_t split = task % n_split, h = qtasks[task / n_split].head;
+      const Item& it = items[qtasks[task / n_split].item];
+      const Seq& sq = p.seqs[it.seq];
+      const int64_t hk = h / p.group, i0 = it.i0, rows = it.rows;
+      acc_t *s = sc.s.data(), *acc = sc.acc.data(), *m = sc.m.data(), *l = sc.l.data();
 
-      // Key blocks this query block can see, then this task's slice of them.
-      int64_t kb_begin = 0, kb_end = n_kblocks;
-      if (p.windowed()) {
-        const int64_t lo = std::max<int64_t>(0, p.key_lo(i0));
-        const int64_t hi = std::min<int64_t>(S - 1, p.key_hi(i0 + rows - 1));
-        if (hi < lo) {
-          kb_begin = kb_end = 0;
-        } else {
-          kb_begin = lo / BN;
-          kb_end = hi / BN + 1;
-        }
-      }
+      // This task's slice of the item's key blocks.
+      int64_t kb_begin = it.kb_begin, kb_end = it.kb_end;
       if (n_split > 1) {
-        const int64_t nkb = kb_end - kb_begin, per = (nkb + n_split - 1) / n_split;
-        const int64_t a = std::min(kb_end, kb_begin + split * per), e = std::min(kb_end, a + per);
-        kb_begin = a;
-        kb_end = e;
+        const int64_t per = (kb_end - kb_begin + n_split - 1) / n_split;
+        kb_begin = std::min(it.kb_end, it.kb_begin + split * per);
+        kb_end = std::min(it.kb_end, kb_begin + per);
       }
 
-      const Tile<acc_t> qt = load_rows(q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2], p.qs[2], rows, E, qbuf.data());
-      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<acc_t>::infinity());
-      std::fill(l.begin(), l.begin() + rows, acc_t(0));
-      std::fill(acc.begin(), acc.begin() + rows * Ev, acc_t(0));
+      const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf.data());
+      std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
+      std::fill(l, l + rows, acc_t(0));
+      std::fill(acc, acc + rows * Ev, acc_t(0));
       if (dropout)
-        for (int64_t r = 0; r < rows; ++r) row_hash[r] = p.row_hash(b, h, i0 + r);
+        for (int64_t r = 0; r < rows; ++r) sc.row_hash[r] = p.row_hash(sq, h, i0 + r);
 
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-        const int64_t j0 = kb * BN, n = std::min(BN, S - j0);
-        const Tile<acc_t> kt = load_rows(k + b * p.ks[0] + hk * p.ks[1] + j0 * p.ks[2], p.ks[2], n, E, kbuf.data());
-        const Tile<acc_t> vt = load_rows(v + b * p.vs[0] + hk * p.vs[1] + j0 * p.vs[2], p.vs[2], n, Ev, vbuf.data());
-        tile_scores<scalar_t, acc_t>(p, s.data(), nullptr, BN, rows, n, qt, kt, bias, b, h, i0, j0);
-        online_softmax(s.data(), BN, rows, n, m.data(), l.data(), alpha.data());
-        scale_rows(acc.data(), Ev, rows, Ev, alpha.data());
+        const int64_t j0 = kb * BN, n = std::min(BN, sq.S - j0);
+        const Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
+        const Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
+        const bool transposed = own_gemm && rows > kFewRows;
+        if (transposed) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
+        tile_scores<scalar_t, acc_t>(p, sq, s, nullptr, BN, rows, n, qt, kt, bias, h, i0, j0,
+                                     transposed ? sc.k_t.data() : nullptr);
+        online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        scale_rows(acc, Ev, rows, Ev, sc.alpha.data());
         if (dropout) {
-          dropout_keep(keep.data(), BN, rows, n, row_hash.data(), static_cast<uint32_t>(j0), p.threshold, inv_keep);
-          mul_tile(s.data(), s.data(), keep.data(), BN, rows, n);
+          dropout_keep(sc.keep.data(), BN, rows, n, sc.row_hash.data(), static_cast<uint32_t>(j0), p.threshold,
+                       inv_keep);
+          mul_tile(s, s, sc.keep.data(), BN, rows, n);
         }
         if (rows <= kFewRows)
-          pv_few_rows(acc.data(), Ev, s.data(), BN, rows, vt.ptr, vt.ld, n, Ev);
-        else
-          gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s.data(), BN, vt.ptr, vt.ld, acc_t(1), acc.data(), Ev);
+          pv_few_rows(acc, Ev, s, BN, rows, vt.ptr, vt.ld, n, Ev);
+        else if constexpr (std::is_same_v<acc_t, float>) {
+          if (own_gemm)
+            gemm_avx512(rows, Ev, n, 1.0f, s, BN, vt.ptr, vt.ld, true, acc, Ev);
+          else
+            gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s, BN, vt.ptr, vt.ld, acc_t(1), acc, Ev);
+        } else {
+          gemm_ab<acc_t>(rows, Ev, n, acc_t(1), s, BN, vt.ptr, vt.ld, acc_t(1), acc, Ev);
+        }
       }
 
       if (n_split > 1) {
-        std::copy(acc.begin(), acc.begin() + rows * Ev, part_acc.begin() + task * BM * Ev);
-        std::copy(m.begin(), m.begin() + rows, part_m.begin() + task * BM);
-        std::copy(l.begin(), l.begin() + rows, part_l.begin() + task * BM);
+        std::copy(acc, acc + rows * Ev, part_acc.begin() + task * BM * Ev);
+        std::copy(m, m + rows, part_m.begin() + task * BM);
+        std::copy(l, l + rows, part_l.begin() + task * BM);
         return;
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = bh * L + i0 + r;
         const acc_t inv_l = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
-        scalar_t* o = out + row * Ev;
+        scalar_t* o = out + p.out.at(sq.qi, h, i0 + r);
         for (int64_t c = 0; c < Ev; ++c) o[c] = static_cast<scalar_t>(acc[r * Ev + c] * inv_l);
-        lse[row] = l[r] > 0 ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
+        lse[p.stat.at(sq.qi, h, i0 + r)] = l[r] > 0 ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
       }
     };
   });
 
   if (n_split == 1) return;
-  // Combine the slices: m = max m_s, l = Σ l_s·e^{m_s - m}, out = Σ acc_s·e^{m_s - m} / l.
-  at::parallel_for(0, n_bh * L, 1, [&](int64_t begin, int64_t end) {
+  // Combine the slices of each (item, head): m = max m_s, l = Σ l_s·e^{m_s - m}, out = Σ acc_s·e^{m_s - m} / l.
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, n_qtasks_listed, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> o(Ev);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / L, i = row % L, qb = i / BM, r = i % BM;
-      const int64_t task0 = (bh * n_qblocks + qb) * n_split;
-      acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t sp = 0; sp < n_split; ++sp) mx = std::max(mx, part_m[(task0 + sp) * BM + r]);
-      scalar_t* dst = out + row * Ev;
-      if (mx == -std::numeric_limits<acc_t>::infinity()) {
-        for (int64_t c = 0; c < Ev; ++c) dst[c] = static_cast<scalar_t>(0);
-        lse[row] = std::numeric_limits<acc_t>::infinity();
-        continue;
+    for (int64_t ih = begin; ih < end; ++ih) {
+      const Item& it = items[qtasks[ih].item];
+      const Seq& sq = p.seqs[it.seq];
+      const int64_t h = qtasks[ih].head, task0 = ih * n_split;
+      for (int64_t r = 0; r < it.rows; ++r) {
+        scalar_t* dst = out + p.out.at(sq.qi, h, it.i0 + r);
+        acc_t& lse_r = lse[p.stat.at(sq.qi, h, it.i0 + r)];
+        acc_t mx = -inf;
+        for (int64_t sp = 0; sp < n_split; ++sp) mx = std::max(mx, part_m[(task0 + sp) * BM + r]);
+        if (mx == -inf) {
+          for (int64_t c = 0; c < Ev; ++c) dst[c] = static_cast<scalar_t>(0);
+          lse_r = inf;
+          continue;
+        }
+        std::fill(o.begin(), o.end(), acc_t(0));
+        acc_t sum = 0;
+        for (int64_t sp = 0; sp < n_split; ++sp) {
+          const int64_t t = task0 + sp;
+          const acc_t ms = part_m[t * BM + r];
+          if (ms == -inf) continue;
+          const acc_t w = std::exp(ms - mx);
+          sum += w * part_l[t * BM + r];
+          const acc_t* a = part_acc.data() + (t * BM + r) * Ev;
+          for (int64_t c = 0; c < Ev; ++c) o[c] += w * a[c];
+        }
+        for (int64_t c = 0; c < Ev; ++c) dst[c] = static_cast<scalar_t>(o[c] / sum);
+        lse_r = mx + std::log(sum);
       }
-      std::fill(o.begin(), o.end(), acc_t(0));
-      acc_t sum = 0;
-      for (int64_t sp = 0; sp < n_split; ++sp) {
-        const int64_t t = task0 + sp;
-        const acc_t ms = part_m[t * BM + r];
-        if (ms == -std::numeric_limits<acc_t>::infinity()) continue;
-        const acc_t w = std::exp(ms - mx);
-        sum += w * part_l[t * BM + r];
-        const acc_t* a = part_acc.data() + (t * BM + r) * Ev;
-        for (int64_t c = 0; c < Ev; ++c) o[c] += w * a[c];
-      }
-      for (int64_t c = 0; c < Ev; ++c) dst[c] = static_cast<scalar_t>(o[c] / sum);
-      lse[row] = mx + std::log(sum);
     }
   });
 }
@@ -628,47 +820,73 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
+
+// Backward work split: "fused" (one task per (sequence, kv head), longest first) when those
+// tasks keep the threads busy, i.e. when a greedy schedule of them is within 25% of a perfect
+// split; else "split" (two passes of finer tasks; ~40% more GEMM work, but balanced).
+// FASTATTN_ATTN_BWD=fused|split forces one (tests use it).
+bool use_fused_backward(const std::vector<int64_t>& costs_desc) {
+  if (const char* env = std::getenv("FASTATTN_ATTN_BWD")) {
+    if (std::strcmp(env, "fused") == 0) return true;
+    if (std::strcmp(env, "split") == 0) return false;
+  }
+  const int64_t nt = std::max(1, at::get_num_threads());
+  std::vector<double> load(nt, 0.0);
+  double total = 0;
+  for (int64_t c : costs_desc) {
+    *std::min_element(load.begin(), load.end()) += static_cast<double>(c);
+    total += static_cast<double>(c);
+  }
+  return *std::max_element(load.begin(), load.end()) <= 1.25 * total / nt;
+}
+
 template <typename scalar_t>
 void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* out, const void* lse_in, const scalar_t* bias,
-                     scalar_t* dq, scalar_t* dk, scalar_t* dv, bool fused) {
+                     scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t n_stat, int64_t n_dq) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
-  const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev, G = p.group;
+  const int64_t E = p.E, Ev = p.Ev, G = p.group, n_seq = static_cast<int64_t>(p.seqs.size());
   const acc_t* lse = static_cast<const acc_t*>(lse_in);
-  const int64_t n_qblocks = (L + BM - 1) / BM, n_kblocks = (S + BN - 1) / BN;
   const bool dropout = p.dropout_p > 0;
   const acc_t inv_keep = static_cast<acc_t>(1.0 / (1.0 - p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  // delta = rowsum(dO ∘ O); dout and out are contiguous (B, Hq, L, Ev).
-  std::vector<acc_t> delta(p.B * p.Hq * L);
-  at::parallel_for(0, p.B * p.Hq * L, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      acc_t sum = 0;
-      for (int64_t c = 0; c < Ev; ++c)
-        sum += static_cast<acc_t>(dout[row * Ev + c]) * static_cast<acc_t>(out[row * Ev + c]);
-      delta[row] = sum;
+  // delta = rowsum(dO ∘ O), laid out like lse.
+  std::vector<acc_t> delta(n_stat);
+  at::parallel_for(0, n_seq * p.Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t sh = begin; sh < end; ++sh) {
+      const Seq& sq = p.seqs[sh / p.Hq];
+      const int64_t h = sh % p.Hq;
+      for (int64_t i = 0; i < sq.L; ++i) {
+        const scalar_t *g = dout + p.out.at(sq.qi, h, i), *o = out + p.out.at(sq.qi, h, i);
+        acc_t sum = 0;
+        for (int64_t c = 0; c < Ev; ++c) sum += static_cast<acc_t>(g[c]) * static_cast<acc_t>(o[c]);
+        delta[p.stat.at(sq.qi, h, i)] = sum;
+      }
     }
   });
 
-  // dQ accumulates over key blocks in acc_t (B, Hq, L, E): the output itself when it is acc_t.
+  // dQ accumulates over key blocks in acc_t, laid out like dq: the output itself when it is acc_t.
   std::vector<acc_t> dq_buf;
   acc_t* dq_acc;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     dq_acc = dq;
   } else {
-    dq_buf.assign(p.B * p.Hq * L * E, acc_t(0));
+    dq_buf.assign(n_dq, acc_t(0));
     dq_acc = dq_buf.data();
   }
+  const int ld_dq = static_cast<int>(p.dq.row);
 
   // Per-thread scratch for one tile and the dK/dV accumulators of one key block.
+  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();  // QKᵀ as in the forward
   struct Scratch {
-    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc;
+    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t;
     std::vector<uint32_t> row_hash;
   };
   auto make_scratch = [&]() {
     Scratch sc;
+    if (own_gemm) sc.k_t.resize(E * BN);
     sc.qbuf.resize(BM * E);
     sc.dobuf.resize(BM * Ev);
     sc.kbuf.resize(BN * E);
@@ -686,21 +904,22 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
     return sc;
   };
 
-  // One tile: query block (b, h, rows [i0, i0+rows)) x key block (kv head hk, keys [j0, j0+n)).
-  // Adds its share to dk_acc/dv_acc (n × E / n × Ev) and dq_rows (rows × E) where those are given.
-  auto tile = [&](Scratch& sc, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n,
+  // One tile: query block (head h, rows [i0, i0+rows)) x key block (keys [j0, j0+n)) of sequence sq.
+  // Adds its share to dk_acc/dv_acc (n × E / n × Ev) and dQ (rows × E) where those are wanted.
+  auto tile = [&](Scratch& sc, const Seq& sq, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n,
                   Tile<acc_t> kt, Tile<acc_t> vt, bool want_dkdv, bool want_dq) {
-    const int64_t row0 = (b * p.Hq + h) * L + i0;
-    const Tile<acc_t> qt = load_rows(q + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2], p.qs[2], rows, E, sc.qbuf.data());
-    const Tile<acc_t> dot = load_rows(dout + row0 * Ev, Ev, rows, Ev, sc.dobuf.data());
+    const int64_t row0 = p.stat.at(sq.qi, h, i0);  // lse and delta of the block's first row
+    const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf.data());
+    const Tile<acc_t> dot = load_rows(dout + p.out.at(sq.qi, h, i0), p.out.row, rows, Ev, sc.dobuf.data());
     acc_t* s = sc.s.data();
     acc_t* t = p.softcap > 0 ? sc.t.data() : nullptr;
-    tile_scores<scalar_t, acc_t>(p, s, t, BN, rows, n, qt, kt, bias, b, h, i0, j0);
+    tile_scores<scalar_t, acc_t>(p, sq, s, t, BN, rows, n, qt, kt, bias, h, i0, j0,
+                                 own_gemm && rows > kFewRows ? sc.k_t.data() : nullptr);
     probs_from_lse(s, BN, rows, n, lse + row0);  // s is now P
     const acc_t* keep = nullptr;
     const acc_t* pd = s;  // the probabilities after dropout
     if (dropout) {
-      for (int64_t r = 0; r < rows; ++r) sc.row_hash[r] = p.row_hash(b, h, i0 + r);
+      for (int64_t r = 0; r < rows; ++r) sc.row_hash[r] = p.row_hash(sq, h, i0 + r);
       dropout_keep(sc.keep.data(), BN, rows, n, sc.row_hash.data(), static_cast<uint32_t>(j0), p.threshold, inv_keep);
       mul_tile(sc.pd.data(), s, sc.keep.data(), BN, rows, n);
       keep = sc.keep.data();
@@ -714,73 +933,105 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
     if (want_dkdv)  // dK += scale·dSᵀ·Q
       gemm_atb<acc_t>(n, E, rows, scale, dp, BN, qt.ptr, qt.ld, acc_t(1), sc.dk_acc.data(), E);
     if (want_dq)  // dQ += scale·dS·K
-      gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_acc + row0 * E, E);
+      gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_acc + p.dq.at(sq.qi, h, i0), ld_dq);
   };
 
-  auto load_kv = [&](Scratch& sc, int64_t b, int64_t hk, int64_t j0, int64_t n) {
-    Tile<acc_t> kt = load_rows(k + b * p.ks[0] + hk * p.ks[1] + j0 * p.ks[2], p.ks[2], n, E, sc.kbuf.data());
-    Tile<acc_t> vt = load_rows(v + b * p.vs[0] + hk * p.vs[1] + j0 * p.vs[2], p.vs[2], n, Ev, sc.vbuf.data());
+  auto load_kv = [&](Scratch& sc, const Seq& sq, int64_t hk, int64_t j0, int64_t n) {
+    Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
+    Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
+    if (own_gemm) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
     return std::make_pair(kt, vt);
   };
 
-  // dK/dV of key block kb of (b, hk): all query heads of the group, all query blocks that see it.
-  auto key_block = [&](Scratch& sc, int64_t b, int64_t hk, int64_t kb, bool want_dq) {
-    const int64_t j0 = kb * BN, n = std::min(BN, S - j0);
+  // dK/dV of key block kb of (sq, hk): all query heads of the group, all query blocks that see it.
+  auto key_block = [&](Scratch& sc, const Seq& sq, int64_t hk, int64_t kb, bool want_dq) {
+    const int64_t j0 = kb * BN, n = std::min(BN, sq.S - j0);
     std::fill(sc.dk_acc.begin(), sc.dk_acc.begin() + n * E, acc_t(0));
     std::fill(sc.dv_acc.begin(), sc.dv_acc.begin() + n * Ev, acc_t(0));
-    const int64_t i_lo = std::max<int64_t>(0, p.query_lo(j0));
-    const int64_t i_hi = std::min<int64_t>(L - 1, p.query_hi(j0 + n - 1));
+    const int64_t i_lo = std::max<int64_t>(0, p.query_lo(sq, j0));
+    const int64_t i_hi = std::min<int64_t>(sq.L - 1, p.query_hi(sq, j0 + n - 1));
     if (i_lo <= i_hi) {
-      auto [kt, vt] = load_kv(sc, b, hk, j0, n);
+      auto [kt, vt] = load_kv(sc, sq, hk, j0, n);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
         for (int64_t qb = i_lo / BM; qb <= i_hi / BM; ++qb) {
           const int64_t i0 = qb * BM;
-          tile(sc, b, h, i0, std::min(BM, L - i0), j0, n, kt, vt, true, want_dq);
+          tile(sc, sq, h, i0, std::min(BM, sq.L - i0), j0, n, kt, vt, true, want_dq);
         }
     }
-    scalar_t* dk_dst = dk + ((b * p.Hkv + hk) * S + j0) * E;
-    scalar_t* dv_dst = dv + ((b * p.Hkv + hk) * S + j0) * Ev;
-    for (int64_t x = 0; x < n * E; ++x) dk_dst[x] = static_cast<scalar_t>(sc.dk_acc[x]);
-    for (int64_t x = 0; x < n * Ev; ++x) dv_dst[x] = static_cast<scalar_t>(sc.dv_acc[x]);
+    for (int64_t j = 0; j < n; ++j) {
+      scalar_t* dk_dst = dk + p.dk.at(sq.ki, hk, j0 + j);
+      scalar_t* dv_dst = dv + p.dv.at(sq.ki, hk, j0 + j);
+      for (int64_t c = 0; c < E; ++c) dk_dst[c] = static_cast<scalar_t>(sc.dk_acc[j * E + c]);
+      for (int64_t c = 0; c < Ev; ++c) dv_dst[c] = static_cast<scalar_t>(sc.dv_acc[j * Ev + c]);
+    }
   };
 
-  if (fused) {
-    // One task per (b, kv head): owns dK/dV of its keys and dQ of its group's query heads.
-    run_tasks(p.B * p.Hkv, [&]() {
+  // Sequences without keys have no dK/dV to write and dQ 0 (already there); the others give the
+  // fused tasks, one per (sequence, kv head), longest sequences first.
+  struct SeqHead {
+    int64_t seq, head, cost;
+  };
+  const std::vector<int64_t> order = longest_first(p);
+  std::vector<SeqHead> pairs;
+  for (int64_t b : order) {
+    const Seq& sq = p.seqs[b];
+    if (sq.S == 0) continue;
+    const int64_t cost = p.visible_pairs(sq) * G + sq.S;  // + S: writing dK/dV
+    for (int64_t hk = 0; hk < p.Hkv; ++hk) pairs.push_back({b, hk, cost});
+  }
+  std::vector<int64_t> costs;
+  for (const SeqHead& x : pairs) costs.push_back(x.cost);
+
+  if (use_fused_backward(costs)) {
+    // One task per (sequence, kv head): owns dK/dV of its keys and dQ of its group's query heads.
+    run_tasks(static_cast<int64_t>(pairs.size()), [&]() {
       return [&, sc = make_scratch()](int64_t task) mutable {
-        const int64_t b = task / p.Hkv, hk = task % p.Hkv;
-        for (int64_t kb = 0; kb < n_kblocks; ++kb) key_block(sc, b, hk, kb, true);
+        const Seq& sq = p.seqs[pairs[task].seq];
+        for (int64_t kb = 0; kb * BN < sq.S; ++kb) key_block(sc, sq, pairs[task].head, kb, true);
       };
     });
   } else {
     // Pass 1: dK/dV, one task per key block.
-    run_tasks(p.B * p.Hkv * n_kblocks, [&]() {
+    struct Block {
+      int64_t seq, head, start;  // start: first key (pass 1) or query row (pass 2)
+    };
+    std::vector<Block> blocks;
+    for (const SeqHead& x : pairs)
+      for (int64_t j0 = 0; j0 < p.seqs[x.seq].S; j0 += BN) blocks.push_back({x.seq, x.head, j0});
+    run_tasks(static_cast<int64_t>(blocks.size()), [&]() {
       return [&, sc = make_scratch()](int64_t task) mutable {
-        const int64_t kb = task % n_kblocks, bhk = task / n_kblocks;
-        key_block(sc, bhk / p.Hkv, bhk % p.Hkv, kb, false);
+        const Block& x = blocks[task];
+        key_block(sc, p.seqs[x.seq], x.head, x.start / BN, false);
       };
     });
     // Pass 2: dQ, one task per query block.
-    run_tasks(p.B * p.Hq * n_qblocks, [&]() {
+    blocks.clear();
+    for (int64_t b : order) {
+      const Seq& sq = p.seqs[b];
+      if (sq.S == 0) continue;
+      for (int64_t h = 0; h < p.Hq; ++h)
+        for (int64_t i0 = 0; i0 < sq.L; i0 += BM) {
+          auto [lo, hi] = p.key_range(sq, i0, std::min(BM, sq.L - i0));
+          if (hi >= lo) blocks.push_back({b, h, i0});
+        }
+    }
+    run_tasks(static_cast<int64_t>(blocks.size()), [&]() {
       return [&, sc = make_scratch()](int64_t task) mutable {
-        const int64_t qb = task % n_qblocks, bh = task / n_qblocks;
-        const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / G;
-        const int64_t i0 = qb * BM, rows = std::min(BM, L - i0);
-        const int64_t j_lo = std::max<int64_t>(0, p.key_lo(i0));
-        const int64_t j_hi = std::min<int64_t>(S - 1, p.key_hi(i0 + rows - 1));
-        if (j_lo > j_hi) return;
-        for (int64_t kb = j_lo / BN; kb <= j_hi / BN; ++kb) {
-          const int64_t j0 = kb * BN, n = std::min(BN, S - j0);
-          auto [kt, vt] = load_kv(sc, b, hk, j0, n);
-          tile(sc, b, h, i0, rows, j0, n, kt, vt, false, true);
+        const Block& x = blocks[task];
+        const Seq& sq = p.seqs[x.seq];
+        const int64_t h = x.head, i0 = x.start, rows = std::min(BM, sq.L - i0);
+        auto [lo, hi] = p.key_range(sq, i0, rows);
+        for (int64_t kb = lo / BN; kb <= hi / BN; ++kb) {
+          const int64_t j0 = kb * BN, n = std::min(BN, sq.S - j0);
+          auto [kt, vt] = load_kv(sc, sq, h / G, j0, n);
+          tile(sc, sq, h, i0, rows, j0, n, kt, vt, false, true);
         }
       };
     });
   }
 
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    const int64_t total = p.B * p.Hq * L * E;
-    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_dq, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t x = begin; x < end; ++x) dq[x] = static_cast<scalar_t>(dq_acc[x]);
     });
   }
@@ -793,18 +1044,39 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// q/k/v dtype and device, and the scalar arguments both ops share.
+void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+                  int64_t window_left, int64_t window_right, double softcap) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
+              " (CPU kernel): query, key and value must be CPU tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": query, key and value must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": query must be floating point, got ", q.scalar_type());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(softcap >= 0.0, op, ": softcap must be >= 0, got ", softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window_left/window_right must be >= -1, got ",
+              window_left, ", ", window_right);
+}
+
+Problem make_params(int64_t Hq, int64_t Hkv, int64_t E, int64_t Ev, double dropout_p, double scale,
+                    int64_t window_left, int64_t window_right, double softcap, int64_t seed) {
+  Problem p{};
+  p.Hq = Hq; p.Hkv = Hkv; p.E = E; p.Ev = Ev; p.group = Hq / Hkv;
+  p.scale = scale; p.softcap = softcap; p.dropout_p = dropout_p;
+  p.window_left = window_left; p.window_right = window_right;
+  p.seed_hash = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed)));
+  p.threshold = static_cast<uint32_t>(std::min<uint64_t>(static_cast<uint64_t>(dropout_p * 4294967296.0), 0xFFFFFFFFull));
+  return p;
+}
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& bias, double dropout_p, double scale, int64_t window_left,
                      int64_t window_right, int64_t diag_offset, double softcap, int64_t seed) {
   TORCH_CHECK(q.dim() == 4, "attention: query must be 4-D (B, Hq, L, E), got ", q.dim(), "-D");
   TORCH_CHECK(k.dim() == 4, "attention: key must be 4-D (B, Hkv, S, E), got ", k.dim(), "-D");
   TORCH_CHECK(v.dim() == 4, "attention: value must be 4-D (B, Hkv, S, Ev), got ", v.dim(), "-D");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "attention (CPU kernel): query, key and value must be CPU tensors");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attention: query, key and value must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              ", ", v.scalar_type());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "attention: query must be floating point, got ", q.scalar_type());
+  check_common("attention", q, k, v, dropout_p, window_left, window_right, softcap);
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), E = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), Ev = v.size(3);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B, "attention: key and value must have the query's batch size ", B,
@@ -814,22 +1086,18 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               v.sizes());
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention: query heads (", Hq, ") must be a multiple of key heads (", Hkv,
               ")");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(softcap >= 0.0, "attention: softcap must be >= 0, got ", softcap);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "attention: window_left/window_right must be >= -1, got ",
-              window_left, ", ", window_right);
-  Problem p{};
-  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.L = L; p.S = S; p.E = E; p.Ev = Ev; p.group = Hq / Hkv;
-  p.scale = scale; p.softcap = softcap; p.dropout_p = dropout_p;
-  p.window_left = window_left; p.window_right = window_right; p.diag = diag_offset;
-  p.seed_hash = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed)));
-  p.threshold = static_cast<uint32_t>(std::min<uint64_t>(static_cast<uint64_t>(dropout_p * 4294967296.0), 0xFFFFFFFFull));
-  for (int d = 0; d < 4; ++d) {
-    p.qs[d] = q.stride(d);
-    p.ks[d] = k.stride(d);
-    p.vs[d] = v.stride(d);
-    p.bs[d] = 0;
-  }
+  Problem p = make_params(Hq, Hkv, E, Ev, dropout_p, scale, window_left, window_right, softcap, seed);
+  for (int64_t b = 0; b < B; ++b) p.seqs.push_back({L, S, diag_offset, b, b});
+  p.max_L = L;
+  p.max_S = S;
+  p.q = {q.stride(0), q.stride(1), q.stride(2)};
+  p.k = {k.stride(0), k.stride(1), k.stride(2)};
+  p.v = {v.stride(0), v.stride(1), v.stride(2)};
+  p.out = {Hq * L * Ev, L * Ev, Ev};
+  p.stat = {Hq * L, L, 1};
+  p.dq = {Hq * L * E, L * E, E};
+  p.dk = {Hkv * S * E, S * E, E};
+  p.dv = {Hkv * S * Ev, S * Ev, Ev};
   p.has_bias = bias.has_value() && bias->defined();
   if (p.has_bias) {
     const at::Tensor& bt = *bias;
@@ -838,9 +1106,125 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 q.scalar_type(), ", got ", bt.scalar_type());
     TORCH_CHECK(bt.dim() == 4 && bt.size(0) == B && bt.size(1) == Hq && bt.size(2) == L && bt.size(3) == S,
                 "attention: attn_bias must be (B, Hq, L, S) = (", B, ", ", Hq, ", ", L, ", ", S, "), got ", bt.sizes());
-    for (int d = 0; d < 4; ++d) p.bs[d] = bt.stride(d);
+    p.bias = {bt.stride(0), bt.stride(1), bt.stride(2)};
+    p.bias_col = bt.stride(3);
   }
   return p;
+}
+
+// Sequence offsets of a packed batch: int32 (N + 1,) CPU tensor, non-decreasing from 0 to total,
+// no sequence longer than max_seqlen.
+std::vector<int64_t> read_cu_seqlens(const char* name, const at::Tensor& cu, int64_t total, int64_t max_seqlen,
+                                     const char* max_name) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "attention_varlen: ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.device().is_cpu(), "attention_varlen (CPU kernel): ", name, " must be a CPU tensor, got ",
+              cu.device());
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "attention_varlen: ", name,
+              " must be 1-D with batch + 1 >= 2 entries, got shape ", cu.sizes());
+  TORCH_CHECK(max_seqlen >= 0, "attention_varlen: ", max_name, " must be >= 0, got ", max_seqlen);
+  const at::Tensor c = cu.contiguous();
+  const int32_t* x = c.const_data_ptr<int32_t>();
+  const int64_t n = c.numel();
+  TORCH_CHECK(x[0] == 0, "attention_varlen: ", name, " must start at 0, got ", x[0]);
+  std::vector<int64_t> out(n);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = x[i];
+    if (i > 0) {
+      TORCH_CHECK(x[i] >= x[i - 1], "attention_varlen: ", name, " must not decrease, got ", x[i - 1], " then ", x[i],
+                  " at ", i);
+      TORCH_CHECK(x[i] - x[i - 1] <= max_seqlen, "attention_varlen: sequence ", i - 1, " has ", x[i] - x[i - 1],
+                  " rows > ", max_name, "=", max_seqlen);
+    }
+  }
+  TORCH_CHECK(out[n - 1] == total, "attention_varlen: ", name, " must end at the packed length ", total, ", got ",
+              out[n - 1]);
+  return out;
+}
+
+Problem make_varlen_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p, double scale,
+                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                            int64_t seed) {
+  TORCH_CHECK(q.dim() == 3, "attention_varlen: query must be 3-D (total_q, Hq, E), got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 3, "attention_varlen: key must be 3-D (total_k, Hkv, E), got ", k.dim(), "-D");
+  TORCH_CHECK(v.dim() == 3, "attention_varlen: value must be 3-D (total_k, Hkv, Ev), got ", v.dim(), "-D");
+  check_common("attention_varlen", q, k, v, dropout_p, window_left, window_right, softcap);
+  const int64_t Tq = q.size(0), Hq = q.size(1), E = q.size(2), Tk = k.size(0), Hkv = k.size(1), Ev = v.size(2);
+  TORCH_CHECK(k.size(2) == E, "attention_varlen: key head size ", k.size(2), " != query head size ", E);
+  TORCH_CHECK(v.size(0) == Tk && v.size(1) == Hkv, "attention_varlen: value must be (", Tk, ", ", Hkv,
+              ", Ev) like key, got ", v.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention_varlen: query heads (", Hq,
+              ") must be a multiple of key heads (", Hkv, ")");
+  const std::vector<int64_t> oq = read_cu_seqlens("cu_seqlens_q", cu_q, Tq, max_q, "max_seqlen_q");
+  const std::vector<int64_t> ok = read_cu_seqlens("cu_seqlens_k", cu_k, Tk, max_k, "max_seqlen_k");
+  TORCH_CHECK(oq.size() == ok.size(), "attention_varlen: cu_seqlens_q and cu_seqlens_k must describe one batch, got ",
+              oq.size() - 1, " and ", ok.size() - 1, " sequences");
+  Problem p = make_params(Hq, Hkv, E, Ev, dropout_p, scale, window_left, window_right, softcap, seed);
+  for (size_t b = 0; b + 1 < oq.size(); ++b) {
+    const int64_t L = oq[b + 1] - oq[b], S = ok[b + 1] - ok[b];
+    p.seqs.push_back({L, S, bottom_right ? S - L : 0, oq[b], ok[b]});
+    p.max_L = std::max(p.max_L, L);
+    p.max_S = std::max(p.max_S, S);
+  }
+  p.q = {q.stride(0), q.stride(1), q.stride(0)};
+  p.k = {k.stride(0), k.stride(1), k.stride(0)};
+  p.v = {v.stride(0), v.stride(1), v.stride(0)};
+  p.out = {Hq * Ev, Ev, Hq * Ev};
+  p.stat = {1, Tq, 1};
+  p.dq = {Hq * E, E, Hq * E};
+  p.dk = {Hkv * E, E, Hkv * E};
+  p.dv = {Hkv * Ev, Ev, Hkv * Ev};
+  return p;
+}
+
+at::ScalarType acc_dtype_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// One forward: out shaped out_shape, lse shaped lse_shape (both laid out as p's RowMaps say).
+std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const c10::optional<at::Tensor>& attn_bias,
+                                               at::IntArrayRef out_shape, at::IntArrayRef lse_shape) {
+  at::Tensor out = at::empty(out_shape, q.options());
+  at::Tensor lse = at::empty(lse_shape, q.options().dtype(acc_dtype_of(q)));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
+    const scalar_t* bias = p.has_bias ? attn_bias->const_data_ptr<scalar_t>() : nullptr;
+    forward_kernel<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                             v.const_data_ptr<scalar_t>(), bias, out.mutable_data_ptr<scalar_t>(), lse.data_ptr());
+  });
+  return {out, lse};
+}
+
+// One backward: checks grad_out/out/lse against the forward's shapes, then the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const char* op, const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& attn_bias,
+    at::IntArrayRef out_shape, at::IntArrayRef lse_shape) {
+  TORCH_CHECK(grad_out.sizes() == out_shape, op, ": grad_out must be ", out_shape, ", got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), op, ": out must be shaped like grad_out ", grad_out.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have the query's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.sizes() == lse_shape, op, ": lse must be ", lse_shape, ", got ", lse.sizes());
+  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
+              " (CPU kernel): grad_out, out and lse must be CPU tensors");
+  const auto acc_dtype = acc_dtype_of(q);
+  TORCH_CHECK(lse.scalar_type() == acc_dtype, op, ": lse must be ", acc_dtype, ", got ", lse.scalar_type());
+  const at::Tensor dO = grad_out.contiguous(), o = out.contiguous(), lse_c = lse.contiguous();
+
+  // dq accumulates in place when it is acc_t, so it starts at 0 (rows that see no key stay 0).
+  at::Tensor dq = q.scalar_type() == acc_dtype ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
+    const scalar_t* bias = p.has_bias ? attn_bias->const_data_ptr<scalar_t>() : nullptr;
+    backward_kernel<scalar_t>(p, dO.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+                              lse_c.const_data_ptr(), bias, dq.mutable_data_ptr<scalar_t>(),
+                              dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), lse.numel(),
+                              dq.numel());
+  });
+  return {dq, dk, dv};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -851,27 +1235,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, co
   const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   const Problem p = make_problem(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
                                  softcap, seed);
-  at::Tensor out = at::empty({p.B, p.Hq, p.L, p.Ev}, q.options());
-  const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options().dtype(lse_dtype));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
-    const scalar_t* bias = p.has_bias ? attn_bias->const_data_ptr<scalar_t>() : nullptr;
-    forward_kernel<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                             v.const_data_ptr<scalar_t>(), bias, out.mutable_data_ptr<scalar_t>(), lse.data_ptr());
-  });
-  return {out, lse};
-}
-
-// Backward work split: "fused" (one task per (batch, kv head)) when that keeps the threads busy,
-// else "split" (two passes). FASTATTN_ATTN_BWD=fused|split forces one (tests use it).
-bool use_fused_backward(int64_t n_bhkv) {
-  if (const char* env = std::getenv("FASTATTN_ATTN_BWD")) {
-    if (std::strcmp(env, "fused") == 0) return true;
-    if (std::strcmp(env, "split") == 0) return false;
-  }
-  const int64_t nt = at::get_num_threads();
-  return n_bhkv % nt == 0 || n_bhkv >= 4 * nt;
+  const int64_t B = q.size(0), L = q.size(2);
+  return run_forward(p, q, k, v, attn_bias, {B, p.Hq, L, p.Ev}, {B, p.Hq, L});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -881,34 +1246,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   const Problem p = make_problem(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
                                  softcap, seed);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({p.B, p.Hq, p.L, p.Ev}), "attention_bwd: grad_out must be (",
-              p.B, ", ", p.Hq, ", ", p.L, ", ", p.Ev, "), got ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == grad_out.sizes(), "attention_bwd: out must be shaped like grad_out ", grad_out.sizes(),
-              ", got ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "attention_bwd: grad_out and out must have the query's dtype ", q.scalar_type());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.Hq, p.L}), "attention_bwd: lse must be (", p.B, ", ", p.Hq,
-              ", ", p.L, "), got ", lse.sizes());
-  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(),
-              "attention_bwd (CPU kernel): grad_out, out and lse must be CPU tensors");
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.scalar_type() == acc_dtype, "attention_bwd: lse must be ", acc_dtype, ", got ", lse.scalar_type());
-  const at::Tensor dO = grad_out.contiguous(), o = out.contiguous(), lse_c = lse.contiguous();
+  const int64_t B = q.size(0), L = q.size(2);
+  return run_backward("attention_bwd", p, grad_out, q, k, v, out, lse, attn_bias, {B, p.Hq, L, p.Ev}, {B, p.Hq, L});
+}
 
-  at::Tensor dq = (q.scalar_type() == acc_dtype) ? at::zeros({p.B, p.Hq, p.L, p.E}, q.options())
-                                                 : at::empty({p.B, p.Hq, p.L, p.E}, q.options());
-  at::Tensor dk = at::empty({p.B, p.Hkv, p.S, p.E}, q.options());
-  at::Tensor dv = at::empty({p.B, p.Hkv, p.S, p.Ev}, q.options());
-  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
-  const bool fused = use_fused_backward(p.B * p.Hkv);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
-    const scalar_t* bias = p.has_bias ? attn_bias->const_data_ptr<scalar_t>() : nullptr;
-    backward_kernel<scalar_t>(p, dO.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-                              lse_c.const_data_ptr(), bias, dq.mutable_data_ptr<scalar_t>(),
-                              dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), fused);
-  });
-  return {dq, dk, dv};
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, int64_t seed) {
+  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
+  const Problem p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                        scale, window_left, window_right, bottom_right, softcap, seed);
+  const int64_t Tq = q.size(0);
+  return run_forward(p, q, k, v, c10::nullopt, {Tq, p.Hq, p.Ev}, {p.Hq, Tq});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap, int64_t seed) {
+  const at::Tensor q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
+  const Problem p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                        scale, window_left, window_right, bottom_right, softcap, seed);
+  const int64_t Tq = q.size(0);
+  return run_backward("attention_varlen_bwd", p, grad_out, q, k, v, out, lse, c10::nullopt, {Tq, p.Hq, p.Ev},
+                      {p.Hq, Tq});
 }
 
 }  // namespace attn_cpu
@@ -917,4 +1280,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_fwd", &fastattn::attn_cpu::attention_fwd_cpu);
   m.impl("attention_bwd", &fastattn::attn_cpu::attention_bwd_cpu);
+  m.impl("attention_varlen_fwd", &fastattn::attn_cpu::attention_varlen_fwd_cpu);
+  m.impl("attention_varlen_bwd", &fastattn::attn_cpu::attention_varlen_bwd_cpu);
 }

@@ -57,7 +57,8 @@ from torch import Tensor
 from fastattn import _ext, backend as _backend
 from fastattn.ops._autograd import refuse_double_backward
 
-__all__ = ["scaled_dot_product_attention", "attention", "attention_varlen", "attention_reference", "dropout_keep_mask"]
+__all__ = ["scaled_dot_product_attention", "attention", "attention_varlen", "attention_reference",
+           "attention_varlen_reference", "dropout_keep_mask", "varlen_dropout_keep_mask"]
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _M32 = 0xFFFFFFFF
@@ -81,16 +82,34 @@ def dropout_threshold(p: float) -> int:
     return min(int(p * 4294967296.0), _M32)
 
 
+def _keep_from_rows(seed, row: Tensor, col: Tensor, p: float) -> Tensor:
+    """Kept entries for hash rows ``row`` and columns ``col`` (broadcast); ``seed`` an int or int64 tensor."""
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64, device=row.device)
+    seed_h = _mix32(seed.to(device=row.device, dtype=torch.int64) & _M32)
+    return _mix32(_mix32(seed_h ^ (row & _M32)) ^ col) >= dropout_threshold(p)
+
+
 def dropout_keep_mask(seed: int, B: int, H: int, L: int, S: int, p: float, device=None) -> Tensor:
     """Bool ``(B, H, L, S)``: which attention probabilities dropout keeps.
 
     ``hash = mix(mix(mix(seed) ^ row) ^ j)`` with ``row = (b*H + h)*L + i`` taken mod 2**32.
     """
-    row = torch.arange(B * H * L, device=device, dtype=torch.int64).view(B, H, L, 1) & _M32
+    row = torch.arange(B * H * L, device=device, dtype=torch.int64).view(B, H, L, 1)
     col = torch.arange(S, device=device, dtype=torch.int64).view(1, 1, 1, S)
-    seed_h = _mix32(torch.tensor(seed & _M32, dtype=torch.int64, device=device))
-    h = _mix32(_mix32(seed_h ^ row) ^ col)
-    return h >= dropout_threshold(p)
+    return _keep_from_rows(seed, row, col, p)
+
+
+def varlen_dropout_keep_mask(seed: int, H: int, total_q: int, q_start: int, L: int, S: int, p: float,
+                             device=None) -> Tensor:
+    """Bool ``(1, H, L, S)``: the kept entries of one packed sequence (query rows ``q_start:q_start+L``).
+
+    The varlen contract's row is ``h * total_q + q_start + i``; the column the key's local index j.
+    """
+    row = (torch.arange(H, device=device, dtype=torch.int64).view(1, H, 1, 1) * total_q + q_start
+           + torch.arange(L, device=device, dtype=torch.int64).view(1, 1, L, 1))
+    col = torch.arange(S, device=device, dtype=torch.int64).view(1, 1, 1, S)
+    return _keep_from_rows(seed, row, col, p)
 
 
 def visible_mask(L: int, S: int, window_left: int, window_right: int, diag_offset: int, device=None):
@@ -110,11 +129,14 @@ def visible_mask(L: int, S: int, window_left: int, window_right: int, diag_offse
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor] = None,
                         dropout_p: float = 0.0, scale: Optional[float] = None, window_left: int = -1,
                         window_right: int = -1, diag_offset: int = 0, softcap: float = 0.0,
-                        seed: int = 0, compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                        seed: int = 0, compute_dtype: Optional[torch.dtype] = None,
+                        keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The native contract in plain math on ``(B, H, L, E)`` tensors; differentiable by autograd.
 
     Computes in float32 (float64 for float64 input) unless ``compute_dtype`` says otherwise (the
-    tests use it to get plain PyTorch's own low-precision error).
+    tests use it to get plain PyTorch's own low-precision error). ``keep`` (bool, broadcast to
+    ``(B, H, L, S)``) replaces the dropout mask of ``seed`` (the varlen oracle passes its own);
+    ``seed`` may be an int64 tensor (traceable by torch.compile).
     """
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -132,7 +154,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     vis = visible_mask(L, S, window_left, window_right, diag_offset, q.device)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True).detach()
+    m = s.amax(dim=-1, keepdim=True).detach() if S > 0 else s.new_zeros(s.shape[:-1] + (1,))
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # fully masked row: keep exp() at 0
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
@@ -140,11 +162,40 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(denom)).squeeze(-1)
     p = p / torch.where(empty, torch.ones_like(denom), denom)
     if dropout_p > 0:
-        keep = dropout_keep_mask(seed, B, Hq, L, S, dropout_p, q.device)
+        if keep is None:
+            keep = dropout_keep_mask(seed, B, Hq, L, S, dropout_p, q.device)
         p = p * keep.to(cdt) / (1.0 - dropout_p)
     out = torch.matmul(p, v.to(cdt))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out.to(q.dtype), lse.to(lse_dtype)
+
+
+def _offsets(cu) -> List[int]:
+    return [int(x) for x in (cu.tolist() if isinstance(cu, Tensor) else cu)]
+
+
+def attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, dropout_p: float = 0.0,
+                               scale: Optional[float] = None, window_left: int = -1, window_right: int = -1,
+                               bottom_right: bool = True, softcap: float = 0.0, seed=0,
+                               compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """The varlen contract in plain math: :func:`attention_reference` on each sequence's rows, with the
+    packed dropout rows. ``(total_q, Hq, E)`` inputs; returns ``out (total_q, Hq, Ev)``, ``lse (Hq, total_q)``.
+    Differentiable by autograd; ``cu_seqlens_*`` tensors or lists.
+    """
+    Tq, Hq, E = q.shape
+    oq, ok = _offsets(cu_seqlens_q), _offsets(cu_seqlens_k)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    outs, lses = [], []
+    for b in range(len(oq) - 1):
+        (q0, q1), (k0, k1) = oq[b:b + 2], ok[b:b + 2]
+        L, S = q1 - q0, k1 - k0
+        keep = varlen_dropout_keep_mask(seed, Hq, Tq, q0, L, S, dropout_p, q.device) if dropout_p > 0 else None
+        o, lse = attention_reference(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                     v[k0:k1].transpose(0, 1)[None], None, dropout_p, scale, window_left,
+                                     window_right, S - L if bottom_right else 0, softcap, 0, compute_dtype, keep)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +239,45 @@ def make_attention_autograd(bwd_op):
     return setup_context, backward
 
 
-def _register(fwd_name: str, bwd_name: str):
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                     window_left, window_right, bottom_right, softcap, seed):
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                     scale, window_left, window_right, bottom_right, softcap, seed):
+    return _bwd_fake(grad_out, q, k, v, out, lse, None, dropout_p, scale, window_left, window_right, 0, softcap, seed)
+
+
+def make_attention_varlen_autograd(bwd_op):
+    """(setup_context, backward) for a varlen forward op (native contract) whose backward op is ``bwd_op``."""
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, *params = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.params = params
+
+    def backward(ctx, grad_out, grad_lse):
+        # lse is handed to users detached (see `attention_varlen`), so grad_lse carries nothing.
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        refuse_double_backward("attention_varlen", grad_out, q, k, v)
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+        return (dq, dk, dv) + (None,) * 11
+
+    return setup_context, backward
+
+
+def _register(fwd_name: str, bwd_name: str, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+              make_autograd=make_attention_autograd):
     fwd = getattr(torch.ops.fastattn, fwd_name)
     bwd = getattr(torch.ops.fastattn, bwd_name)
-    torch.library.register_fake(f"fastattn::{fwd_name}")(_fwd_fake)
-    torch.library.register_fake(f"fastattn::{bwd_name}")(_bwd_fake)
-    setup_context, backward = make_attention_autograd(bwd)
+    torch.library.register_fake(f"fastattn::{fwd_name}")(fwd_fake)
+    torch.library.register_fake(f"fastattn::{bwd_name}")(bwd_fake)
+    setup_context, backward = make_autograd(bwd)
     torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
     return fwd
 
@@ -201,6 +285,11 @@ def _register(fwd_name: str, bwd_name: str):
 _native_fwd = None
 if _ext.available() and hasattr(torch.ops.fastattn, "attention_fwd"):
     _native_fwd = _register("attention_fwd", "attention_bwd")
+_native_varlen_fwd = None
+if _ext.available() and hasattr(torch.ops.fastattn, "attention_varlen_fwd"):
+    _native_varlen_fwd = _register("attention_varlen_fwd", "attention_varlen_bwd", _varlen_fwd_fake,
+                                   _varlen_bwd_fake, make_attention_varlen_autograd)
+
 
 def _triton_op():
     """The Triton forward (differentiable; its module registers ops, fake kernels and autograd).
@@ -280,7 +369,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
     """bool (True = attend) or float mask -> additive bias in q's dtype, as (B, Hq, L, S).
 
-    ``target_shape`` is the caller's ``(..., L, S)``; broadcast dims stay stride-0 views.
+    ``target_shape`` is the caller's ``(..., L, S)``. Broadcast dims stay stride-0 views: the bias is
+    only ever as large as the mask itself, except when several batch dims (rank >= 5) cannot be merged
+    into one stride (e.g. a mask that varies along the first batch dim but not the second); then only
+    the batch dims are materialised, the head, query and key dims keep their broadcast.
     """
     if attn_mask.dtype == torch.bool:
         bias = torch.zeros(attn_mask.shape, dtype=q4.dtype, device=q4.device)
@@ -288,55 +380,127 @@ def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
     else:
         bias = attn_mask.to(q4.dtype)
     B, Hq, L, _ = q4.shape
-    return bias.expand(target_shape).reshape(B, Hq, L, target_shape[-1])
+    S = target_shape[-1]
+    full = bias.expand(target_shape)
+    try:
+        return full.view(B, Hq, L, S)
+    except RuntimeError:  # batch dims with strides that no single stride describes
+        pass
+    bias = bias.reshape((1,) * (len(target_shape) - bias.dim()) + tuple(bias.shape))
+    tail = tuple(bias.shape[-3:])  # the mask's own (heads, L, S): 1 where it broadcasts
+    per_batch = bias.expand(tuple(target_shape[:-3]) + tail).contiguous().view((B,) + tail)
+    return per_batch.expand(B, Hq, L, S)
 
 
 # --------------------------------------------------------------------------------------------
 # Backend choice.
 # --------------------------------------------------------------------------------------------
-def _reasons(q: Tensor, v: Tensor, bias: Optional[Tensor]):
-    E, Ev = q.shape[-1], v.shape[-1]
-    bias_grad = bias is not None and bias.requires_grad
-
+def _reasons(dtype: torch.dtype, big_head: bool, bias_grad: bool):
+    """What each backend lacks for an input: ``big_head`` = a head size (E or Ev) above 256."""
     def common() -> List[str]:
         return ["a float attn_mask that requires grad (only the reference backend differentiates it)"] if bias_grad else []
 
-    def cpu() -> List[str]:
-        return common()
-
-    def cuda() -> List[str]:
+    def gpu(kernel: str) -> List[str]:
         why = common()
-        if q.dtype == torch.float64:
-            why.append("float64 input (the CUDA kernel takes float16, bfloat16, float32)")
-        if max(E, Ev) > 256:
-            why.append(f"head size {max(E, Ev)} > 256")
+        if dtype == torch.float64:
+            why.append(f"float64 input (the {kernel} kernel takes float16, bfloat16, float32)")
+        if big_head:
+            why.append("head size > 256")
         return why
 
-    def triton() -> List[str]:
-        why = common()
-        if q.dtype == torch.float64:
-            why.append("float64 input (the Triton kernel takes float16, bfloat16, float32)")
-        if max(E, Ev) > 256:
-            why.append(f"head size {max(E, Ev)} > 256")
-        return why
+    return {"cpu": common, "cuda": lambda: gpu("CUDA"), "triton": lambda: gpu("Triton"), "reference": lambda: []}
 
-    return {"cpu": cpu, "cuda": cuda, "triton": triton, "reference": lambda: []}
+
+@torch.compiler.assume_constant_result
+def _select(backend: Optional[str], device: torch.device, dtype: torch.dtype, big_head: bool, bias_grad: bool) -> str:
+    """The backend for one call, from Python constants only: torch.compile runs this while tracing and
+    bakes the answer into the graph (the registry look-ups inside are not traceable; a later
+    ``fastattn.set_backend`` does not reach graphs already compiled)."""
+    return _backend.select("attention", backend, device, _reasons(dtype, big_head, bias_grad),
+                           native_op="attention_fwd")
+
+
+def _kernel_ops(backend_name: str):
+    """(forward, backward) of the native contract for the kernel backends cpu, cuda, triton."""
+    if backend_name == "triton":
+        from fastattn.triton.attention import triton_attention_bwd, triton_attention_fwd
+        return triton_attention_fwd, triton_attention_bwd
+    return torch.ops.fastattn.attention_fwd, torch.ops.fastattn.attention_bwd
+
+
+# Dropout with a drawn seed. The seed comes from torch's generator as a 0-d int64 CPU tensor
+# (torch.randint: traceable, and torch.manual_seed makes it reproducible); these two ops read it
+# (.item()) when they run, so torch.compile traces the whole call without a graph break. They wrap
+# the kernel backends' ops of the same contract (the backend's name is an argument).
+@torch.library.custom_op("fastattn::attention_fwd_drawn_seed", mutates_args=())
+def _fwd_drawn_seed(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropout_p: float, scale: float,
+                    window_left: int, window_right: int, diag_offset: int, softcap: float, seed: Tensor,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    fwd, _ = _kernel_ops(backend)
+    out, lse = fwd(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, int(seed))
+    return out, lse
+
+
+@torch.library.custom_op("fastattn::attention_bwd_drawn_seed", mutates_args=())
+def _bwd_drawn_seed(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    attn_bias: Optional[Tensor], dropout_p: float, scale: float, window_left: int, window_right: int,
+                    diag_offset: int, softcap: float, seed: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    _, bwd = _kernel_ops(backend)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right,
+                     diag_offset, softcap, int(seed))
+    return dq, dk, dv
+
+
+@_fwd_drawn_seed.register_fake
+def _(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed, backend):
+    return _fwd_fake(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, 0)
+
+
+@_bwd_drawn_seed.register_fake
+def _(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap,
+      seed, backend):
+    return _bwd_fake(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right,
+                     diag_offset, softcap, 0)
+
+
+def _drawn_seed_setup_context(ctx, inputs, output):
+    q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], bias, seed)
+    ctx.params = (dropout_p, scale, wl, wr, diag, softcap)
+    ctx.backend = backend
+
+
+def _drawn_seed_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    refuse_double_backward("attention", grad_out, q, k, v)
+    dq, dk, dv = _bwd_drawn_seed(grad_out.contiguous(), q, k, v, out, lse, bias, *ctx.params, seed, ctx.backend)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_fwd_drawn_seed.register_autograd(_drawn_seed_backward, setup_context=_drawn_seed_setup_context)
 
 
 def _run(backend_name: str, q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed):
+    """``seed``: an int, or a drawn 0-d int64 tensor (see _fwd_drawn_seed)."""
     if backend_name == "reference":
         return attention_reference(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed)
-    if backend_name == "triton":
-        op = _triton_op()
-    else:
-        op = _native_fwd
+    if isinstance(seed, Tensor):
+        return _fwd_drawn_seed(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed, backend_name)
+    op = _triton_op() if backend_name == "triton" else _native_fwd
     return op(q, k, v, bias, dropout_p, scale, wl, wr, diag, softcap, seed)
+
+
+def _draw_seed_tensor() -> Tensor:
+    """A dropout seed from torch's default generator, as a 0-d int64 CPU tensor (no .item(): traceable)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
 def _draw_seed(dropout_p: float) -> int:
     if dropout_p == 0.0:
         return 0
-    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+    return int(_draw_seed_tensor().item())
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +520,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     * ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` before the mask.
     * ``return_lse=True`` also returns the log-sum-exp ``(..., L)`` (float32, float64 for float64 input; ``-inf`` for a row
       with nothing to attend to), detached.
-    * ``seed``: the dropout mask's seed (drawn from torch's generator when None).
+    * ``seed``: the dropout mask's seed (drawn from torch's generator when None, so
+      ``torch.manual_seed`` makes dropout reproducible; ``torch.compile(fullgraph=True)`` traces the draw).
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
     if causal_align not in ("top_left", "bottom_right"):
@@ -378,9 +543,13 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     bias = None if attn_mask is None else _mask_to_bias(attn_mask, q, tuple(query.shape[:-1]) + (S,))
     diag = (S - L) if causal_align == "bottom_right" else 0
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(E) if E > 0 else 1.0
-    seed = _draw_seed(dropout_p) if seed is None else int(seed)
+    if seed is not None:
+        seed = int(seed)
+    else:  # drawn; a tensor, so that torch.compile traces the draw (see _fwd_drawn_seed)
+        seed = _draw_seed_tensor() if dropout_p > 0 else 0
 
-    name = _backend.select("attention", backend, q.device, _reasons(q, v, bias), native_op="attention_fwd")
+    big_head = True if max(q.shape[-1], v.shape[-1]) > 256 else False  # a branch: a constant under torch.compile
+    name = _select(backend, q.device, q.dtype, big_head, bias is not None and bias.requires_grad)
     out, lse = _run(name, q, k, v, bias, float(dropout_p), scale, wl, wr, diag, float(softcap), seed)
 
     out = out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
@@ -404,15 +573,59 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                      enable_gqa=enable_gqa, backend=backend)
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> List[int]:
+def _cu_seqlens(name: str, cu, total: int, device: torch.device) -> Tuple[Tensor, List[int]]:
+    """Checked offsets: a contiguous int32 tensor on ``device`` and the same as a list."""
+    if isinstance(cu, (list, tuple)) and all(isinstance(x, int) for x in cu):
+        cu = torch.tensor(cu, dtype=torch.int64)
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D int32/int64 tensor of batch+1 offsets, got "
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor (or list of ints) of batch+1 >= 2 offsets, got "
                          f"{tuple(cu.shape) if isinstance(cu, Tensor) else type(cu).__name__}"
                          f"{' ' + str(cu.dtype) if isinstance(cu, Tensor) else ''}")
     offsets = [int(x) for x in cu.tolist()]
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or offsets[-1] != total:
-        raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, got {offsets}")
-    return offsets
+        shown = offsets if len(offsets) <= 20 else offsets[:10] + ["..."] + offsets[-5:]
+        raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, got {shown}")
+    if total >= 2**31:
+        raise ValueError(f"{name}: packed length {total} does not fit int32")
+    return cu.to(device=device, dtype=torch.int32).contiguous(), offsets
+
+
+def _check_max_seqlen(name: str, given: Optional[int], lens: List[int]) -> int:
+    longest = max(lens)
+    if given is None:
+        return longest
+    if isinstance(given, bool) or not isinstance(given, int):
+        raise TypeError(f"{name} must be an int or None, got {type(given).__name__}")
+    if longest > given:
+        raise ValueError(f"a sequence has {longest} rows > {name}={given}")
+    return given
+
+
+def _varlen_reasons(q: Tensor, v: Tensor):
+    E, Ev = q.shape[-1], v.shape[-1]
+
+    def gpu(kernel: str) -> List[str]:
+        why = []
+        if q.dtype == torch.float64:
+            why.append(f"float64 input (the {kernel} kernel takes float16, bfloat16, float32)")
+        if max(E, Ev) > 256:
+            why.append(f"head size {max(E, Ev)} > 256")
+        return why
+
+    def triton() -> List[str]:
+        try:
+            _triton_varlen_op()
+        except (ImportError, AttributeError) as e:
+            return [f"this build's Triton attention has no varlen kernel ({type(e).__name__}: {e})"]
+        return gpu("Triton")
+
+    return {"cpu": lambda: [], "cuda": lambda: gpu("CUDA"), "triton": triton, "reference": lambda: []}
+
+
+def _triton_varlen_op():
+    """The Triton varlen forward (native contract, differentiable), imported on first use."""
+    from fastattn.triton.attention import triton_attention_varlen_fwd
+    return triton_attention_varlen_fwd
 
 
 def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -421,45 +634,77 @@ def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Te
                      window_size: Sequence[int] = (-1, -1), causal_align: str = "bottom_right",
                      softcap: float = 0.0, return_lse: bool = False, seed: Optional[int] = None,
                      backend: Optional[str] = None):
-    """Attention over a packed batch of variable-length sequences (flash-attn's varlen convention).
+    """Attention over a packed batch of variable-length sequences (flash-attn's varlen convention), one
+    kernel call for the whole batch.
 
     ``query`` ``(total_q, Hq, E)``, ``key``/``value`` ``(total_k, Hkv, E|Ev)``; sequence ``i`` is rows
-    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of query and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of key/value.
-    ``Hq != Hkv`` is grouped-query attention. Causal masks align bottom-right by default, as flash-attn's.
-    Returns ``(total_q, Hq, Ev)`` (and the lse ``(total_q, Hq)`` with ``return_lse``).
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of query and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of key/value
+    (int32 or int64 tensors, or lists of ints; sequences may be empty). ``Hq != Hkv`` is grouped-query
+    attention (``Hq % Hkv == 0``). Causal masks and windows align bottom-right by default, as flash-attn's
+    (``causal_align="top_left"`` for torch's). ``max_seqlen_q/k`` (computed when None) must bound every
+    sequence. ``window_size``, ``softcap``, ``dropout_p``, ``seed``, ``backend`` as in :func:`attention`.
 
-    Today this runs the fused kernel once per sequence (correct and differentiable, but with per-sequence
-    launch cost); ``max_seqlen_q/k`` are checked when given.
+    Returns ``(total_q, Hq, Ev)``, and with ``return_lse`` also the log-sum-exp as ``(total_q, Hq)``
+    float32 (float64 for float64 input), row-aligned with the output (flash-attn returns ``(Hq, total_q)``;
+    ``lse.t()`` gives that), ``-inf`` for a row with nothing to attend to, detached.
+
+    The offsets are read on the host for the checks (a sync for CUDA tensors).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a packed (total, heads, head_dim) tensor, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    oq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0])
-    ok = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0])
-    if len(oq) != len(ok):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {len(oq) - 1} and {len(ok) - 1} sequences")
-    lens_q = [b - a for a, b in zip(oq, oq[1:])]
-    lens_k = [b - a for a, b in zip(ok, ok[1:])]
-    if max_seqlen_q is not None and max(lens_q) > max_seqlen_q:
-        raise ValueError(f"a query sequence has {max(lens_q)} rows > max_seqlen_q={max_seqlen_q}")
-    if max_seqlen_k is not None and max(lens_k) > max_seqlen_k:
-        raise ValueError(f"a key sequence has {max(lens_k)} rows > max_seqlen_k={max_seqlen_k}")
-    if seed is None:
-        seed = _draw_seed(dropout_p)
-    gqa = query.shape[1] != key.shape[1]
-    outs, lses = [], []
-    for i in range(len(lens_q)):
-        q = query[oq[i]:oq[i + 1]].transpose(0, 1)  # (Hq, Lq, E): heads at dim -3
-        k = key[ok[i]:ok[i + 1]].transpose(0, 1)
-        v = value[ok[i]:ok[i + 1]].transpose(0, 1)
-        res = attention(q, k, v, None, dropout_p, causal=causal, scale=scale, enable_gqa=gqa, window_size=window_size,
-                        causal_align=causal_align, softcap=softcap, return_lse=return_lse,
-                        seed=(seed + i) & 0x7FFFFFFF, backend=backend)
-        out, lse = res if return_lse else (res, None)
-        outs.append(out.transpose(0, 1))
-        if return_lse:
-            lses.append(lse.transpose(0, 1))
-    out = torch.cat(outs, dim=0)
-    return (out, torch.cat(lses, dim=0)) if return_lse else out
+        if t.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same head size (last dim), got {query.shape[-1]} and {key.shape[-1]}")
+    if key.shape[:2] != value.shape[:2]:
+        raise ValueError(f"key and value must have the same (total_k, heads), got {tuple(key.shape[:2])} and "
+                         f"{tuple(value.shape[:2])}")
+    hq, hk = query.shape[1], key.shape[1]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) (grouped-query attention)")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+    wl, wr = int(window_size[0]), int(window_size[1])
+    if wl < -1 or wr < -1:
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size!r}")
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
 
+    cu_q, oq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
+    cu_k, ok = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)
+    if len(oq) != len(ok):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {len(oq) - 1} and "
+                         f"{len(ok) - 1} sequences")
+    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, [b - a for a, b in zip(oq, oq[1:])])
+    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, [b - a for a, b in zip(ok, ok[1:])])
+
+    q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
+    E = q.shape[-1]
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(E) if E > 0 else 1.0
+    seed = _draw_seed(dropout_p) if seed is None else int(seed)
+    bottom_right = causal_align == "bottom_right"
+
+    name = _backend.select("attention_varlen", backend, q.device, _varlen_reasons(q, v),
+                           native_op="attention_varlen_fwd")
+    args = (float(dropout_p), scale, wl, wr, bottom_right, float(softcap), seed)
+    if name == "reference":
+        out, lse = attention_varlen_reference(q, k, v, oq, ok, *args)
+    else:
+        op = _triton_varlen_op() if name == "triton" else _native_varlen_fwd
+        out, lse = op(q, k, v, cu_q, cu_k, max_q, max_k, *args)
+    if not return_lse:
+        return out
+    lse = lse.detach().t().contiguous()
+    return out, torch.where(torch.isposinf(lse), torch.full_like(lse, float("-inf")), lse)
