@@ -82,6 +82,37 @@ def test_matches_torch_float64(backend, shape):
         assert_close_all(grads(out, [xs, ws, bs], g), grads(ref, [xr, wr, br], g), atol=1e-10, rtol=1e-10)
 
 
+# Depthwise (one input channel per group): the row-reusing tiles (4 rows x 4 vectors when the
+# output is wider than 2 vectors, 8 x 2 when wider than 1, else 8 x 1; 16 floats / 8 doubles a
+# vector), row counts that leave a tail, widths off the vector size, stride 2, dilation, channel
+# multipliers 2 and 3, batch 1.
+DEPTHWISE_SHAPES = [
+    (1, 3, 37, 37, 3, 7, 1, 3, 1, 3, True),               # 37 wide, 37 rows: a 1-row tail
+    (2, 4, 21, 23, 4, 7, 2, 3, 1, 4, True),               # stride 2: 12 x 11 output
+    (2, 5, 19, 29, 10, 5, 1, 2, 2, 5, False),             # multiplier 2, dilation 2: 15 x 25
+    (1, 4, 30, 70, 12, 7, (1, 2), (3, 2), 1, 4, True),    # multiplier 3, stride (1, 2): 30 x 34
+    (2, 2, 9, 16, 2, 3, 1, 1, 1, 2, True),                # exactly one float vector wide
+    (1, 2, 6, 40, 2, (3, 7), 2, (1, 3), 1, 2, True),      # rectangular kernel, stride 2, 3 rows
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", DEPTHWISE_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}")
+def test_depthwise_tiles(dtype, shape):
+    x, w, b, kw = make(shape, seed=4)
+    ref = torch_conv(x, w, b, **kw, activation="relu")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        xs, ws, bs = leaves(xin.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
+        out = conv2d(xs, ws, bs, **kw, activation="relu", backend="cpu")
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    xr, wr, br = leaves(x, w, b)
+    assert_close_all([t.double() for t in grads(out, [xs, ws, bs], g.to(dtype))],
+                     grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 10, rtol=tol)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu"])
 def test_activations(backend, activation):

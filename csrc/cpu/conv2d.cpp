@@ -398,10 +398,92 @@ FASTATTN_INLINE void direct_rows_tiled(const Geom& g, const DirectLayout& l, con
   }
 }
 
+// Depthwise (one input channel per group, < 4 outputs each), e.g. 7x7: the general tile above
+// reloads a vector per tap for every output row, and with one channel per tile it runs out of
+// load slots (one load + one broadcast per FMA, most loads split across cache lines). Here a
+// tile of NR output rows x NC vectors of columns walks the input rows it needs once: each
+// (input row, tap) vector load feeds every output row of the tile whose kernel covers that input
+// row (up to NR; which kernel row that is depends only on the row pair, so the test is per row,
+// never per element). Loads per FMA drop from ~1 to ~(NC + NR) / (NR * NC) at full overlap.
+// w: the channel's taps with stride KB (wpack + k); out: [NR][NC * QV].
+template <typename T, int NR, int NC>
+FASTATTN_INLINE void depthwise_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T);
+  V acc[NR][NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) acc[j][b] = V{};
+  const int64_t span = (NR - 1) * g.sh + (g.R - 1) * g.dh + 1;  // input rows the tile reads
+  const int64_t* tap = l.tap.data();
+  for (int64_t ii = 0; ii < span; ++ii) {
+    // Kernel row of output row j that reads input row ii, or -1.
+    int64_t wrow[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const int64_t d = ii - j * g.sh;
+      wrow[j] = (d >= 0 && d % g.dh == 0 && d / g.dh < g.R) ? d / g.dh * g.S * KB : -1;
+    }
+    const T* row = xrow + ii * l.ld_row;
+    for (int64_t s = 0; s < g.S; ++s) {
+      V xv[NC];
+#pragma GCC unroll 4
+      for (int b = 0; b < NC; ++b) std::memcpy(&xv[b], row + tap[s] + b * QV, sizeof(V));
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        if (wrow[j] < 0) continue;
+        const T wv = w[wrow[j] + s * KB];
+#pragma GCC unroll 4
+        for (int b = 0; b < NC; ++b) acc[j][b] += xv[b] * wv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) std::memcpy(out + (j * NC + b) * QV, &acc[j][b], sizeof(V));
+}
+
+// Rows [p, p + NR) of output channel k: tiles along the columns, then the epilogue.
+template <typename T, int NR, int NC>
+FASTATTN_INLINE void depthwise_row_block(const Geom& g, const DirectLayout& l, const T* xp, const T* wk, int64_t k,
+                                         int64_t p, int64_t p0, T* dst, int64_t ldk, T* pre, const T* bias,
+                                         int64_t act) {
+  constexpr int QT = NC * 64 / sizeof(T);
+  alignas(64) T tile[NR * QT];
+  const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+  for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
+    depthwise_tile<T, NR, NC>(g, l, xrow + q0, wk, tile);
+    const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
+    for (int j = 0; j < NR; ++j) {
+      T* d = dst + k * ldk + (p + j - p0) * g.Q + q0;
+      epilogue_copy_body(tile + j * QT, d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k] : T(0), act);
+    }
+  }
+}
+
+template <typename T, int NR, int NC>
+FASTATTN_INLINE void depthwise_rows_tiled(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack,
+                                          int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias,
+                                          int64_t act) {
+  for (int64_t k = 0; k < g.Kg; ++k) {
+    int64_t p = p0;
+    for (; p + NR <= p1; p += NR)
+      depthwise_row_block<T, NR, NC>(g, l, xp, wpack + k, k, p, p0, dst, ldk, pre, bias, act);
+    for (; p < p1; ++p) depthwise_row_block<T, 1, NC>(g, l, xp, wpack + k, k, p, p0, dst, ldk, pre, bias, act);
+  }
+}
+
 template <typename T>
 FASTATTN_INLINE void direct_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
                                       int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
-  if (g.Kg < 4) direct_rows_tiled<T, 1, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  constexpr int QV = 64 / sizeof(T);
+  if (g.Cg == 1 && g.Kg < 4) {  // depthwise: row-reusing tiles, as wide as the map needs
+    if (g.Q > 2 * QV) depthwise_rows_tiled<T, 4, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+    else if (g.Q > QV) depthwise_rows_tiled<T, 8, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+    else depthwise_rows_tiled<T, 8, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  } else if (g.Kg < 4) direct_rows_tiled<T, 1, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
   else if (sizeof(T) == 8) direct_rows_tiled<T, 8, 1, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
   else if (g.Q > 16) direct_rows_tiled<T, 8, 1, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
   else direct_rows_tiled<T, 8, 2, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
