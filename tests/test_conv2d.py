@@ -113,6 +113,41 @@ def test_depthwise_tiles(dtype, shape):
                      grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 10, rtol=tol)
 
 
+# Wide layers (>= 8 input channels and >= 32 float / 16 double output channels per group): the
+# channel-vector tiles of 14 pixels x 2 vectors of channels. Widths below, at and off 14 (the
+# last tile overlaps), channel counts off the vector (padded), stride 2, 1x1 stride 2 (not the
+# GEMM path), groups, dilation, batch 1; grad-input of a stride-1 conv with >= 32 input channels
+# runs the same tiles (a conv of dY with the flipped weight).
+WIDE_SHAPES = [
+    (2, 8, 9, 17, 56, 3, 1, 1, 1, 1, True),                 # 17 wide: 14 + an overlapping tile; 56 = 64 - 8
+    (1, 16, 7, 10, 32, 3, 2, 1, 1, 1, True),                # stride 2: 4 x 5 output (< 14 wide)
+    (2, 20, 8, 30, 64, (3, 5), 1, (1, 2), (1, 2), 2, False),  # groups 2, dilation, 26 wide
+    (1, 9, 12, 40, 28, 3, (2, 1), 1, 1, 1, True),           # 28 channels: float pads to 32
+    (2, 16, 9, 31, 32, 1, 2, 0, 1, 1, True),                # 1x1 stride 2
+    (2, 32, 6, 15, 8, 3, 1, 1, 1, 1, True),                 # grad-input runs wide (32 -> 8 flipped)
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}")
+def test_wide_tiles(dtype, shape):
+    x, w, b, kw = make(shape, seed=5)
+    ref = torch_conv(x, w, b, **kw, activation="relu")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        xs, ws, bs = leaves(xin.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
+        out = conv2d(xs, ws, bs, **kw, activation="relu", backend="cpu")
+        torch.testing.assert_close(out.double(), ref, atol=tol * 10, rtol=tol)
+    g = torch.randn_like(ref)
+    xr, wr, br = leaves(x, w, b)
+    assert_close_all([t.double() for t in grads(out, [xs, ws, bs], g.to(dtype))],
+                     grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 100, rtol=tol)
+    pooled = conv2d_relu_maxpool2d(x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None, **kw,
+                                   backend="cpu")
+    torch.testing.assert_close(pooled.double(), F.max_pool2d(ref, 2), atol=tol * 10, rtol=tol)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu"])
 def test_activations(backend, activation):

@@ -316,7 +316,7 @@ DirectLayout direct_layout(const Geom& g, int64_t rows) {
   constexpr int QV = 64 / sizeof(T);
   // columns rounded up to whole tiles (the tile widths of direct_rows_body)
   const int64_t qt = g.Kg < 4 ? 4 * QV : (sizeof(T) == 4 && g.Q > 16) ? 2 * QV : QV;
-  const int64_t qc = ceil_div(g.Q, qt) * qt;
+  const int64_t qc = std::max<int64_t>(ceil_div(g.Q, qt) * qt, 16);  // >= a wide tile (14)
   DirectLayout l;
   l.HR = (rows - 1) * g.sh + (g.R - 1) * g.dh + 1;
   l.WPs = qc + ((g.S - 1) * g.dw) / g.sw + 1;
@@ -475,11 +475,89 @@ FASTATTN_INLINE void depthwise_rows_tiled(const Geom& g, const DirectLayout& l, 
   }
 }
 
+// Wide layers (>= 8 input and >= 2 vectors of output channels per group, e.g. ResNet's 3x3s):
+// vectors along the output channels instead of the columns. A tile is NQ = 14 output pixels of
+// one row x 2 vectors of channels (28 accumulators); per tap (c, r, s) it loads the 2 weight
+// vectors (aligned, packed [ceil(Kg/KW)][CRS][KW], KW = 2 vectors) and broadcasts each of the 14
+// input values from the padded row buffer (scalar loads never split a cache line): 16 loads per
+// 28 FMAs, and a row of 14, 28 or 56 pixels splits into whole tiles (a shorter last tile
+// overlaps the one before it and rewrites the same values). The accumulators come out pixel-major
+// and are transposed through a small buffer into the NCHW rows by the epilogue.
+template <typename T>
+constexpr int wide_kw() { return 2 * 64 / sizeof(T); }  // output channels per tile
+constexpr int WIDE_NQ = 14;                             // output pixels per tile
+
+template <typename T>
+bool use_wide(const Geom& g) {
+  constexpr int KW = wide_kw<T>();
+  // enough channels for the vectors, and at most 25% of them padding
+  return g.direct && g.Cg >= 8 && g.Kg >= KW && ceil_div(g.Kg, KW) * KW * 4 <= g.Kg * 5;
+}
+
+template <typename T>
+FASTATTN_INLINE void wide_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T), NQ = WIDE_NQ;
+  V acc[NQ][2];
+#pragma GCC unroll 14
+  for (int q = 0; q < NQ; ++q) acc[q][0] = acc[q][1] = V{};
+  const int64_t* tap = l.tap.data();
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
+      for (int64_t s = 0; s < g.S; ++s, w += 2 * QV) {
+        const T* x = row + tap[s];
+        V w0, w1;
+        std::memcpy(&w0, w, sizeof(V));
+        std::memcpy(&w1, w + QV, sizeof(V));
+#pragma GCC unroll 14
+        for (int q = 0; q < NQ; ++q) {
+          const T xv = x[q];
+          acc[q][0] += w0 * xv;
+          acc[q][1] += w1 * xv;
+        }
+      }
+    }
+#pragma GCC unroll 14
+  for (int q = 0; q < NQ; ++q) {
+    std::memcpy(out + q * 2 * QV, &acc[q][0], sizeof(V));
+    std::memcpy(out + q * 2 * QV + QV, &acc[q][1], sizeof(V));
+  }
+}
+
+// Rows [p0, p1) of the group, all channels; wpack: [ceil(Kg/KW)][CRS][KW].
+template <typename T>
+FASTATTN_INLINE void wide_rows(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
+                               int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
+  constexpr int KW = wide_kw<T>(), NQ = WIDE_NQ;
+  alignas(64) T tile[NQ * KW];
+  T line[NQ];
+  for (int64_t k0 = 0; k0 < g.Kg; k0 += KW) {
+    const T* w = wpack + (k0 / KW) * g.CRS * KW;
+    const int64_t kn = std::min<int64_t>(KW, g.Kg - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+      for (int64_t q0 = 0; q0 < g.Q; q0 += NQ) {
+        const int64_t qs = g.Q >= NQ ? std::min<int64_t>(q0, g.Q - NQ) : 0;  // last tile: overlap
+        wide_tile<T>(g, l, xrow + qs, w, tile);
+        const int64_t qn = std::min<int64_t>(NQ, g.Q - qs);
+        for (int64_t a = 0; a < kn; ++a) {
+          for (int64_t q = 0; q < qn; ++q) line[q] = tile[q * KW + a];
+          T* d = dst + (k0 + a) * ldk + (p - p0) * g.Q + qs;
+          epilogue_copy_body(line, d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 FASTATTN_INLINE void direct_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
                                       int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
   constexpr int QV = 64 / sizeof(T);
-  if (g.Cg == 1 && g.Kg < 4) {  // depthwise: row-reusing tiles, as wide as the map needs
+  if (use_wide<T>(g)) {
+    wide_rows<T>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  } else if (g.Cg == 1 && g.Kg < 4) {  // depthwise: row-reusing tiles, as wide as the map needs
     if (g.Q > 2 * QV) depthwise_rows_tiled<T, 4, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
     else if (g.Q > QV) depthwise_rows_tiled<T, 8, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
     else depthwise_rows_tiled<T, 8, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
@@ -537,8 +615,8 @@ struct Forward {
       const DirectLayout l = direct_layout<T>(g, p1 - p0);
       scratch.resize(g.Cg * l.HR * l.ld_row);
       pad_rows(g, l, xg, p0 * g.sh - g.pt, scratch.data());
-      const int64_t nkb = (g.Kg + KB - 1) / KB;
-      direct_rows(g, l, scratch.data(), wpack + grp * nkb * g.CRS * KB, p0, p1, dst, ldk, pre, bg, act);
+      const int64_t group_pack = use_wide<T>(g) ? ceil_div(g.Kg, wide_kw<T>()) * wide_kw<T>() : ceil_div(g.Kg, KB) * KB;
+      direct_rows(g, l, scratch.data(), wpack + grp * group_pack * g.CRS, p0, p1, dst, ldk, pre, bg, act);
       return;
     }
     const T* wg = w + grp * g.Kg * g.CRS;
@@ -568,6 +646,16 @@ struct Forward {
 
 template <typename T>
 std::vector<T> pack_weight(const Geom& g, const T* w) {
+  if (use_wide<T>(g)) {  // [G][ceil(Kg/KW)][CRS][KW]
+    constexpr int KW = wide_kw<T>();
+    const int64_t nkw = ceil_div(g.Kg, KW);
+    std::vector<T> wp(g.G * nkw * g.CRS * KW, T(0));
+    for (int64_t grp = 0; grp < g.G; ++grp)
+      for (int64_t k = 0; k < g.Kg; ++k)
+        for (int64_t i = 0; i < g.CRS; ++i)
+          wp[((grp * nkw + k / KW) * g.CRS + i) * KW + k % KW] = w[(grp * g.Kg + k) * g.CRS + i];
+    return wp;
+  }
   const int64_t nkb = (g.Kg + KB - 1) / KB;
   std::vector<T> wp(g.G * nkb * g.CRS * KB, T(0));
   for (int64_t grp = 0; grp < g.G; ++grp)
@@ -582,7 +670,13 @@ int64_t rows_per_unit(const Geom& g) {
   if (!g.direct) return std::max<int64_t>(1, std::min(g.P, g.TM / std::max<int64_t>(g.Q, 1)));
   const int64_t want = 4 * at::get_num_threads();
   const int64_t splits = std::min(g.P, ceil_div(want, g.N * g.G));
-  return ceil_div(g.P, std::max<int64_t>(splits, 1));
+  int64_t rb = ceil_div(g.P, std::max<int64_t>(splits, 1));
+  if (g.Cg >= 8) {  // wide: keep a unit's padded input rows (~Cg x rows x row pitch) within ~256 KB of L2
+    const int64_t row_bytes = 4 * g.Cg * (g.Q * g.sw + g.S * g.dw + 16);
+    const int64_t in_rows = std::max<int64_t>(1, (int64_t(256) << 10) / row_bytes);
+    rb = std::min(rb, std::max<int64_t>(1, (in_rows - (g.R - 1) * g.dh) / g.sh));
+  }
+  return rb;
 }
 
 // A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
