@@ -1023,9 +1023,118 @@ FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, cons
   direct_grad_weight_body(g, l, x, gz, k, dwk, xp, acc);
 }
 
+// grad_weight of a wide 3x3 layer (Kg a multiple of KW = 2 vectors, >= 8 input channels): the
+// forward's channel-vector tile turned around. dW[k][c][r][s] = sum over pixels (n, p, q) of
+// gz[n][k][p][q] * x[n][c][p*sh + r*dh - pt][q*sw + s*dw - pl]. A tile is KW output channels x the
+// 9 taps of one input channel (18 accumulators); per output pixel it loads the 2 vectors of gz
+// (gz's row transposed once to [Q][KW] per block of channels) and broadcasts the 9 input values
+// from the forward's padded rows: 11 loads per 18 FMAs, no im2col, no BLAS. The accumulators live
+// in a per-chunk partial dW ([Cg][Kg/KW][9][KW]) between bands of output rows (loaded and stored
+// once per ~192 pixels). Images go in a fixed number of chunks, summed in chunk order (deterministic).
+template <typename T>
+bool use_wide_grad_weight(const Geom& g) {
+  return g.R == 3 && g.S == 3 && g.Cg >= 8 && g.Kg % wide_kw<T>() == 0;
+}
+
+// Output rows [pa, pb): acc over their pixels for each input channel c and block of KW channels.
+// gzt: gz of those rows as [Kg/KW][(pb - pa) * Q][KW]; dwp: the partial dW.
+template <typename T>
+FASTATTN_INLINE void wide_grad_weight_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* gzt,
+                                                int64_t pa, int64_t pb, T* dwp) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T), KW = 2 * QV;
+  const int64_t nkw = g.Kg / KW, t0 = l.tap[0], t1 = l.tap[1], t2 = l.tap[2], npix = (pb - pa) * g.Q;
+  for (int64_t kb = 0; kb < nkw; ++kb)  // the block's gz (<= ~24 KB) stays in L1 for every channel
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      T* d = dwp + (c * nkw + kb) * 9 * KW;
+      const T* z = gzt + kb * npix * KW;
+      V acc[9][2];
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        std::memcpy(&acc[t][0], d + t * KW, sizeof(V));
+        std::memcpy(&acc[t][1], d + t * KW + QV, sizeof(V));
+      }
+      for (int64_t p = pa; p < pb; ++p, z += g.Q * KW) {
+        const T* row0 = xp + (c * l.HR + p * g.sh) * l.ld_row;
+        const T* row1 = row0 + g.dh * l.ld_row;
+        const T* row2 = row1 + g.dh * l.ld_row;
+        const T* x[9] = {row0 + t0, row0 + t1, row0 + t2, row1 + t0, row1 + t1,
+                         row1 + t2, row2 + t0, row2 + t1, row2 + t2};
+        for (int64_t q = 0; q < g.Q; ++q) {
+          V z0, z1;
+          std::memcpy(&z0, z + q * KW, sizeof(V));
+          std::memcpy(&z1, z + q * KW + QV, sizeof(V));
+#pragma GCC unroll 9
+          for (int t = 0; t < 9; ++t) {
+            const T xv = x[t][q];
+            acc[t][0] += z0 * xv;
+            acc[t][1] += z1 * xv;
+          }
+        }
+      }
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        std::memcpy(d + t * KW, &acc[t][0], sizeof(V));
+        std::memcpy(d + t * KW + QV, &acc[t][1], sizeof(V));
+      }
+    }
+}
+FASTATTN_SIMD void wide_grad_weight_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* gzt,
+                                         int64_t pa, int64_t pb, float* dwp) {
+  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, dwp);
+}
+FASTATTN_SIMD void wide_grad_weight_rows(const Geom& g, const DirectLayout& l, const double* xp, const double* gzt,
+                                         int64_t pa, int64_t pb, double* dwp) {
+  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, dwp);
+}
+
+template <typename T>
+void wide_grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
+  constexpr int KW = wide_kw<T>();
+  const int64_t PQ = g.P * g.Q, nkw = g.Kg / KW, part_size = g.Cg * g.Kg * 9;
+  const DirectLayout l = direct_layout<T>(g, g.P);
+  // Rows per band: ~192 pixels, so one block of KW channels of the band's gz fits in L1 (24 KB fp32).
+  const int64_t band = std::max<int64_t>(1, std::min<int64_t>(g.P, 192 / g.Q));
+  const int64_t nchunk = std::min<int64_t>(g.N, 8);
+  std::vector<T> part(nchunk * g.G * part_size, T(0));  // [chunk][G][Cg][Kg/KW][9][KW]
+  at::parallel_for(0, nchunk * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xp(g.Cg * l.HR * l.ld_row), gzt(g.Kg * band * g.Q);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t ch = u / g.G, grp = u % g.G;
+      T* dwp = part.data() + u * part_size;
+      for (int64_t n = ch * g.N / nchunk; n < (ch + 1) * g.N / nchunk; ++n) {
+        pad_rows(g, l, x + (n * g.C + grp * g.Cg) * g.H * g.W, -g.pt, xp.data());
+        const T* gzg = gz + (n * g.K + grp * g.Kg) * PQ;
+        for (int64_t pa = 0; pa < g.P; pa += band) {
+          const int64_t pb = std::min(g.P, pa + band), npix = (pb - pa) * g.Q;
+          for (int64_t k = 0; k < g.Kg; ++k) {  // gz rows [pa, pb) -> [Kg/KW][npix][KW]
+            const T* src = gzg + k * PQ + pa * g.Q;
+            T* dst = gzt.data() + (k / KW) * npix * KW + k % KW;
+            for (int64_t i = 0; i < npix; ++i) dst[i * KW] = src[i];
+          }
+          wide_grad_weight_rows(g, l, xp.data(), gzt.data(), pa, pb, dwp);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, g.G * g.Kg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gk = begin; gk < end; ++gk) {
+      const int64_t grp = gk / g.Kg, k = gk % g.Kg;
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int t = 0; t < 9; ++t) {
+          const int64_t i = ((c * nkw + k / KW) * 9 + t) * KW + k % KW;
+          T s = T(0);
+          for (int64_t ch = 0; ch < nchunk; ++ch) s += part[(ch * g.G + grp) * part_size + i];
+          dw[(gk * g.Cg + c) * 9 + t] = s;
+        }
+    }
+  });
+}
+
 template <typename T>
 void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
+  if (use_wide_grad_weight<T>(g)) return wide_grad_weight_impl(g, x, gz, dw);
   if (g.Cg <= 4 && g.Kg < KB) {
     const DirectLayout l = direct_layout<T>(g, g.P);
     at::parallel_for(0, g.K, grain(g.N * PQ * g.CRS), [&](int64_t begin, int64_t end) {
