@@ -507,6 +507,7 @@ FASTATTN_INLINE void wide_tile(const Geom& g, const DirectLayout& l, const T* xr
       const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
       for (int64_t s = 0; s < g.S; ++s, w += 2 * QV) {
         const T* x = row + tap[s];
+        asm("" : "+r"(x));  // keep x one base register: the 14 loads below use displacements off it
         V w0, w1;
         std::memcpy(&w0, w, sizeof(V));
         std::memcpy(&w1, w + QV, sizeof(V));
