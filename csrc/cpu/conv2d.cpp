@@ -7,19 +7,26 @@
 //
 // Two ways to compute a block of output rows of one (image, group):
 //  * direct   (every conv but 1x1/stride 1/no padding): the input rows are copied once into a
-//             zero-padded buffer (split by column phase for strides > 1); a register tile of 8
-//             output channels x 2 vectors of output columns (or x 2 rows for narrow maps; 1
-//             channel x 4 vectors for depthwise) accumulates over (c, r, s) with broadcast weights.
+//             zero-padded buffer (split by column phase for strides > 1), then one of three tiles:
+//             - wide layers (>= 8 input, >= 2 vectors of output channels per group): 14 output
+//               pixels x 2 vectors of output channels, input values broadcast from the buffer,
+//               weights packed [Kg/32][C*R*S][32] (no im2col, no BLAS);
+//             - depthwise: NR output rows x NC vectors of columns; each input-row vector load
+//               feeds every output row of the tile that reads it;
+//             - otherwise (few channels, e.g. the RGB stem): 8 output channels x 2 vectors of
+//               output columns (or x 2 rows for narrow maps) with broadcast weights.
 //  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
 //             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
 // Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
 // still in cache. Work is split over (image, group, block of output rows).
 //
 // Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
-// and runs on the direct kernel; with stride > 1 it accumulates directly into a padded buffer (few
-// channels) or is W^T * dY + col2im (wide). grad-weight is a GEMM over the N*P*Q output pixels
-// (im2col tiles + BLAS) with one partial sum per fixed chunk of images, added in chunk order
-// (deterministic), or, for depthwise-like layers, a vectorized per-output-channel reduction.
+// and runs on the direct kernels; with stride > 1 it accumulates directly into a padded buffer (few
+// channels) or is W^T * dY + col2im (wide). grad-weight of a wide 3x3 layer runs its own tiles
+// (9 taps x 2 vectors of output channels over the pixels); other layers use a GEMM over the N*P*Q
+// output pixels (im2col tiles + BLAS), or, for depthwise-like layers, a vectorized per-output-
+// channel reduction. Reductions over images keep one partial sum per fixed chunk of images, added
+// in chunk order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

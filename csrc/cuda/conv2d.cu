@@ -1,5 +1,6 @@
 // 2-D convolution on CUDA: hand-written implicit GEMM (forward with a fused bias + activation
-// epilogue, backward data, backward weight) and a dedicated depthwise forward kernel.
+// epilogue, backward data, backward weight), a dedicated depthwise forward kernel, and the fused
+// conv + bias + ReLU + max-pool forward (pooled output and argmax only) with its backward.
 // Schemas and the contract: csrc/cpu/conv2d.cpp and fastattn/ops/conv2d.py.
 //
 // One GEMM kernel serves all three passes; a "problem" struct says how to gather the operand
