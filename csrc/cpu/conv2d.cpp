@@ -1046,13 +1046,14 @@ bool use_wide_grad_weight(const Geom& g) {
 
 // Output rows [pa, pb): acc over their pixels for each input channel c and block of KW channels.
 // gzt: gz of those rows as [Kg/KW][(pb - pa) * Q][KW]; dwp: the partial dW.
+// Channel blocks [kb0, kb1) only (gzt holds all Kg/KW blocks).
 template <typename T>
 FASTATTN_INLINE void wide_grad_weight_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* gzt,
-                                                int64_t pa, int64_t pb, T* dwp) {
+                                                int64_t pa, int64_t pb, int64_t kb0, int64_t kb1, T* dwp) {
   typedef T V __attribute__((vector_size(64)));
   constexpr int QV = 64 / sizeof(T), KW = 2 * QV;
   const int64_t nkw = g.Kg / KW, t0 = l.tap[0], t1 = l.tap[1], t2 = l.tap[2], npix = (pb - pa) * g.Q;
-  for (int64_t kb = 0; kb < nkw; ++kb)  // the block's gz (<= ~24 KB) stays in L1 for every channel
+  for (int64_t kb = kb0; kb < kb1; ++kb)  // the block's gz (<= ~24 KB) stays in L1 for every channel
     for (int64_t c = 0; c < g.Cg; ++c) {
       T* d = dwp + (c * nkw + kb) * 9 * KW;
       const T* z = gzt + kb * npix * KW;
@@ -1088,12 +1089,12 @@ FASTATTN_INLINE void wide_grad_weight_rows_body(const Geom& g, const DirectLayou
     }
 }
 FASTATTN_SIMD void wide_grad_weight_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* gzt,
-                                         int64_t pa, int64_t pb, float* dwp) {
-  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, dwp);
+                                         int64_t pa, int64_t pb, int64_t kb0, int64_t kb1, float* dwp) {
+  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, kb0, kb1, dwp);
 }
 FASTATTN_SIMD void wide_grad_weight_rows(const Geom& g, const DirectLayout& l, const double* xp, const double* gzt,
-                                         int64_t pa, int64_t pb, double* dwp) {
-  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, dwp);
+                                         int64_t pa, int64_t pb, int64_t kb0, int64_t kb1, double* dwp) {
+  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, kb0, kb1, dwp);
 }
 
 template <typename T>
@@ -1104,23 +1105,26 @@ void wide_grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
   // Rows per band: ~192 pixels, so one block of KW channels of the band's gz fits in L1 (24 KB fp32).
   const int64_t band = std::max<int64_t>(1, std::min<int64_t>(g.P, 192 / g.Q));
   const int64_t nchunk = std::min<int64_t>(g.N, 8);
+  // Few (chunk, group) units (small batches): also split the channel blocks between threads.
+  const int64_t ksplit = nchunk * g.G >= 2 * at::get_num_threads() ? 1 : nkw;
   std::vector<T> part(nchunk * g.G * part_size, T(0));  // [chunk][G][Cg][Kg/KW][9][KW]
-  at::parallel_for(0, nchunk * g.G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunk * g.G * ksplit, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xp(g.Cg * l.HR * l.ld_row), gzt(g.Kg * band * g.Q);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t ch = u / g.G, grp = u % g.G;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t u = item / ksplit, ch = u / g.G, grp = u % g.G;
+      const int64_t kb0 = (item % ksplit) * nkw / ksplit, kb1 = (item % ksplit + 1) * nkw / ksplit;
       T* dwp = part.data() + u * part_size;
       for (int64_t n = ch * g.N / nchunk; n < (ch + 1) * g.N / nchunk; ++n) {
         pad_rows(g, l, x + (n * g.C + grp * g.Cg) * g.H * g.W, -g.pt, xp.data());
         const T* gzg = gz + (n * g.K + grp * g.Kg) * PQ;
         for (int64_t pa = 0; pa < g.P; pa += band) {
           const int64_t pb = std::min(g.P, pa + band), npix = (pb - pa) * g.Q;
-          for (int64_t k = 0; k < g.Kg; ++k) {  // gz rows [pa, pb) -> [Kg/KW][npix][KW]
+          for (int64_t k = kb0 * KW; k < kb1 * KW; ++k) {  // gz rows [pa, pb) -> [Kg/KW][npix][KW]
             const T* src = gzg + k * PQ + pa * g.Q;
             T* dst = gzt.data() + (k / KW) * npix * KW + k % KW;
             for (int64_t i = 0; i < npix; ++i) dst[i * KW] = src[i];
           }
-          wide_grad_weight_rows(g, l, xp.data(), gzt.data(), pa, pb, dwp);
+          wide_grad_weight_rows(g, l, xp.data(), gzt.data(), pa, pb, kb0, kb1, dwp);
         }
       }
     }
