@@ -82,6 +82,75 @@ def test_matches_torch_float64(backend, shape):
         assert_close_all(grads(out, [xs, ws, bs], g), grads(ref, [xr, wr, br], g), atol=1e-10, rtol=1e-10)
 
 
+# Depthwise (one input channel per group): the row-reusing tiles (4 rows x 4 vectors when the
+# output is wider than 2 vectors, 8 x 2 when wider than 1, else 8 x 1; 16 floats / 8 doubles a
+# vector), row counts that leave a tail, widths off the vector size, stride 2, dilation, channel
+# multipliers 2 and 3, batch 1.
+DEPTHWISE_SHAPES = [
+    (1, 3, 37, 37, 3, 7, 1, 3, 1, 3, True),               # 37 wide, 37 rows: a 1-row tail
+    (2, 4, 21, 23, 4, 7, 2, 3, 1, 4, True),               # stride 2: 12 x 11 output
+    (2, 5, 19, 29, 10, 5, 1, 2, 2, 5, False),             # multiplier 2, dilation 2: 15 x 25
+    (1, 4, 30, 70, 12, 7, (1, 2), (3, 2), 1, 4, True),    # multiplier 3, stride (1, 2): 30 x 34
+    (2, 2, 9, 16, 2, 3, 1, 1, 1, 2, True),                # exactly one float vector wide
+    (1, 2, 6, 40, 2, (3, 7), 2, (1, 3), 1, 2, True),      # rectangular kernel, stride 2, 3 rows
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", DEPTHWISE_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}")
+def test_depthwise_tiles(dtype, shape):
+    x, w, b, kw = make(shape, seed=4)
+    ref = torch_conv(x, w, b, **kw, activation="relu")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        xs, ws, bs = leaves(xin.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
+        out = conv2d(xs, ws, bs, **kw, activation="relu", backend="cpu")
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    xr, wr, br = leaves(x, w, b)
+    assert_close_all([t.double() for t in grads(out, [xs, ws, bs], g.to(dtype))],
+                     grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 10, rtol=tol)
+
+
+# Wide layers (>= 8 input channels and >= 32 float / 16 double output channels per group): the
+# channel-vector tiles of 14 pixels x 2 vectors of channels. Widths below, at and off 14 (the
+# last tile overlaps), channel counts off the vector (padded), stride 2, 1x1 stride 2 (not the
+# GEMM path), groups, dilation, batch 1; grad-input of a stride-1 conv with >= 32 input channels
+# runs the same tiles (a conv of dY with the flipped weight); 3x3 grad-weight with Kg a multiple of
+# 32 float / 16 double runs its own tiles (9 taps x 2 vectors of channels, bands of rows).
+WIDE_SHAPES = [
+    (2, 8, 9, 17, 56, 3, 1, 1, 1, 1, True),                 # 17 wide: 14 + an overlapping tile; 56 = 64 - 8
+    (1, 16, 7, 10, 32, 3, 2, 1, 1, 1, True),                # stride 2: 4 x 5 output (< 14 wide)
+    (2, 20, 8, 30, 64, (3, 5), 1, (1, 2), (1, 2), 2, False),  # groups 2, dilation, 26 wide
+    (1, 9, 12, 40, 28, 3, (2, 1), 1, 1, 1, True),           # 28 channels: float pads to 32
+    (2, 16, 9, 31, 32, 1, 2, 0, 1, 1, True),                # 1x1 stride 2
+    (2, 32, 6, 15, 8, 3, 1, 1, 1, 1, True),                 # grad-input runs wide (32 -> 8 flipped)
+    (2, 16, 11, 13, 64, 3, 1, 1, 2, 2, True),               # groups 2, dilation 2 (3x3 grad-weight tiles)
+    (1, 8, 13, 60, 64, 3, 1, 1, 1, 1, True),                # grad-weight in bands of 3 rows (+ 1)
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}")
+def test_wide_tiles(dtype, shape):
+    x, w, b, kw = make(shape, seed=5)
+    ref = torch_conv(x, w, b, **kw, activation="relu")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        xs, ws, bs = leaves(xin.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
+        out = conv2d(xs, ws, bs, **kw, activation="relu", backend="cpu")
+        torch.testing.assert_close(out.double(), ref, atol=tol * 10, rtol=tol)
+    g = torch.randn_like(ref)
+    xr, wr, br = leaves(x, w, b)
+    assert_close_all([t.double() for t in grads(out, [xs, ws, bs], g.to(dtype))],
+                     grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 100, rtol=tol)
+    pooled = conv2d_relu_maxpool2d(x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None, **kw,
+                                   backend="cpu")
+    torch.testing.assert_close(pooled.double(), F.max_pool2d(ref, 2), atol=tol * 10, rtol=tol)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "silu"])
 def test_activations(backend, activation):
@@ -448,6 +517,74 @@ def test_gpu_opcheck_and_fused_pool():
                           (torch.randn_like(out), x, w, pre, [1, 1], [1, 1, 1, 1], [1, 1], 1, 3, [True, True, True]))
     ref = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2)
     torch.testing.assert_close(conv2d_relu_maxpool2d(x, w, b, padding=1, backend="cuda"), ref, atol=1e-4, rtol=1e-4)
+
+
+def _has_cuda_fused_pool():
+    return HAS_NATIVE and _ext.has_kernel("conv2d_relu_maxpool2d_fwd", "CUDA")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(POOL_CASES)))
+def test_gpu_fused_pool_kernel(dtype, case):
+    """The CUDA fused conv+bias+relu+max-pool forward and its backward vs torch in float64."""
+    if not _has_cuda_fused_pool():
+        pytest.skip("built without CUDA kernels")
+    shape, pk, ps = POOL_CASES[case]
+    x, w, b, kw = make(shape, seed=case)
+    xd, wd = x.cuda().to(dtype), w.cuda().to(dtype)
+    bd = b.cuda().to(dtype) if b is not None else None
+    xr, wr, br = leaves(xd.double(), wd.double(), bd.double() if bd is not None else None)
+    ref = F.max_pool2d(F.relu(F.conv2d(xr, wr, br, **kw)), pk, ps)
+    base = F.max_pool2d(F.relu(F.conv2d(xd.float(), wd.float(), bd.float() if bd is not None else None, **kw)),
+                        pk, ps).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2 * (base.double() - ref).abs().max().item() + 1e-2
+    g = torch.randn_like(ref)
+    ref_grads = grads(ref, [xr, wr, br], g)
+    for xin in (xd, xd.contiguous(memory_format=torch.channels_last)):
+        xs, ws, bs = leaves(xin, wd, bd)
+        out = conv2d_relu_maxpool2d(xs, ws, bs, **kw, pool_kernel=pk, pool_stride=ps, backend="cuda")
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert (out.double() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item() / 10)
+        for u, v in zip(grads(out, [xs, ws, bs], g.to(dtype)), ref_grads):
+            scale = v.abs().max().item() + 1
+            assert (u.double() - v).abs().max().item() <= (1e-4 if dtype == torch.float32 else 3e-2) * scale
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fused_pool_indices_and_opcheck():
+    """Indices match torch's argmax where relu is active; no indices without save_indices; opcheck."""
+    if not _has_cuda_fused_pool():
+        pytest.skip("built without CUDA kernels")
+    x, w, b, kw = make((3, 3, 17, 19, 10, 3, 1, 1, 1, 1, True), dtype=torch.float32, seed=7)
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, [2, 2], [2, 2])
+    out, idx = torch.ops.fastattn.conv2d_relu_maxpool2d_fwd(x, w, b, *args, True)
+    out2, idx2 = torch.ops.fastattn.conv2d_relu_maxpool2d_fwd(x, w, b, *args, False)
+    assert idx2.numel() == 0 and torch.equal(out, out2)
+    ref, ref_idx = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2, return_indices=True)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    pos = out > 0
+    assert idx.dtype == torch.int64 and torch.equal(idx[pos], ref_idx[pos])
+    # the CPU op on the same input gives the same indices
+    _, idx_cpu = torch.ops.fastattn.conv2d_relu_maxpool2d_fwd(x.cpu(), w.cpu(), b.cpu(), *args, True)
+    assert torch.equal(idx.cpu()[pos.cpu()], idx_cpu[pos.cpu()])
+    for save in (False, True):
+        torch.library.opcheck(torch.ops.fastattn.conv2d_relu_maxpool2d_fwd.default,
+                              (*leaves(x, w, b), *args, save))
+    torch.library.opcheck(torch.ops.fastattn.conv2d_relu_maxpool2d_bwd.default,
+                          (torch.randn_like(out), x, w, out, idx, *args[:4], [True, True, True]))
+    # overlapping windows (pool stride < kernel): a pixel may be the max of several windows
+    xs, ws, bs = leaves(x, w, b)
+    o3 = conv2d_relu_maxpool2d(xs, ws, bs, padding=1, pool_kernel=3, pool_stride=2, backend="cuda")
+    xr, wr, br = leaves(x.double(), w.double(), b.double())
+    r3 = F.max_pool2d(F.relu(F.conv2d(xr, wr, br, padding=1)), 3, 2)
+    torch.testing.assert_close(o3.double(), r3, atol=1e-4, rtol=1e-4)
+    g3 = torch.randn_like(r3)
+    assert_close_all([t.double() for t in grads(o3, [xs, ws, bs], g3.float())], grads(r3, [xr, wr, br], g3),
+                     atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fused_pool", [False, True])

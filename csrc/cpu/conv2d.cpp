@@ -7,19 +7,26 @@
 //
 // Two ways to compute a block of output rows of one (image, group):
 //  * direct   (every conv but 1x1/stride 1/no padding): the input rows are copied once into a
-//             zero-padded buffer (split by column phase for strides > 1); a register tile of 8
-//             output channels x 2 vectors of output columns (or x 2 rows for narrow maps; 1
-//             channel x 4 vectors for depthwise) accumulates over (c, r, s) with broadcast weights.
+//             zero-padded buffer (split by column phase for strides > 1), then one of three tiles:
+//             - wide layers (>= 8 input, >= 2 vectors of output channels per group): 14 output
+//               pixels x 2 vectors of output channels, input values broadcast from the buffer,
+//               weights packed [Kg/32][C*R*S][32] (no im2col, no BLAS);
+//             - depthwise: NR output rows x NC vectors of columns; each input-row vector load
+//               feeds every output row of the tile that reads it;
+//             - otherwise (few channels, e.g. the RGB stem): 8 output channels x 2 vectors of
+//               output columns (or x 2 rows for narrow maps) with broadcast weights.
 //  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
 //             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
 // Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
 // still in cache. Work is split over (image, group, block of output rows).
 //
 // Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
-// and runs on the direct kernel; with stride > 1 it accumulates directly into a padded buffer (few
-// channels) or is W^T * dY + col2im (wide). grad-weight is a GEMM over the N*P*Q output pixels
-// (im2col tiles + BLAS) with one partial sum per fixed chunk of images, added in chunk order
-// (deterministic), or, for depthwise-like layers, a vectorized per-output-channel reduction.
+// and runs on the direct kernels; with stride > 1 it accumulates directly into a padded buffer (few
+// channels) or is W^T * dY + col2im (wide). grad-weight of a wide 3x3 layer runs its own tiles
+// (9 taps x 2 vectors of output channels over the pixels); other layers use a GEMM over the N*P*Q
+// output pixels (im2col tiles + BLAS), or, for depthwise-like layers, a vectorized per-output-
+// channel reduction. Reductions over images keep one partial sum per fixed chunk of images, added
+// in chunk order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -316,7 +323,7 @@ DirectLayout direct_layout(const Geom& g, int64_t rows) {
   constexpr int QV = 64 / sizeof(T);
   // columns rounded up to whole tiles (the tile widths of direct_rows_body)
   const int64_t qt = g.Kg < 4 ? 4 * QV : (sizeof(T) == 4 && g.Q > 16) ? 2 * QV : QV;
-  const int64_t qc = ceil_div(g.Q, qt) * qt;
+  const int64_t qc = std::max<int64_t>(ceil_div(g.Q, qt) * qt, 16);  // >= a wide tile (14)
   DirectLayout l;
   l.HR = (rows - 1) * g.sh + (g.R - 1) * g.dh + 1;
   l.WPs = qc + ((g.S - 1) * g.dw) / g.sw + 1;
@@ -398,10 +405,171 @@ FASTATTN_INLINE void direct_rows_tiled(const Geom& g, const DirectLayout& l, con
   }
 }
 
+// Depthwise (one input channel per group, < 4 outputs each), e.g. 7x7: the general tile above
+// reloads a vector per tap for every output row, and with one channel per tile it runs out of
+// load slots (one load + one broadcast per FMA, most loads split across cache lines). Here a
+// tile of NR output rows x NC vectors of columns walks the input rows it needs once: each
+// (input row, tap) vector load feeds every output row of the tile whose kernel covers that input
+// row (up to NR; which kernel row that is depends only on the row pair, so the test is per row,
+// never per element). Loads per FMA drop from ~1 to ~(NC + NR) / (NR * NC) at full overlap.
+// w: the channel's taps with stride KB (wpack + k); out: [NR][NC * QV].
+template <typename T, int NR, int NC>
+FASTATTN_INLINE void depthwise_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T);
+  V acc[NR][NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) acc[j][b] = V{};
+  const int64_t span = (NR - 1) * g.sh + (g.R - 1) * g.dh + 1;  // input rows the tile reads
+  const int64_t* tap = l.tap.data();
+  for (int64_t ii = 0; ii < span; ++ii) {
+    // Kernel row of output row j that reads input row ii, or -1.
+    int64_t wrow[NR];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const int64_t d = ii - j * g.sh;
+      wrow[j] = (d >= 0 && d % g.dh == 0 && d / g.dh < g.R) ? d / g.dh * g.S * KB : -1;
+    }
+    const T* row = xrow + ii * l.ld_row;
+    for (int64_t s = 0; s < g.S; ++s) {
+      V xv[NC];
+#pragma GCC unroll 4
+      for (int b = 0; b < NC; ++b) std::memcpy(&xv[b], row + tap[s] + b * QV, sizeof(V));
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        if (wrow[j] < 0) continue;
+        const T wv = w[wrow[j] + s * KB];
+#pragma GCC unroll 4
+        for (int b = 0; b < NC; ++b) acc[j][b] += xv[b] * wv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) std::memcpy(out + (j * NC + b) * QV, &acc[j][b], sizeof(V));
+}
+
+// Rows [p, p + NR) of output channel k: tiles along the columns, then the epilogue.
+template <typename T, int NR, int NC>
+FASTATTN_INLINE void depthwise_row_block(const Geom& g, const DirectLayout& l, const T* xp, const T* wk, int64_t k,
+                                         int64_t p, int64_t p0, T* dst, int64_t ldk, T* pre, const T* bias,
+                                         int64_t act) {
+  constexpr int QT = NC * 64 / sizeof(T);
+  alignas(64) T tile[NR * QT];
+  const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+  for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
+    depthwise_tile<T, NR, NC>(g, l, xrow + q0, wk, tile);
+    const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
+    for (int j = 0; j < NR; ++j) {
+      T* d = dst + k * ldk + (p + j - p0) * g.Q + q0;
+      epilogue_copy_body(tile + j * QT, d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k] : T(0), act);
+    }
+  }
+}
+
+template <typename T, int NR, int NC>
+FASTATTN_INLINE void depthwise_rows_tiled(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack,
+                                          int64_t p0, int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias,
+                                          int64_t act) {
+  for (int64_t k = 0; k < g.Kg; ++k) {
+    int64_t p = p0;
+    for (; p + NR <= p1; p += NR)
+      depthwise_row_block<T, NR, NC>(g, l, xp, wpack + k, k, p, p0, dst, ldk, pre, bias, act);
+    for (; p < p1; ++p) depthwise_row_block<T, 1, NC>(g, l, xp, wpack + k, k, p, p0, dst, ldk, pre, bias, act);
+  }
+}
+
+// Wide layers (>= 8 input and >= 2 vectors of output channels per group, e.g. ResNet's 3x3s):
+// vectors along the output channels instead of the columns. A tile is NQ = 14 output pixels of
+// one row x 2 vectors of channels (28 accumulators); per tap (c, r, s) it loads the 2 weight
+// vectors (aligned, packed [ceil(Kg/KW)][CRS][KW], KW = 2 vectors) and broadcasts each of the 14
+// input values from the padded row buffer (scalar loads never split a cache line): 16 loads per
+// 28 FMAs, and a row of 14, 28 or 56 pixels splits into whole tiles (a shorter last tile
+// overlaps the one before it and rewrites the same values). The accumulators come out pixel-major
+// and are transposed through a small buffer into the NCHW rows by the epilogue.
+template <typename T>
+constexpr int wide_kw() { return 2 * 64 / sizeof(T); }  // output channels per tile
+constexpr int WIDE_NQ = 14;                             // output pixels per tile
+
+template <typename T>
+bool use_wide(const Geom& g) {
+  constexpr int KW = wide_kw<T>();
+  // enough channels for the vectors, and at most 25% of them padding
+  return g.direct && g.Cg >= 8 && g.Kg >= KW && ceil_div(g.Kg, KW) * KW * 4 <= g.Kg * 5;
+}
+
+template <typename T>
+FASTATTN_INLINE void wide_tile(const Geom& g, const DirectLayout& l, const T* xrow, const T* w, T* out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T), NQ = WIDE_NQ;
+  V acc[NQ][2];
+#pragma GCC unroll 14
+  for (int q = 0; q < NQ; ++q) acc[q][0] = acc[q][1] = V{};
+  const int64_t* tap = l.tap.data();
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = xrow + (c * l.HR + r * g.dh) * l.ld_row;
+      for (int64_t s = 0; s < g.S; ++s, w += 2 * QV) {
+        const T* x = row + tap[s];
+        asm("" : "+r"(x));  // keep x one base register: the 14 loads below use displacements off it
+        V w0, w1;
+        std::memcpy(&w0, w, sizeof(V));
+        std::memcpy(&w1, w + QV, sizeof(V));
+#pragma GCC unroll 14
+        for (int q = 0; q < NQ; ++q) {
+          const T xv = x[q];
+          acc[q][0] += w0 * xv;
+          acc[q][1] += w1 * xv;
+        }
+      }
+    }
+#pragma GCC unroll 14
+  for (int q = 0; q < NQ; ++q) {
+    std::memcpy(out + q * 2 * QV, &acc[q][0], sizeof(V));
+    std::memcpy(out + q * 2 * QV + QV, &acc[q][1], sizeof(V));
+  }
+}
+
+// Rows [p0, p1) of the group, all channels; wpack: [ceil(Kg/KW)][CRS][KW].
+template <typename T>
+FASTATTN_INLINE void wide_rows(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
+                               int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
+  constexpr int KW = wide_kw<T>(), NQ = WIDE_NQ;
+  alignas(64) T tile[NQ * KW];
+  T line[NQ];
+  for (int64_t k0 = 0; k0 < g.Kg; k0 += KW) {
+    const T* w = wpack + (k0 / KW) * g.CRS * KW;
+    const int64_t kn = std::min<int64_t>(KW, g.Kg - k0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
+      for (int64_t q0 = 0; q0 < g.Q; q0 += NQ) {
+        const int64_t qs = g.Q >= NQ ? std::min<int64_t>(q0, g.Q - NQ) : 0;  // last tile: overlap
+        wide_tile<T>(g, l, xrow + qs, w, tile);
+        const int64_t qn = std::min<int64_t>(NQ, g.Q - qs);
+        for (int64_t a = 0; a < kn; ++a) {
+          for (int64_t q = 0; q < qn; ++q) line[q] = tile[q * KW + a];
+          T* d = dst + (k0 + a) * ldk + (p - p0) * g.Q + qs;
+          epilogue_copy_body(line, d, pre ? pre + (d - dst) : (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 FASTATTN_INLINE void direct_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* wpack, int64_t p0,
                                       int64_t p1, T* dst, int64_t ldk, T* pre, const T* bias, int64_t act) {
-  if (g.Kg < 4) direct_rows_tiled<T, 1, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  constexpr int QV = 64 / sizeof(T);
+  if (use_wide<T>(g)) {
+    wide_rows<T>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  } else if (g.Cg == 1 && g.Kg < 4) {  // depthwise: row-reusing tiles, as wide as the map needs
+    if (g.Q > 2 * QV) depthwise_rows_tiled<T, 4, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+    else if (g.Q > QV) depthwise_rows_tiled<T, 8, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+    else depthwise_rows_tiled<T, 8, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
+  } else if (g.Kg < 4) direct_rows_tiled<T, 1, 1, 4>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
   else if (sizeof(T) == 8) direct_rows_tiled<T, 8, 1, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
   else if (g.Q > 16) direct_rows_tiled<T, 8, 1, 2>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
   else direct_rows_tiled<T, 8, 2, 1>(g, l, xp, wpack, p0, p1, dst, ldk, pre, bias, act);
@@ -455,8 +623,8 @@ struct Forward {
       const DirectLayout l = direct_layout<T>(g, p1 - p0);
       scratch.resize(g.Cg * l.HR * l.ld_row);
       pad_rows(g, l, xg, p0 * g.sh - g.pt, scratch.data());
-      const int64_t nkb = (g.Kg + KB - 1) / KB;
-      direct_rows(g, l, scratch.data(), wpack + grp * nkb * g.CRS * KB, p0, p1, dst, ldk, pre, bg, act);
+      const int64_t group_pack = use_wide<T>(g) ? ceil_div(g.Kg, wide_kw<T>()) * wide_kw<T>() : ceil_div(g.Kg, KB) * KB;
+      direct_rows(g, l, scratch.data(), wpack + grp * group_pack * g.CRS, p0, p1, dst, ldk, pre, bg, act);
       return;
     }
     const T* wg = w + grp * g.Kg * g.CRS;
@@ -486,6 +654,16 @@ struct Forward {
 
 template <typename T>
 std::vector<T> pack_weight(const Geom& g, const T* w) {
+  if (use_wide<T>(g)) {  // [G][ceil(Kg/KW)][CRS][KW]
+    constexpr int KW = wide_kw<T>();
+    const int64_t nkw = ceil_div(g.Kg, KW);
+    std::vector<T> wp(g.G * nkw * g.CRS * KW, T(0));
+    for (int64_t grp = 0; grp < g.G; ++grp)
+      for (int64_t k = 0; k < g.Kg; ++k)
+        for (int64_t i = 0; i < g.CRS; ++i)
+          wp[((grp * nkw + k / KW) * g.CRS + i) * KW + k % KW] = w[(grp * g.Kg + k) * g.CRS + i];
+    return wp;
+  }
   const int64_t nkb = (g.Kg + KB - 1) / KB;
   std::vector<T> wp(g.G * nkb * g.CRS * KB, T(0));
   for (int64_t grp = 0; grp < g.G; ++grp)
@@ -500,7 +678,13 @@ int64_t rows_per_unit(const Geom& g) {
   if (!g.direct) return std::max<int64_t>(1, std::min(g.P, g.TM / std::max<int64_t>(g.Q, 1)));
   const int64_t want = 4 * at::get_num_threads();
   const int64_t splits = std::min(g.P, ceil_div(want, g.N * g.G));
-  return ceil_div(g.P, std::max<int64_t>(splits, 1));
+  int64_t rb = ceil_div(g.P, std::max<int64_t>(splits, 1));
+  if (g.Cg >= 8) {  // wide: keep a unit's padded input rows (~Cg x rows x row pitch) within ~256 KB of L2
+    const int64_t row_bytes = 4 * g.Cg * (g.Q * g.sw + g.S * g.dw + 16);
+    const int64_t in_rows = std::max<int64_t>(1, (int64_t(256) << 10) / row_bytes);
+    rb = std::min(rb, std::max<int64_t>(1, (in_rows - (g.R - 1) * g.dh) / g.sh));
+  }
+  return rb;
 }
 
 // A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
@@ -847,9 +1031,122 @@ FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, cons
   direct_grad_weight_body(g, l, x, gz, k, dwk, xp, acc);
 }
 
+// grad_weight of a wide 3x3 layer (Kg a multiple of KW = 2 vectors, >= 8 input channels): the
+// forward's channel-vector tile turned around. dW[k][c][r][s] = sum over pixels (n, p, q) of
+// gz[n][k][p][q] * x[n][c][p*sh + r*dh - pt][q*sw + s*dw - pl]. A tile is KW output channels x the
+// 9 taps of one input channel (18 accumulators); per output pixel it loads the 2 vectors of gz
+// (gz's row transposed once to [Q][KW] per block of channels) and broadcasts the 9 input values
+// from the forward's padded rows: 11 loads per 18 FMAs, no im2col, no BLAS. The accumulators live
+// in a per-chunk partial dW ([Cg][Kg/KW][9][KW]) between bands of output rows (loaded and stored
+// once per ~192 pixels). Images go in a fixed number of chunks, summed in chunk order (deterministic).
+template <typename T>
+bool use_wide_grad_weight(const Geom& g) {
+  return g.R == 3 && g.S == 3 && g.Cg >= 8 && g.Kg % wide_kw<T>() == 0;
+}
+
+// Output rows [pa, pb): acc over their pixels for each input channel c and block of KW channels.
+// gzt: gz of those rows as [Kg/KW][(pb - pa) * Q][KW]; dwp: the partial dW.
+// Channel blocks [kb0, kb1) only (gzt holds all Kg/KW blocks).
+template <typename T>
+FASTATTN_INLINE void wide_grad_weight_rows_body(const Geom& g, const DirectLayout& l, const T* xp, const T* gzt,
+                                                int64_t pa, int64_t pb, int64_t kb0, int64_t kb1, T* dwp) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int QV = 64 / sizeof(T), KW = 2 * QV;
+  const int64_t nkw = g.Kg / KW, t0 = l.tap[0], t1 = l.tap[1], t2 = l.tap[2], npix = (pb - pa) * g.Q;
+  for (int64_t kb = kb0; kb < kb1; ++kb)  // the block's gz (<= ~24 KB) stays in L1 for every channel
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      T* d = dwp + (c * nkw + kb) * 9 * KW;
+      const T* z = gzt + kb * npix * KW;
+      V acc[9][2];
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        std::memcpy(&acc[t][0], d + t * KW, sizeof(V));
+        std::memcpy(&acc[t][1], d + t * KW + QV, sizeof(V));
+      }
+      for (int64_t p = pa; p < pb; ++p, z += g.Q * KW) {
+        const T* row0 = xp + (c * l.HR + p * g.sh) * l.ld_row;
+        const T* row1 = row0 + g.dh * l.ld_row;
+        const T* row2 = row1 + g.dh * l.ld_row;
+        const T* x[9] = {row0 + t0, row0 + t1, row0 + t2, row1 + t0, row1 + t1,
+                         row1 + t2, row2 + t0, row2 + t1, row2 + t2};
+        for (int64_t q = 0; q < g.Q; ++q) {
+          V z0, z1;
+          std::memcpy(&z0, z + q * KW, sizeof(V));
+          std::memcpy(&z1, z + q * KW + QV, sizeof(V));
+#pragma GCC unroll 9
+          for (int t = 0; t < 9; ++t) {
+            const T xv = x[t][q];
+            acc[t][0] += z0 * xv;
+            acc[t][1] += z1 * xv;
+          }
+        }
+      }
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        std::memcpy(d + t * KW, &acc[t][0], sizeof(V));
+        std::memcpy(d + t * KW + QV, &acc[t][1], sizeof(V));
+      }
+    }
+}
+FASTATTN_SIMD void wide_grad_weight_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* gzt,
+                                         int64_t pa, int64_t pb, int64_t kb0, int64_t kb1, float* dwp) {
+  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, kb0, kb1, dwp);
+}
+FASTATTN_SIMD void wide_grad_weight_rows(const Geom& g, const DirectLayout& l, const double* xp, const double* gzt,
+                                         int64_t pa, int64_t pb, int64_t kb0, int64_t kb1, double* dwp) {
+  wide_grad_weight_rows_body(g, l, xp, gzt, pa, pb, kb0, kb1, dwp);
+}
+
+template <typename T>
+void wide_grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
+  constexpr int KW = wide_kw<T>();
+  const int64_t PQ = g.P * g.Q, nkw = g.Kg / KW, part_size = g.Cg * g.Kg * 9;
+  const DirectLayout l = direct_layout<T>(g, g.P);
+  // Rows per band: ~192 pixels, so one block of KW channels of the band's gz fits in L1 (24 KB fp32).
+  const int64_t band = std::max<int64_t>(1, std::min<int64_t>(g.P, 192 / g.Q));
+  const int64_t nchunk = std::min<int64_t>(g.N, 8);
+  // Few (chunk, group) units (small batches): also split the channel blocks between threads.
+  const int64_t ksplit = nchunk * g.G >= 2 * at::get_num_threads() ? 1 : nkw;
+  std::vector<T> part(nchunk * g.G * part_size, T(0));  // [chunk][G][Cg][Kg/KW][9][KW]
+  at::parallel_for(0, nchunk * g.G * ksplit, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xp(g.Cg * l.HR * l.ld_row), gzt(g.Kg * band * g.Q);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t u = item / ksplit, ch = u / g.G, grp = u % g.G;
+      const int64_t kb0 = (item % ksplit) * nkw / ksplit, kb1 = (item % ksplit + 1) * nkw / ksplit;
+      T* dwp = part.data() + u * part_size;
+      for (int64_t n = ch * g.N / nchunk; n < (ch + 1) * g.N / nchunk; ++n) {
+        pad_rows(g, l, x + (n * g.C + grp * g.Cg) * g.H * g.W, -g.pt, xp.data());
+        const T* gzg = gz + (n * g.K + grp * g.Kg) * PQ;
+        for (int64_t pa = 0; pa < g.P; pa += band) {
+          const int64_t pb = std::min(g.P, pa + band), npix = (pb - pa) * g.Q;
+          for (int64_t k = kb0 * KW; k < kb1 * KW; ++k) {  // gz rows [pa, pb) -> [Kg/KW][npix][KW]
+            const T* src = gzg + k * PQ + pa * g.Q;
+            T* dst = gzt.data() + (k / KW) * npix * KW + k % KW;
+            for (int64_t i = 0; i < npix; ++i) dst[i * KW] = src[i];
+          }
+          wide_grad_weight_rows(g, l, xp.data(), gzt.data(), pa, pb, kb0, kb1, dwp);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, g.G * g.Kg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gk = begin; gk < end; ++gk) {
+      const int64_t grp = gk / g.Kg, k = gk % g.Kg;
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int t = 0; t < 9; ++t) {
+          const int64_t i = ((c * nkw + k / KW) * 9 + t) * KW + k % KW;
+          T s = T(0);
+          for (int64_t ch = 0; ch < nchunk; ++ch) s += part[(ch * g.G + grp) * part_size + i];
+          dw[(gk * g.Cg + c) * 9 + t] = s;
+        }
+    }
+  });
+}
+
 template <typename T>
 void grad_weight_impl(const Geom& g, const T* x, const T* gz, T* dw) {
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
+  if (use_wide_grad_weight<T>(g)) return wide_grad_weight_impl(g, x, gz, dw);
   if (g.Cg <= 4 && g.Kg < KB) {
     const DirectLayout l = direct_layout<T>(g, g.P);
     at::parallel_for(0, g.K, grain(g.N * PQ * g.CRS), [&](int64_t begin, int64_t end) {

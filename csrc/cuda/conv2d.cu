@@ -1,5 +1,6 @@
 // 2-D convolution on CUDA: hand-written implicit GEMM (forward with a fused bias + activation
-// epilogue, backward data, backward weight) and a dedicated depthwise forward kernel.
+// epilogue, backward data, backward weight), a dedicated depthwise forward kernel, and the fused
+// conv + bias + ReLU + max-pool forward (pooled output and argmax only) with its backward.
 // Schemas and the contract: csrc/cpu/conv2d.cpp and fastattn/ops/conv2d.py.
 //
 // One GEMM kernel serves all three passes; a "problem" struct says how to gather the operand
@@ -322,6 +323,92 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, scalar_t* _
   dw[i] = from_f<scalar_t>(s);
 }
 
+// Fused conv + bias + ReLU + max-pool forward (the CPU op's contract: no pool padding, floor
+// mode, the first maximum in scan order wins, NaN propagates, indices flat h*Q + w into the conv
+// plane). One thread per pooled pixel and KT output channels of one group: it computes the
+// pool window's conv values one at a time (the pre-pool map is never written), reading each
+// input value once for its KT channels; the weights of the block's channels are the same for
+// every thread, so their loads are warp-wide broadcasts. Overlapping windows recompute shared
+// conv values (pool stride < kernel is rare). Sized for the layers this op is for: a CNN's first
+// blocks, few input channels.
+constexpr int POOL_KT = 4, POOL_THREADS = 128;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(POOL_THREADS)
+conv_relu_maxpool_fwd_kernel(Geom g, const scalar_t* __restrict__ x, int64_t sxn, int64_t sxc, int64_t sxh,
+                             int64_t sxw, const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias, int pkh,
+                             int pkw, int psh, int psw, int64_t PH, int64_t PW, scalar_t* __restrict__ out,
+                             int64_t* __restrict__ indices) {
+  const int64_t kblocks = (g.Kg + POOL_KT - 1) / POOL_KT;
+  const int64_t n = blockIdx.y / (g.G * kblocks), grp = (blockIdx.y / kblocks) % g.G;
+  const int64_t k0 = grp * g.Kg + (blockIdx.y % kblocks) * POOL_KT;  // first output channel
+  const int64_t k_end = (grp + 1) * g.Kg;
+  const int kn = k_end - k0 < POOL_KT ? (int)(k_end - k0) : POOL_KT;
+  const int64_t uv = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (uv >= PH * PW) return;
+  const int64_t u = uv / PW, v = uv % PW;
+  const int64_t CRS = g.Cg * g.R * g.S;
+  const scalar_t* xg = x + n * sxn + grp * g.Cg * sxc;
+  float bv[POOL_KT], best[POOL_KT];
+  int64_t arg[POOL_KT];
+#pragma unroll
+  for (int a = 0; a < POOL_KT; ++a) {
+    bv[a] = (bias && a < kn) ? to_f(bias[k0 + a]) : 0.f;
+    best[a] = -INFINITY;
+    arg[a] = (u * psh) * g.Q + v * psw;
+  }
+  for (int i = 0; i < pkh; ++i)
+    for (int j = 0; j < pkw; ++j) {
+      const int64_t p = u * psh + i, q = v * psw + j;  // conv output pixel
+      float acc[POOL_KT];
+#pragma unroll
+      for (int a = 0; a < POOL_KT; ++a) acc[a] = 0.f;
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int r = 0; r < g.R; ++r) {
+          const int64_t ih = p * g.sh - g.pt + r * g.dh;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int s = 0; s < g.S; ++s) {
+            const int64_t iw = q * g.sw - g.pl + s * g.dw;
+            if (iw < 0 || iw >= g.W) continue;
+            const float xv = to_f(xg[c * sxc + ih * sxh + iw * sxw]);
+            const int64_t tap = (c * g.R + r) * g.S + s;
+#pragma unroll
+            for (int a = 0; a < POOL_KT; ++a)
+              if (a < kn) acc[a] = fmaf(to_f(w[(k0 + a) * CRS + tap]), xv, acc[a]);
+          }
+        }
+#pragma unroll
+      for (int a = 0; a < POOL_KT; ++a) {
+        const float z = acc[a] + bv[a];
+        const float val = z > 0.f ? z : 0.f;  // relu (as the CPU op: NaN -> 0)
+        if (val > best[a] || isnan(val)) {
+          best[a] = val;
+          arg[a] = p * g.Q + q;
+        }
+      }
+    }
+#pragma unroll
+  for (int a = 0; a < POOL_KT; ++a) {
+    if (a >= kn) break;
+    const int64_t o = ((n * g.K + k0 + a) * PH + u) * PW + v;
+    out[o] = from_f<scalar_t>(best[a]);
+    if (indices) indices[o] = arg[a];
+  }
+}
+
+// Backward of the pool and relu: each pooled pixel whose output is > 0 (relu passed it) adds its
+// gradient to gz at its argmax (gz zeroed first). The op's schema has no pool kernel/stride, so
+// this scatters like the CPU op rather than gathering. Windows that do not overlap (pool stride >=
+// kernel, the usual 2x2/2) never send two values to one pixel: exact and deterministic; with
+// overlapping windows a pixel that is the max of several windows gets their sum in any order.
+template <typename scalar_t>
+__global__ void maxpool_relu_bwd_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ out,
+                                        const int64_t* __restrict__ indices, float* __restrict__ gz, int64_t total,
+                                        int64_t PHW, int64_t PQ) {
+  for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < total; o += (int64_t)gridDim.x * blockDim.x)
+    if (to_f(out[o]) > 0.f && indices[o] >= 0 && indices[o] < PQ) atomicAdd(gz + (o / PHW) * PQ + indices[o], to_f(grad_out[o]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
@@ -405,36 +492,17 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& input, const at:
   return {out, save_preact ? pre.view_as(out) : pre};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& input,
-                                                          const at::Tensor& weight, const c10::optional<at::Tensor>& saved,
-                                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                                          at::IntArrayRef dilation, int64_t groups, int64_t activation,
-                                                          std::array<bool, 3> output_mask) {
-  TORCH_CHECK(grad_out.is_cuda() && input.is_cuda() && weight.is_cuda(), "conv2d_bwd (cuda): CUDA tensors expected");
-  c10::cuda::CUDAGuard guard(input.device());
-  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.N && grad_out.size(1) == g.K && grad_out.size(2) == g.P &&
-                  grad_out.size(3) == g.Q, "conv2d_bwd (cuda): grad_out has the wrong shape");
-  const bool has_saved = saved.has_value() && saved->defined();
-  TORCH_CHECK(activation == kNone || (has_saved && saved->sizes() == grad_out.sizes()),
-              "conv2d_bwd (cuda): an activation needs the saved output (relu) or pre-activation (gelu, silu)");
-  auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor go = grad_out.contiguous();
-  at::Tensor sv = has_saved ? saved->contiguous() : go;
-  at::Tensor gz = at::empty(go.sizes(), go.options().dtype(at::kFloat));
+// The three gradients from gz (fp32, contiguous [N][K][P][Q]: the gradient at the pre-activation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_from_gz(const Geom& g, const at::Tensor& gz, const at::Tensor& input,
+                                                             const at::Tensor& weight, std::array<bool, 3> output_mask,
+                                                             cudaStream_t stream) {
   at::Tensor w = weight.contiguous();
   auto opts = input.options();
   at::Tensor dx = output_mask[0] ? at::empty({g.N, g.C, g.H, g.W}, opts) : at::empty({0}, opts);
   at::Tensor dw = output_mask[1] ? at::empty(weight.sizes(), opts) : at::empty({0}, opts);
   at::Tensor db = output_mask[2] ? at::empty({g.K}, opts) : at::empty({0}, opts);
-  const int64_t n = go.numel();
   dispatch(input.scalar_type(), "conv2d_bwd", [&](auto tag) {
     using T = decltype(tag);
-    if (n > 0) {
-      const int blocks = (int)std::min<int64_t>((n + 255) / 256, 65535);
-      act_backward_kernel<T><<<blocks, 256, 0, stream>>>(ptr<T>(go), ptr<T>(sv), ptr<float>(gz), n, (int)activation);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
     if (output_mask[0] && dx.numel() > 0) {
       BwdDataProblem<T> prob{g, ptr<float>(gz), ptr<T>(w), ptr<T>(dx)};
       launch_igemm<BwdDataProblem<T>, float, false>(prob, g.N * g.H * g.W, g.Cg, (int)g.G, 1, stream);
@@ -461,10 +529,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(const at::Tensor& grad
   return {dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                          const at::Tensor& weight, const c10::optional<at::Tensor>& saved,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, int64_t groups, int64_t activation,
+                                                          std::array<bool, 3> output_mask) {
+  TORCH_CHECK(grad_out.is_cuda() && input.is_cuda() && weight.is_cuda(), "conv2d_bwd (cuda): CUDA tensors expected");
+  c10::cuda::CUDAGuard guard(input.device());
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == g.N && grad_out.size(1) == g.K && grad_out.size(2) == g.P &&
+                  grad_out.size(3) == g.Q, "conv2d_bwd (cuda): grad_out has the wrong shape");
+  const bool has_saved = saved.has_value() && saved->defined();
+  TORCH_CHECK(activation == kNone || (has_saved && saved->sizes() == grad_out.sizes()),
+              "conv2d_bwd (cuda): an activation needs the saved output (relu) or pre-activation (gelu, silu)");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor go = grad_out.contiguous();
+  at::Tensor sv = has_saved ? saved->contiguous() : go;
+  at::Tensor gz = at::empty(go.sizes(), go.options().dtype(at::kFloat));
+  const int64_t n = go.numel();
+  dispatch(input.scalar_type(), "conv2d_bwd", [&](auto tag) {
+    using T = decltype(tag);
+    if (n > 0) {
+      const int blocks = (int)std::min<int64_t>((n + 255) / 256, 65535);
+      act_backward_kernel<T><<<blocks, 256, 0, stream>>>(ptr<T>(go), ptr<T>(sv), ptr<float>(gz), n, (int)activation);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return grads_from_gz(g, gz, input, weight, output_mask, stream);
+}
+
+inline int64_t pool_out(int64_t n, int64_t k, int64_t s) { return n >= k ? (n - k) / s + 1 : 0; }
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_fwd(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::IntArrayRef pool_kernel,
+    at::IntArrayRef pool_stride, bool save_indices) {
+  TORCH_CHECK(input.is_cuda() && weight.is_cuda(), "conv2d_relu_maxpool2d (cuda): input and weight must be CUDA tensors");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "conv2d_relu_maxpool2d (cuda): input and weight dtypes differ");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == input.scalar_type() && bias->numel() == weight.size(0),
+                            "conv2d_relu_maxpool2d (cuda): bias must be a (K,) CUDA tensor of input's dtype");
+  TORCH_CHECK(pool_kernel.size() == 2 && pool_stride.size() == 2,
+              "conv2d_relu_maxpool2d (cuda): pool_kernel and pool_stride take 2 values");
+  const int64_t pkh = pool_kernel[0], pkw = pool_kernel[1], psh = pool_stride[0], psw = pool_stride[1];
+  TORCH_CHECK(pkh > 0 && pkw > 0 && psh > 0 && psw > 0, "conv2d_relu_maxpool2d (cuda): pool kernel and stride must be positive");
+  c10::cuda::CUDAGuard guard(input.device());
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(g.P >= pkh && g.Q >= pkw, "conv2d_relu_maxpool2d (cuda): the conv output (", g.P, "x", g.Q,
+              ") is smaller than the pool kernel (", pkh, "x", pkw, ")");
+  const int64_t PH = pool_out(g.P, pkh, psh), PW = pool_out(g.Q, pkw, psw);
+  at::Tensor w = weight.contiguous();
+  at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.N, g.K, PH, PW}, input.options());
+  at::Tensor idx = at::empty(save_indices ? at::IntArrayRef({g.N, g.K, PH, PW}) : at::IntArrayRef({0}),
+                             input.options().dtype(at::kLong));
+  if (out.numel() == 0) return {out, idx};
+  const int64_t kblocks = (g.Kg + POOL_KT - 1) / POOL_KT;
+  TORCH_CHECK(g.N * g.G * kblocks <= 65535, "conv2d_relu_maxpool2d (cuda): too many images x channel blocks (",
+              g.N * g.G * kblocks, " > 65535)");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(input.scalar_type(), "conv2d_relu_maxpool2d_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    dim3 grid((unsigned)((PH * PW + POOL_THREADS - 1) / POOL_THREADS), (unsigned)(g.N * g.G * kblocks));
+    conv_relu_maxpool_fwd_kernel<T><<<grid, POOL_THREADS, 0, stream>>>(
+        g, ptr<T>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3), ptr<T>(w),
+        has_bias ? ptr<T>(b) : nullptr, (int)pkh, (int)pkw, (int)psh, (int)psw, PH, PW, ptr<T>(out),
+        save_indices ? idx.data_ptr<int64_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_bwd(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& out,
+    const at::Tensor& indices, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(grad_out.is_cuda() && input.is_cuda() && weight.is_cuda() && out.is_cuda() && indices.is_cuda(),
+              "conv2d_relu_maxpool2d_bwd (cuda): CUDA tensors expected");
+  c10::cuda::CUDAGuard guard(input.device());
+  Geom g = make_geom(input, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(indices.scalar_type() == at::kLong && grad_out.dim() == 4 && indices.sizes() == grad_out.sizes() &&
+                  out.sizes() == grad_out.sizes() && grad_out.size(0) == g.N && grad_out.size(1) == g.K,
+              "conv2d_relu_maxpool2d_bwd (cuda): needs the forward's pooled output and indices (forward with save_indices=True)");
+  const int64_t PHW = grad_out.size(2) * grad_out.size(3), total = grad_out.numel();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor go = grad_out.contiguous(), o = out.contiguous(), idx = indices.contiguous();
+  at::Tensor gz = at::zeros({g.N, g.K, g.P, g.Q}, go.options().dtype(at::kFloat));
+  if (total > 0) {
+    dispatch(input.scalar_type(), "conv2d_relu_maxpool2d_bwd", [&](auto tag) {
+      using T = decltype(tag);
+      const int blocks = (int)std::min<int64_t>((total + 255) / 256, 65535);
+      maxpool_relu_bwd_kernel<T><<<blocks, 256, 0, stream>>>(ptr<T>(go), ptr<T>(o), idx.data_ptr<int64_t>(),
+                                                              ptr<float>(gz), total, PHW, g.P * g.Q);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return grads_from_gz(g, gz, input, weight, output_mask, stream);
+}
+
 }  // namespace conv2d_cuda
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("conv2d_fwd", &fastattn::conv2d_cuda::conv2d_fwd);
   m.impl("conv2d_bwd", &fastattn::conv2d_cuda::conv2d_bwd);
+  m.impl("conv2d_relu_maxpool2d_fwd", &fastattn::conv2d_cuda::conv2d_relu_maxpool2d_fwd);
+  m.impl("conv2d_relu_maxpool2d_bwd", &fastattn::conv2d_cuda::conv2d_relu_maxpool2d_bwd);
 }

@@ -324,8 +324,10 @@ def conv2d_relu_maxpool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] 
     """``max_pool2d(relu(conv2d(input, weight, bias, ...)), pool_kernel, pool_stride)`` in one pass.
 
     On the CPU the conv output is computed a few rows at a time into a cache-resident buffer and
-    pooled there (only the argmax indices are kept, and only when a gradient is needed). The
-    cuda/triton backends run the conv with a fused relu epilogue and then torch's max_pool2d.
+    pooled there (only the argmax indices are kept, and only when a gradient is needed). The cuda
+    backend computes each pool window's conv values in registers and writes only the pooled
+    output (and indices); the triton backend runs the conv with a fused relu epilogue and then
+    torch's max_pool2d.
     """
     x, stride, pad4, dilation = _prepare(input, weight, bias, stride, padding, dilation, groups, None)
     pk = _pair("pool_kernel", pool_kernel, 1)
@@ -334,8 +336,8 @@ def conv2d_relu_maxpool2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] 
     if P < pk[0] or Q < pk[1]:
         raise ValueError(f"the conv output {P}x{Q} is smaller than pool_kernel {tuple(pk)}")
     name = _backend.select("conv2d_relu_maxpool2d", backend, x.device, _reasons(x),
-                           native_op="conv2d_relu_maxpool2d_fwd" if x.device.type == "cpu" else "conv2d_fwd")
-    if name == "cpu":
+                           native_op="conv2d_relu_maxpool2d_fwd")
+    if name in ("cpu", "cuda"):
         save = _needs_grad(x, weight, bias)
         out, _ = torch.ops.fastattn.conv2d_relu_maxpool2d_fwd(x, weight, bias, stride, pad4, dilation, groups,
                                                               pk, ps, save)
