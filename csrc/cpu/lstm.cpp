@@ -84,6 +84,24 @@ void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* 
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// MKL opens an OpenMP region even for tiny products (a cell step at batch 8 is 8 x 200 x 50), and
+// the thread wake-up costs more than the product: below ~1M multiply-adds BLAS runs on the calling
+// thread. MKL_Set_Num_Threads_Local (the C entry; the lowercase names are
+// the Fortran ones, which take a pointer) is looked up weakly (absent when torch's BLAS is not MKL).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+constexpr int64_t kParallelFmas = 1 << 20;
+
+struct BlasOnCallingThread {
+  bool set = false;
+  int prev = 0;
+  explicit BlasOnCallingThread(int64_t fmas) {
+    if (fmas < kParallelFmas && MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1), set = true;
+  }
+  ~BlasOnCallingThread() {
+    if (set) MKL_Set_Num_Threads_Local(prev);  // 0: back to the global setting
+  }
+};
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -99,6 +117,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   const int la = (int)std::max<int64_t>(ldb, 1), lb = (int)std::max<int64_t>(lda, 1),
             lc = (int)std::max<int64_t>(ldc, 1);
   const T one = T(1);
+  BlasOnCallingThread serial(M * N * K);
   blas_gemm<T>(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
@@ -221,10 +240,11 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
       }
     }
   };
-  // threads only when each gets a few hundred thousand FMAs
+  // threads only for products of ~1M multiply-adds or more (a thread wake-up costs microseconds),
+  // and then each thread gets a few hundred thousand
   const int64_t fmas_per_panel = M * K * kNR;
   const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(fmas_per_panel, 1));
-  if (W.panels <= grain) run_panels(0, W.panels);
+  if (W.panels <= grain || M * K * N < kParallelFmas) run_panels(0, W.panels);
   else at::parallel_for(0, W.panels, grain, run_panels);
 }
 
