@@ -175,38 +175,40 @@ namespace {
 
 // C rows [0, MR) x columns [0, ncols) (+)= A (MR, K) x Bm (K, ncols <= kNR).
 // A[r, k] at A[r * a_rs + k * a_ks]; Bm row k at Bm + k * b_ks (a packed panel: b_ks = kNR).
-template <int MR>
+// NV: 16-wide column vectors used (1..kNV): a narrow panel (the last one of N = 50, or N = 8) runs
+// only the vectors it needs instead of masked-off FMAs.
+template <int MR, int NV>
 __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t a_rs, int64_t a_ks,
                                                      const float* __restrict Bm, int64_t b_ks, int64_t K, float* C,
                                                      int64_t ldc, int64_t ncols, bool accumulate) {
-  __mmask16 mask[kNV];
+  __mmask16 mask[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < kNV; ++v) {
+  for (int v = 0; v < NV; ++v) {
     const int64_t left = ncols - 16 * v;
     mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
-  __m512 acc[MR][kNV];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 b[kNV];
+    __m512 b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v);
     const float* a_k = A + k * a_ks;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(a_k[r * a_rs]);
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     float* c = C + r * ldc;
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) {
+    for (int v = 0; v < NV; ++v) {
       __m512 x = acc[r][v];
       if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c + 16 * v));
       _mm512_mask_storeu_ps(c + 16 * v, mask[v], x);
@@ -216,9 +218,15 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, 
 
 using MicroKernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t,
                              bool);
-constexpr MicroKernel kMicroKernels[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
-                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
-                                                micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
+template <int NV>
+constexpr MicroKernel kMicroKernelRow[kMR + 1] = {
+    nullptr,           micro_kernel<1, NV>, micro_kernel<2, NV>, micro_kernel<3, NV>, micro_kernel<4, NV>,
+    micro_kernel<5, NV>, micro_kernel<6, NV>, micro_kernel<7, NV>, micro_kernel<8, NV>};
+
+// The kernel for mr rows (1..kMR) and ncols columns (1..kNR).
+MicroKernel micro_kernel_for(int64_t mr, int64_t ncols) {
+  return ncols > 32 ? kMicroKernelRow<3>[mr] : ncols > 16 ? kMicroKernelRow<2>[mr] : kMicroKernelRow<1>[mr];
+}
 
 void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float* C, int64_t ldc, bool accumulate) {
   const float* panels = W.buf.const_data_ptr<float>();
@@ -233,7 +241,7 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
           const float* panel = panels + (p * K + k0) * kNR;
           for (int64_t m = m0; m < m1; m += kMR) {
             const int64_t mr = std::min(kMR, m1 - m);
-            kMicroKernels[mr](A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
+            micro_kernel_for(mr, ncols)(A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
                               accumulate || k0 > 0);
           }
         }
@@ -258,7 +266,7 @@ void weight_grad_avx512(int64_t R, int64_t Kc, int64_t N, const float* D, const 
   for (int64_t r = 0; r < R; r += kMR) {
     const int64_t mr = std::min(kMR, R - r);
     for (int64_t c = 0; c < Kc; c += kNR)
-      kMicroKernels[mr](D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
+      micro_kernel_for(mr, std::min(kNR, Kc - c))(D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
   }
 }
 #endif
