@@ -124,28 +124,6 @@ def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, 
     return e(input), e(h0), e(c0), e(w_ih), e(w_hh), input.new_empty((w_ih.shape[0],)), dwr
 
 
-def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g.contiguous()
-
-
-def _layer_setup(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths = inputs
-    out, h_n, c_n, gates, cells, hidden = output
-    ctx.mark_non_differentiable(gates, cells, hidden)
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hidden, lengths)
-    ctx.has_bias = (b_ih is not None, b_hh is not None)
-    ctx.reverse = reverse
-
-
-def _layer_backward(ctx, grad_out, grad_h_n, grad_c_n, _g1, _g2, _g3):
-    input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hidden, lengths = ctx.saved_tensors
-    dx, dh0, dc0, dwi, dwh, db, dwr = torch.ops.fastattn.lstm_layer_bwd(
-        _zeros_if_none(grad_out, out), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0), input, h0, c0,
-        w_ih, w_hh, w_hr, out, gates, cells, hidden, ctx.reverse, lengths)
-    return (dx, dh0, dc0, dwi, dwh, db if ctx.has_bias[0] else None, db if ctx.has_bias[1] else None,
-            dwr if w_hr is not None else None, None, None)
-
-
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("fastattn LSTM: double backward (differentiating the gradient) is not supported; "
                        "use backend='reference' for higher-order gradients")
@@ -157,8 +135,9 @@ def _register():
     torch.library.register_fake("fastattn::lstm_cell_bwd")(_cell_bwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_fwd")(_layer_fwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_bwd")(_layer_bwd_fake)
-    # lstm_cell_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): its per-call cost matters at hidden 50.
-    torch.library.register_autograd("fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup)
+    # lstm_cell_fwd's and lstm_layer_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): the per-call cost of
+    # a Python autograd wrapper matters at hidden 50 (a cell step is a few microseconds, a seed-sized
+    # layer ~100).
     for name in ("lstm_cell_bwd", "lstm_layer_bwd"):
         torch.library.register_autograd(f"fastattn::{name}", _no_double_backward,
                                         setup_context=lambda ctx, inputs, output: None)
