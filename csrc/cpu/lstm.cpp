@@ -130,10 +130,11 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 //     panel (K*192 bytes) stays in L1/L2 while it meets every row block of A;
 //   * micro-kernel: 8 rows x 48 columns of C in 24 zmm accumulators; per k three panel loads, 8
 //     broadcasts of A and 24 FMAs;
-//   * rows are taken in chunks of 128 (A's chunk stays in L2), K in blocks of 256 (a panel block,
-//     48 KB, stays in L1), panels split across threads.
+//   * rows are taken in chunks of 128 (A's chunk stays in L2), K in blocks of 128 (a panel block,
+//     24 KB, stays in L1 next to A's rows: a 256-deep block filled all of Zen 5's 48 KB L1), panels
+//     split across threads.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128, kKBlock = 256;
+constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128, kKBlock = 128;
 
 struct PackedW {
   at::Tensor buf;  // (panels, K, kNR)
@@ -176,8 +177,9 @@ namespace {
 // C rows [0, MR) x columns [0, ncols) (+)= A (MR, K) x Bm (K, ncols <= kNR).
 // A[r, k] at A[r * a_rs + k * a_ks]; Bm row k at Bm + k * b_ks (a packed panel: b_ks = kNR).
 // NV: 16-wide column vectors used (1..kNV): a narrow panel (the last one of N = 50, or N = 8) runs
-// only the vectors it needs instead of masked-off FMAs.
-template <int MR, int NV>
+// only the vectors it needs instead of masked-off FMAs. MaskB: Bm's rows end at ncols (else they are
+// 16*NV wide, zero-padded in a packed panel, and load without masks).
+template <int MR, int NV, bool MaskB>
 __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t a_rs, int64_t a_ks,
                                                      const float* __restrict Bm, int64_t b_ks, int64_t K, float* C,
                                                      int64_t ldc, int64_t ncols, bool accumulate) {
@@ -195,7 +197,7 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, 
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = MaskB ? _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v) : _mm512_loadu_ps(Bm + k * b_ks + 16 * v);
     const float* a_k = A + k * a_ks;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
@@ -218,14 +220,26 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, 
 
 using MicroKernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t,
                              bool);
-template <int NV>
+template <int NV, bool MaskB>
 constexpr MicroKernel kMicroKernelRow[kMR + 1] = {
-    nullptr,           micro_kernel<1, NV>, micro_kernel<2, NV>, micro_kernel<3, NV>, micro_kernel<4, NV>,
-    micro_kernel<5, NV>, micro_kernel<6, NV>, micro_kernel<7, NV>, micro_kernel<8, NV>};
+    nullptr,
+    micro_kernel<1, NV, MaskB>,
+    micro_kernel<2, NV, MaskB>,
+    micro_kernel<3, NV, MaskB>,
+    micro_kernel<4, NV, MaskB>,
+    micro_kernel<5, NV, MaskB>,
+    micro_kernel<6, NV, MaskB>,
+    micro_kernel<7, NV, MaskB>,
+    micro_kernel<8, NV, MaskB>};
 
-// The kernel for mr rows (1..kMR) and ncols columns (1..kNR).
-MicroKernel micro_kernel_for(int64_t mr, int64_t ncols) {
-  return ncols > 32 ? kMicroKernelRow<3>[mr] : ncols > 16 ? kMicroKernelRow<2>[mr] : kMicroKernelRow<1>[mr];
+// The kernel for mr rows (1..kMR) and ncols columns (1..kNR); padded: B's rows are zero-padded to
+// a multiple of 16 columns (a packed panel).
+MicroKernel micro_kernel_for(int64_t mr, int64_t ncols, bool padded) {
+  const int64_t nv = (ncols + 15) / 16;
+  const bool mask_b = !padded && ncols != 16 * nv;
+  if (nv == 3) return mask_b ? kMicroKernelRow<3, true>[mr] : kMicroKernelRow<3, false>[mr];
+  if (nv == 2) return mask_b ? kMicroKernelRow<2, true>[mr] : kMicroKernelRow<2, false>[mr];
+  return mask_b ? kMicroKernelRow<1, true>[mr] : kMicroKernelRow<1, false>[mr];
 }
 
 void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float* C, int64_t ldc, bool accumulate) {
@@ -241,7 +255,7 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
           const float* panel = panels + (p * K + k0) * kNR;
           for (int64_t m = m0; m < m1; m += kMR) {
             const int64_t mr = std::min(kMR, m1 - m);
-            micro_kernel_for(mr, ncols)(A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
+            micro_kernel_for(mr, ncols, true)(A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
                               accumulate || k0 > 0);
           }
         }
@@ -266,7 +280,7 @@ void weight_grad_avx512(int64_t R, int64_t Kc, int64_t N, const float* D, const 
   for (int64_t r = 0; r < R; r += kMR) {
     const int64_t mr = std::min(kMR, R - r);
     for (int64_t c = 0; c < Kc; c += kNR)
-      micro_kernel_for(mr, std::min(kNR, Kc - c))(D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
+      micro_kernel_for(mr, std::min(kNR, Kc - c), false)(D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
   }
 }
 #endif
@@ -404,8 +418,10 @@ FASTATTN_SIMD void column_sums(const T* __restrict x, T* __restrict out, int64_t
 // Run f(b) for every batch row, in parallel when the rows carry enough work to pay for threads.
 template <typename F>
 void for_rows(int64_t B, int64_t work_per_row, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_row, 1));
-  if (B <= grain) {
+  // threads from 32K gate values a step on (batch 32 at hidden 256: the pass is ~10% of a step's
+  // time, and serial it left the second thread idle after each step's GEMM)
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(work_per_row, 1));
+  if (B * work_per_row < 32768 || B <= grain) {
     for (int64_t b = 0; b < B; ++b) f(b);
   } else {
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
@@ -754,13 +770,16 @@ struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // Dispatched normally: lstm_cell_bwd's own autograd (Python) raises a clear error on double backward.
+    // Dispatched normally under create_graph: lstm_cell_bwd's own autograd (Python) raises a clear error
+    // on double backward.
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastattn::lstm_cell_bwd", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&)>();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // see LstmLayerFunction::backward
+    if (!at::GradMode::is_enabled()) below.emplace();
     auto saved = ctx->get_saved_variables();
     const auto &input = saved[0], &hx = saved[1], &cx = saved[2], &cy = saved[3];
     auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(cy);
@@ -808,7 +827,8 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // Dispatched normally: lstm_layer_bwd's own autograd (Python) raises a clear error on double backward.
+    // Dispatched normally under create_graph: lstm_layer_bwd's own autograd (Python) raises a clear error
+    // on double backward.
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastattn::lstm_layer_bwd", "")
                          .typed<LayerBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -816,6 +836,10 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
                                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, bool,
                                             const std::optional<at::Tensor>&)>();
+    // Without create_graph the backward op's own autograd kernel (a Python one, which only raises on
+    // double backward) has nothing to do: skip it.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
     auto s = ctx->get_saved_variables();
     const int64_t flags = ctx->saved_data["flags"].toInt();
     const auto &out = s[6], &h0 = s[1], &c0 = s[2];
