@@ -510,12 +510,13 @@ def test_triton_gates_bf16(triton_device):
 
 @needs_ext
 @pytest.mark.parametrize("T,B,I,H,proj", [(12, 5, 300, 32, 0), (20, 64, 40, 64, 24), (8, 3, 8, 50, 0),
-                                           (6, 1, 20, 20, 0), (5, 7, 33, 17, 0)])
+                                           (6, 1, 20, 20, 0), (5, 7, 33, 17, 0), (3, 40, 16, 256, 0)])
 def test_fp32_kernel_paths_packed(T, B, I, H, proj):
     """fp32 runs our AVX-512 GEMMs (where the CPU has them): K-blocking (input size 300 > 256), row
     blocks with a remainder (B=5, 3, 7, 1), the small weight-gradient kernel and the BLAS one (large T*B),
     narrow last panels of one or two 16-wide vectors (4H = 200 or 68 -> 8 or 20 columns; N = I = 8 or 20
-    for grad_input; N = 20 or 50 for the recurrent gradient)."""
+    for grad_input; N = 20 or 50 for the recurrent gradient), the pointwise passes split over threads
+    (40 x 4*256 gate values)."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(I, H, bidirectional=True, proj_size=proj, dtype=DT)
     ours = LSTM(I, H, bidirectional=True, proj_size=proj)
