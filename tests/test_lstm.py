@@ -354,6 +354,10 @@ def test_bad_inputs():
         L.lstm(torch.randn(3, 2, 5), None, w[0], w[1].double())
     with pytest.raises(ValueError, match="must be on the input's device"):
         L.lstm(torch.randn(3, 2, 5), (torch.randn(2, 7, device="meta"), torch.randn(2, 7)), *w)
+    with pytest.raises(ValueError, match="must be on the input's device"):  # (the thin paths too)
+        L.lstm(torch.randn(3, 2, 5), (torch.randn(2, 7), torch.randn(2, 7)), w[0], w[1].to("meta"))
+    with pytest.raises(ValueError, match="must be on the input's device"):
+        L.lstm_cell(torch.randn(2, 5), (torch.randn(2, 7, device="meta"), torch.randn(2, 7)), *w)
     with pytest.raises(ValueError, match="w_hh must be"):
         L.lstm(torch.randn(3, 2, 5), None, w[0], torch.randn(28, 6))
     with pytest.raises(ValueError, match="lengths must lie in"):

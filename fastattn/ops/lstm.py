@@ -96,7 +96,16 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_
 # --------------------------------------------------------------------------------------------
 # Native ops: fake kernels and autograd (the backward of each op is itself a registered op).
 # --------------------------------------------------------------------------------------------
+def _same_device(input, *tensors):
+    # A meta argument next to CPU ones dispatches here: refuse, as the real kernels do (the thin call
+    # paths of lstm_cell / lstm then take the full path, which names the argument).
+    for t in tensors:
+        if t is not None and t.device != input.device:
+            raise ValueError(f"fastattn lstm: every tensor must be on the input's device {input.device}, got {t.device}")
+
+
 def _cell_fwd_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    _same_device(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     B, H = hx.shape
     return (input.new_empty((B, H)), input.new_empty((B, H)),
             input.new_empty((B, 4 * H), dtype=_compute_dtype(input.dtype)))
@@ -108,6 +117,7 @@ def _cell_bwd_fake(grad_hy, grad_cy, input, hx, cx, cy, w_ih, w_hh, gates):
 
 
 def _layer_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
+    _same_device(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     T, B, _ = input.shape
     H = w_ih.shape[0] // 4
     P = w_hr.shape[0] if w_hr is not None else H
@@ -144,9 +154,10 @@ def _register():
     return lib.lstm_cell_fwd.default, lib.lstm_layer_fwd.default
 
 
-_cell_op = _layer_op = _cell_op_raw = None
+_cell_op = _layer_op = _cell_op_raw = _layer_op_raw = None
 if _ext.available() and hasattr(torch.ops.fastattn, "lstm_layer_fwd"):
     _cell_op, _layer_op = _register()
+    _layer_op_raw = getattr(_layer_op, "_op", _layer_op)
     # The C++ entry point of the op (what OpOverload.__call__ forwards to): the thin call path of
     # lstm_cell, which at hidden 50 costs about as much as the kernel itself.
     _cell_op_raw = getattr(_cell_op, "_op", _cell_op)
@@ -299,6 +310,16 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh:
     after, output 0 there; in reverse each row starts at its own last step), as for a PackedSequence.
     Returns ``(output (T, B, P), (h_n, c_n))``.
     """
+    if (backend is None and lengths is None and hx is not None and _layer_op_raw is not None
+            and _backend._default == "auto" and isinstance(input, Tensor) and input.device.type == "cpu"):
+        # Thin path (what the auto choice gives on the CPU): the native kernel checks every argument
+        # itself; if it refuses, the full path below gives the clear Python error.
+        try:
+            h0, c0 = hx
+            out, h_n, c_n, *_ = _layer_op_raw(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), None)
+            return out, (h_n, c_n)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
+            pass
     _check_tensor(input, "input", (3,))
     T, B, I = input.shape
     if T == 0:
