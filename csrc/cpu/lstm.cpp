@@ -277,11 +277,19 @@ bool small_weight_grad(int64_t N, int64_t R, int64_t Kc) {
 }
 
 void weight_grad_avx512(int64_t R, int64_t Kc, int64_t N, const float* D, const float* Y, float* C) {
-  for (int64_t r = 0; r < R; r += kMR) {
-    const int64_t mr = std::min(kMR, R - r);
-    for (int64_t c = 0; c < Kc; c += kNR)
-      micro_kernel_for(mr, std::min(kNR, Kc - c), false)(D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
-  }
+  auto rows = [&](int64_t tile0, int64_t tile1) {
+    for (int64_t r = tile0 * kMR; r < std::min(R, tile1 * kMR); r += kMR) {
+      const int64_t mr = std::min(kMR, R - r);
+      for (int64_t c = 0; c < Kc; c += kNR) {
+        const int64_t nc = std::min(kNR, Kc - c);
+        micro_kernel_for(mr, nc, false)(D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, nc, false);
+      }
+    }
+  };
+  // row tiles split over threads from ~1M multiply-adds (grad_w_hh at the seed shape: 200 x 50 x 512)
+  const int64_t tiles = (R + kMR - 1) / kMR;
+  if (R * Kc * N < kParallelFmas) rows(0, tiles);
+  else at::parallel_for(0, tiles, 1, rows);
 }
 #endif
 
