@@ -354,6 +354,10 @@ def test_bad_inputs():
         L.lstm(torch.randn(3, 2, 5), None, w[0], w[1].double())
     with pytest.raises(ValueError, match="must be on the input's device"):
         L.lstm(torch.randn(3, 2, 5), (torch.randn(2, 7, device="meta"), torch.randn(2, 7)), *w)
+    with pytest.raises(ValueError, match="must be on the input's device"):  # (the thin paths too)
+        L.lstm(torch.randn(3, 2, 5), (torch.randn(2, 7), torch.randn(2, 7)), w[0], w[1].to("meta"))
+    with pytest.raises(ValueError, match="must be on the input's device"):
+        L.lstm_cell(torch.randn(2, 5), (torch.randn(2, 7, device="meta"), torch.randn(2, 7)), *w)
     with pytest.raises(ValueError, match="w_hh must be"):
         L.lstm(torch.randn(3, 2, 5), None, w[0], torch.randn(28, 6))
     with pytest.raises(ValueError, match="lengths must lie in"):
@@ -509,10 +513,14 @@ def test_triton_gates_bf16(triton_device):
 
 
 @needs_ext
-@pytest.mark.parametrize("T,B,I,H,proj", [(12, 5, 300, 32, 0), (20, 64, 40, 64, 24)])
+@pytest.mark.parametrize("T,B,I,H,proj", [(12, 5, 300, 32, 0), (20, 64, 40, 64, 24), (8, 3, 8, 50, 0),
+                                           (6, 1, 20, 20, 0), (5, 7, 33, 17, 0), (3, 40, 16, 256, 0)])
 def test_fp32_kernel_paths_packed(T, B, I, H, proj):
     """fp32 runs our AVX-512 GEMMs (where the CPU has them): K-blocking (input size 300 > 256), row
-    blocks with a remainder (B=5), the small weight-gradient kernel and the BLAS one (large T*B)."""
+    blocks with a remainder (B=5, 3, 7, 1), the small weight-gradient kernel and the BLAS one (large T*B),
+    narrow last panels of one or two 16-wide vectors (4H = 200 or 68 -> 8 or 20 columns; N = I = 8 or 20
+    for grad_input; N = 20 or 50 for the recurrent gradient), the pointwise passes split over threads
+    (40 x 4*256 gate values)."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(I, H, bidirectional=True, proj_size=proj, dtype=DT)
     ours = LSTM(I, H, bidirectional=True, proj_size=proj)

@@ -84,6 +84,24 @@ void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* 
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// MKL opens an OpenMP region even for tiny products (a cell step at batch 8 is 8 x 200 x 50), and
+// the thread wake-up costs more than the product: below ~1M multiply-adds BLAS runs on the calling
+// thread. MKL_Set_Num_Threads_Local (the C entry; the lowercase names are
+// the Fortran ones, which take a pointer) is looked up weakly (absent when torch's BLAS is not MKL).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+constexpr int64_t kParallelFmas = 1 << 20;
+
+struct BlasOnCallingThread {
+  bool set = false;
+  int prev = 0;
+  explicit BlasOnCallingThread(int64_t fmas) {
+    if (fmas < kParallelFmas && MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1), set = true;
+  }
+  ~BlasOnCallingThread() {
+    if (set) MKL_Set_Num_Threads_Local(prev);  // 0: back to the global setting
+  }
+};
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -99,6 +117,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
   const int la = (int)std::max<int64_t>(ldb, 1), lb = (int)std::max<int64_t>(lda, 1),
             lc = (int)std::max<int64_t>(ldc, 1);
   const T one = T(1);
+  BlasOnCallingThread serial(M * N * K);
   blas_gemm<T>(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
@@ -112,7 +131,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
 //   * micro-kernel: 8 rows x 48 columns of C in 24 zmm accumulators; per k three panel loads, 8
 //     broadcasts of A and 24 FMAs;
 //   * rows are taken in chunks of 128 (A's chunk stays in L2), K in blocks of 256 (a panel block,
-//     48 KB, stays in L1), panels split across threads.
+//     48 KB, L1/L2; blocks of 128 measured ~2% slower at LSTM(256, 256)), panels split across threads.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kNV = 3, kNR = 16 * kNV, kMR = 8, kMChunk = 128, kKBlock = 256;
 
@@ -156,38 +175,41 @@ namespace {
 
 // C rows [0, MR) x columns [0, ncols) (+)= A (MR, K) x Bm (K, ncols <= kNR).
 // A[r, k] at A[r * a_rs + k * a_ks]; Bm row k at Bm + k * b_ks (a packed panel: b_ks = kNR).
-template <int MR>
+// NV: 16-wide column vectors used (1..kNV): a narrow panel (the last one of N = 50, or N = 8) runs
+// only the vectors it needs instead of masked-off FMAs. MaskB: Bm's rows end at ncols (else they are
+// 16*NV wide, zero-padded in a packed panel, and load without masks).
+template <int MR, int NV, bool MaskB>
 __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, int64_t a_rs, int64_t a_ks,
                                                      const float* __restrict Bm, int64_t b_ks, int64_t K, float* C,
                                                      int64_t ldc, int64_t ncols, bool accumulate) {
-  __mmask16 mask[kNV];
+  __mmask16 mask[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < kNV; ++v) {
+  for (int v = 0; v < NV; ++v) {
     const int64_t left = ncols - 16 * v;
     mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
   }
-  __m512 acc[MR][kNV];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 b[kNV];
+    __m512 b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = MaskB ? _mm512_maskz_loadu_ps(mask[v], Bm + k * b_ks + 16 * v) : _mm512_loadu_ps(Bm + k * b_ks + 16 * v);
     const float* a_k = A + k * a_ks;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(a_k[r * a_rs]);
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     float* c = C + r * ldc;
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) {
+    for (int v = 0; v < NV; ++v) {
       __m512 x = acc[r][v];
       if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c + 16 * v));
       _mm512_mask_storeu_ps(c + 16 * v, mask[v], x);
@@ -197,9 +219,27 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict A, 
 
 using MicroKernel = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t, int64_t,
                              bool);
-constexpr MicroKernel kMicroKernels[kMR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
-                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
-                                                micro_kernel<6>, micro_kernel<7>, micro_kernel<8>};
+template <int NV, bool MaskB>
+constexpr MicroKernel kMicroKernelRow[kMR + 1] = {
+    nullptr,
+    micro_kernel<1, NV, MaskB>,
+    micro_kernel<2, NV, MaskB>,
+    micro_kernel<3, NV, MaskB>,
+    micro_kernel<4, NV, MaskB>,
+    micro_kernel<5, NV, MaskB>,
+    micro_kernel<6, NV, MaskB>,
+    micro_kernel<7, NV, MaskB>,
+    micro_kernel<8, NV, MaskB>};
+
+// The kernel for mr rows (1..kMR) and ncols columns (1..kNR); padded: B's rows are zero-padded to
+// a multiple of 16 columns (a packed panel).
+MicroKernel micro_kernel_for(int64_t mr, int64_t ncols, bool padded) {
+  const int64_t nv = (ncols + 15) / 16;
+  const bool mask_b = !padded && ncols != 16 * nv;
+  if (nv == 3) return mask_b ? kMicroKernelRow<3, true>[mr] : kMicroKernelRow<3, false>[mr];
+  if (nv == 2) return mask_b ? kMicroKernelRow<2, true>[mr] : kMicroKernelRow<2, false>[mr];
+  return mask_b ? kMicroKernelRow<1, true>[mr] : kMicroKernelRow<1, false>[mr];
+}
 
 void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float* C, int64_t ldc, bool accumulate) {
   const float* panels = W.buf.const_data_ptr<float>();
@@ -214,17 +254,18 @@ void gemm_packed(int64_t M, const float* A, int64_t lda, const PackedW& W, float
           const float* panel = panels + (p * K + k0) * kNR;
           for (int64_t m = m0; m < m1; m += kMR) {
             const int64_t mr = std::min(kMR, m1 - m);
-            kMicroKernels[mr](A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
+            micro_kernel_for(mr, ncols, true)(A + m * lda + k0, lda, 1, panel, kNR, kb, C + m * ldc + p * kNR, ldc, ncols,
                               accumulate || k0 > 0);
           }
         }
       }
     }
   };
-  // threads only when each gets a few hundred thousand FMAs
+  // threads only for products of ~1M multiply-adds or more (a thread wake-up costs microseconds),
+  // and then each thread gets a few hundred thousand
   const int64_t fmas_per_panel = M * K * kNR;
   const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(fmas_per_panel, 1));
-  if (W.panels <= grain) run_panels(0, W.panels);
+  if (W.panels <= grain || M * K * N < kParallelFmas) run_panels(0, W.panels);
   else at::parallel_for(0, W.panels, grain, run_panels);
 }
 
@@ -235,11 +276,19 @@ bool small_weight_grad(int64_t N, int64_t R, int64_t Kc) {
 }
 
 void weight_grad_avx512(int64_t R, int64_t Kc, int64_t N, const float* D, const float* Y, float* C) {
-  for (int64_t r = 0; r < R; r += kMR) {
-    const int64_t mr = std::min(kMR, R - r);
-    for (int64_t c = 0; c < Kc; c += kNR)
-      kMicroKernels[mr](D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, std::min(kNR, Kc - c), false);
-  }
+  auto rows = [&](int64_t tile0, int64_t tile1) {
+    for (int64_t r = tile0 * kMR; r < std::min(R, tile1 * kMR); r += kMR) {
+      const int64_t mr = std::min(kMR, R - r);
+      for (int64_t c = 0; c < Kc; c += kNR) {
+        const int64_t nc = std::min(kNR, Kc - c);
+        micro_kernel_for(mr, nc, false)(D + r, 1, R, Y + c, Kc, N, C + r * Kc + c, Kc, nc, false);
+      }
+    }
+  };
+  // row tiles split over threads from ~1M multiply-adds (grad_w_hh at the seed shape: 200 x 50 x 512)
+  const int64_t tiles = (R + kMR - 1) / kMR;
+  if (R * Kc * N < kParallelFmas) rows(0, tiles);
+  else at::parallel_for(0, tiles, 1, rows);
 }
 #endif
 
@@ -376,8 +425,10 @@ FASTATTN_SIMD void column_sums(const T* __restrict x, T* __restrict out, int64_t
 // Run f(b) for every batch row, in parallel when the rows carry enough work to pay for threads.
 template <typename F>
 void for_rows(int64_t B, int64_t work_per_row, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_row, 1));
-  if (B <= grain) {
+  // threads from 32K gate values a step on (batch 32 at hidden 256: the pass is ~10% of a step's
+  // time, and serial it left the second thread idle after each step's GEMM)
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(work_per_row, 1));
+  if (B * work_per_row < 32768 || B <= grain) {
     for (int64_t b = 0; b < B; ++b) f(b);
   } else {
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
@@ -704,7 +755,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // Autograd of the cell step, in C++: a cell step at hidden 50 takes a few microseconds, and a
 // Python autograd kernel (torch.library.register_autograd) would cost several times that per call.
 // Device-generic: it redispatches to the CPU or CUDA kernels of lstm_cell_fwd / lstm_cell_bwd.
-// (The layer op keeps its autograd in Python, fastattn/ops/lstm.py: one call runs a whole sequence.)
 // ---------------------------------------------------------------------------------------------
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -727,13 +777,16 @@ struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // Dispatched normally: lstm_cell_bwd's own autograd (Python) raises a clear error on double backward.
+    // Dispatched normally under create_graph: lstm_cell_bwd's own autograd (Python) raises a clear error
+    // on double backward.
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastattn::lstm_cell_bwd", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&)>();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // see LstmLayerFunction::backward
+    if (!at::GradMode::is_enabled()) below.emplace();
     auto saved = ctx->get_saved_variables();
     const auto &input = saved[0], &hx = saved[1], &cx = saved[2], &cy = saved[3];
     auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(cy);
@@ -752,10 +805,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_autograd(
   return {out[0], out[1], out[2]};
 }
 
+// The layer's autograd, in C++ too: at the seed shape (batch 64, 8 steps, hidden 50) a layer call is
+// ~100 microseconds of math, and torch.library's Python autograd wrapper cost a good part of that.
+using LayerFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LayerBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& h0,
+                               const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                               const std::optional<at::Tensor>& w_hr, bool reverse,
+                               const std::optional<at::Tensor>& lengths) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::lstm_layer_fwd", "")
+                         .typed<LayerFwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const std::optional<at::Tensor>&,
+                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                                            const std::optional<at::Tensor>&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, h_n, c_n, gates, cells, hidden] = op.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths);
+    const bool proj = w_hr && w_hr->defined(), has_len = lengths && lengths->defined();
+    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, proj ? *w_hr : at::Tensor(), out, gates, cells, hidden,
+                            has_len ? *lengths : at::Tensor()});
+    ctx->saved_data["flags"] = (int64_t)(b_ih && b_ih->defined() ? 1 : 0) | (b_hh && b_hh->defined() ? 2 : 0) |
+                               (proj ? 4 : 0) | (has_len ? 8 : 0) | (reverse ? 16 : 0);
+    ctx->mark_non_differentiable({gates, cells, hidden});
+    return {out, h_n, c_n, gates, cells, hidden};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Dispatched normally under create_graph: lstm_layer_bwd's own autograd (Python) raises a clear error
+    // on double backward.
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::lstm_layer_bwd", "")
+                         .typed<LayerBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, bool,
+                                            const std::optional<at::Tensor>&)>();
+    // Without create_graph the backward op's own autograd kernel (a Python one, which only raises on
+    // double backward) has nothing to do: skip it.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
+    auto s = ctx->get_saved_variables();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const auto &out = s[6], &h0 = s[1], &c0 = s[2];
+    auto zeros_if_none = [](const at::Tensor& g, const at::Tensor& like) {
+      return g.defined() ? g : at::zeros_like(like, at::MemoryFormat::Contiguous);
+    };
+    std::optional<at::Tensor> w_hr, lengths;
+    if (flags & 4) w_hr = s[5];
+    if (flags & 8) lengths = s[10];
+    auto [dx, dh0, dc0, dwi, dwh, db, dwr] =
+        op.call(zeros_if_none(grads[0], out), zeros_if_none(grads[1], h0), zeros_if_none(grads[2], c0), s[0], h0, c0,
+                s[3], s[4], w_hr, out, s[7], s[8], s[9], (flags & 16) != 0, lengths);
+    return {dx,
+            dh0,
+            dc0,
+            dwi,
+            dwh,
+            (flags & 1) ? db : at::Tensor(),
+            (flags & 2) ? db : at::Tensor(),
+            (flags & 4) ? dwr : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+LayerFwdOut lstm_layer_fwd_autograd(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+                                    bool reverse, const std::optional<at::Tensor>& lengths) {
+  auto o = LstmLayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
 }  // namespace
 }  // namespace fastattn
 
-TORCH_LIBRARY_IMPL(fastattn, Autograd, m) { m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_autograd); }
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
+  m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_autograd);
+  m.impl("lstm_layer_fwd", &fastattn::lstm_layer_fwd_autograd);
+}
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_cpu);

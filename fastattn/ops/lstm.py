@@ -96,7 +96,16 @@ def lstm_layer_reference(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_
 # --------------------------------------------------------------------------------------------
 # Native ops: fake kernels and autograd (the backward of each op is itself a registered op).
 # --------------------------------------------------------------------------------------------
+def _same_device(input, *tensors):
+    # A meta argument next to CPU ones dispatches here: refuse, as the real kernels do (the thin call
+    # paths of lstm_cell / lstm then take the full path, which names the argument).
+    for t in tensors:
+        if t is not None and t.device != input.device:
+            raise ValueError(f"fastattn lstm: every tensor must be on the input's device {input.device}, got {t.device}")
+
+
 def _cell_fwd_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    _same_device(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     B, H = hx.shape
     return (input.new_empty((B, H)), input.new_empty((B, H)),
             input.new_empty((B, 4 * H), dtype=_compute_dtype(input.dtype)))
@@ -108,6 +117,7 @@ def _cell_bwd_fake(grad_hy, grad_cy, input, hx, cx, cy, w_ih, w_hh, gates):
 
 
 def _layer_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
+    _same_device(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     T, B, _ = input.shape
     H = w_ih.shape[0] // 4
     P = w_hr.shape[0] if w_hr is not None else H
@@ -124,28 +134,6 @@ def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, 
     return e(input), e(h0), e(c0), e(w_ih), e(w_hh), input.new_empty((w_ih.shape[0],)), dwr
 
 
-def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if g is None else g.contiguous()
-
-
-def _layer_setup(ctx, inputs, output):
-    input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths = inputs
-    out, h_n, c_n, gates, cells, hidden = output
-    ctx.mark_non_differentiable(gates, cells, hidden)
-    ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hidden, lengths)
-    ctx.has_bias = (b_ih is not None, b_hh is not None)
-    ctx.reverse = reverse
-
-
-def _layer_backward(ctx, grad_out, grad_h_n, grad_c_n, _g1, _g2, _g3):
-    input, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, hidden, lengths = ctx.saved_tensors
-    dx, dh0, dc0, dwi, dwh, db, dwr = torch.ops.fastattn.lstm_layer_bwd(
-        _zeros_if_none(grad_out, out), _zeros_if_none(grad_h_n, h0), _zeros_if_none(grad_c_n, c0), input, h0, c0,
-        w_ih, w_hh, w_hr, out, gates, cells, hidden, ctx.reverse, lengths)
-    return (dx, dh0, dc0, dwi, dwh, db if ctx.has_bias[0] else None, db if ctx.has_bias[1] else None,
-            dwr if w_hr is not None else None, None, None)
-
-
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("fastattn LSTM: double backward (differentiating the gradient) is not supported; "
                        "use backend='reference' for higher-order gradients")
@@ -157,17 +145,19 @@ def _register():
     torch.library.register_fake("fastattn::lstm_cell_bwd")(_cell_bwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_fwd")(_layer_fwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_bwd")(_layer_bwd_fake)
-    # lstm_cell_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): its per-call cost matters at hidden 50.
-    torch.library.register_autograd("fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup)
+    # lstm_cell_fwd's and lstm_layer_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): the per-call cost of
+    # a Python autograd wrapper matters at hidden 50 (a cell step is a few microseconds, a seed-sized
+    # layer ~100).
     for name in ("lstm_cell_bwd", "lstm_layer_bwd"):
         torch.library.register_autograd(f"fastattn::{name}", _no_double_backward,
                                         setup_context=lambda ctx, inputs, output: None)
     return lib.lstm_cell_fwd.default, lib.lstm_layer_fwd.default
 
 
-_cell_op = _layer_op = _cell_op_raw = None
+_cell_op = _layer_op = _cell_op_raw = _layer_op_raw = None
 if _ext.available() and hasattr(torch.ops.fastattn, "lstm_layer_fwd"):
     _cell_op, _layer_op = _register()
+    _layer_op_raw = getattr(_layer_op, "_op", _layer_op)
     # The C++ entry point of the op (what OpOverload.__call__ forwards to): the thin call path of
     # lstm_cell, which at hidden 50 costs about as much as the kernel itself.
     _cell_op_raw = getattr(_cell_op, "_op", _cell_op)
@@ -320,6 +310,16 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh:
     after, output 0 there; in reverse each row starts at its own last step), as for a PackedSequence.
     Returns ``(output (T, B, P), (h_n, c_n))``.
     """
+    if (backend is None and lengths is None and hx is not None and _layer_op_raw is not None
+            and _backend._default == "auto" and isinstance(input, Tensor) and input.device.type == "cpu"):
+        # Thin path (what the auto choice gives on the CPU): the native kernel checks every argument
+        # itself; if it refuses, the full path below gives the clear Python error.
+        try:
+            h0, c0 = hx
+            out, h_n, c_n, *_ = _layer_op_raw(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), None)
+            return out, (h_n, c_n)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
+            pass
     _check_tensor(input, "input", (3,))
     T, B, I = input.shape
     if T == 0:
