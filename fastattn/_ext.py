@@ -1,4 +1,6 @@
 """Loads the compiled extension (``fastattn._C``), which registers the native ops with torch."""
+import functools
+
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 try:
@@ -13,6 +15,7 @@ def available() -> bool:
     return _C is not None
 
 
+@functools.lru_cache(maxsize=None)  # the registry is fixed once the extension has loaded; asked on every op call
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastattn::<op>`` has a kernel for ``dispatch_key`` ('CPU' or 'CUDA')."""
     if _C is None:

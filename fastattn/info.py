@@ -12,6 +12,7 @@ from fastattn import _ext, backend as _backend
 # public op name -> the registered native op (fastattn::<name>) its cpu/cuda backends call
 OPS = {
     "attention": "attention_fwd",
+    "attention_varlen": "attention_varlen_fwd",
     "conv2d": "conv2d_fwd",
     "conv2d_relu_maxpool2d": "conv2d_relu_maxpool2d_fwd",
     "lstm_cell": "lstm_cell_fwd",

@@ -105,7 +105,8 @@ def _select_backend(backend: Optional[str], q: Tensor, v: Tensor, bias: Optional
     key = (requested, q.device, q.dtype, q.shape[-1], v.shape[-1], bias_grad, _backend.triton_interpret())
     name = _SELECTED.get(key)
     if name is None:
-        name = _backend.select("attention", requested, q.device, _attn_ops._reasons(q, v, bias),
+        big_head = max(q.shape[-1], v.shape[-1]) > 256
+        name = _backend.select("attention", requested, q.device, _attn_ops._reasons(q.dtype, big_head, bias_grad),
                                native_op="attention_fwd")
         _SELECTED[key] = name
     return name
