@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -573,6 +574,193 @@ at::Tensor check_lengths(const std::optional<at::Tensor>& lengths, int64_t T, in
   return lc;
 }
 
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+constexpr bool kFusedDefault = true;
+constexpr int64_t kFusedMinHidden = 32;
+// ---------------------------------------------------------------------------------------------
+// Fused recurrent step (fp32, AVX-512, no projection): the step's GEMM h_{t-1} W_hh^T and its gate
+// math in one kernel, no separate pointwise pass over the gates.
+//   * W_hh^T is packed once per layer call into column tiles of 16 hidden units: tile u is (P, 64),
+//     its columns [i | f | g | o] of units 16u..16u+15 (zero-padded past H). One register block of
+//     6 batch rows x 64 columns (24 zmm accumulators; per k 4 panel loads, 6 broadcasts, 24 FMAs)
+//     then holds all four gate pre-activations of 6 rows x 16 units;
+//   * its epilogue adds the input projection (precomputed for all steps, in gates[t]) and the
+//     biases, applies the gate math and writes the activated gates (the layout backward reads),
+//     c_t and h_t;
+//   * a step's tiles are split over threads, tile by tile (each thread reads only its tiles'
+//     panels, P*256 bytes each, from its own L2); step t+1 needs all of h_t, so one
+//     at::parallel_for per step, and h is double-buffered (h_{t-1} is read while h_t is written).
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kTileUnits = 16, kTileCols = 4 * kTileUnits, kFusedMR = 6;
+
+struct TiledWhh {
+  at::Tensor buf;  // (tiles, K, kTileCols)
+  int64_t H = 0, K = 0, tiles = 0;
+};
+
+// W_hh is (4H, K) row-major (torch's layout, gates [i | f | g | o] along the rows).
+TiledWhh pack_whh_tiles(const float* W, int64_t H, int64_t K) {
+  TiledWhh p;
+  p.H = H, p.K = K, p.tiles = (H + kTileUnits - 1) / kTileUnits;
+  p.buf = at::zeros({p.tiles * K * kTileCols}, at::kFloat);
+  float* dst = p.buf.data_ptr<float>();
+  for (int64_t gate = 0; gate < 4; ++gate)
+    for (int64_t j = 0; j < H; ++j) {
+      const float* w = W + (gate * H + j) * K;
+      float* d = dst + (j / kTileUnits) * K * kTileCols + gate * kTileUnits + j % kTileUnits;
+      for (int64_t k = 0; k < K; ++k) d[k * kTileCols] = w[k];
+    }
+  return p;
+}
+
+// pre (MR, 64) = A (MR, K) x panel (K, 64); A's rows lda apart.
+template <int MR>
+__attribute__((target("avx512f"))) void tile_gemm(const float* __restrict A, int64_t lda,
+                                                  const float* __restrict panel, int64_t K, float* __restrict pre) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* p = panel + k * kTileCols;
+    const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16), b2 = _mm512_loadu_ps(p + 32),
+                 b3 = _mm512_loadu_ps(p + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(pre + r * kTileCols + 16 * v, acc[r][v]);
+}
+
+using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*);
+constexpr TileGemm kTileGemm[kFusedMR + 1] = {nullptr,      tile_gemm<1>, tile_gemm<2>, tile_gemm<3>,
+                                              tile_gemm<4>, tile_gemm<5>, tile_gemm<6>};
+
+// The epilogue of one batch row of a tile: n (<= 16) units. pre: the 64 recurrent pre-activations
+// [i | f | g | o]; g: this row's gates at unit j0 (gate q at g[q*H]): the input projection in, the
+// activations out (the same arithmetic as pointwise_fwd_row); c: the running cell (in/out); c_save:
+// cells[t]; h_out: output[t]; h_next: the state the next step reads; h_prev: the state this step read.
+// An inactive row (past its length) keeps its state; its gates and output are 0.
+FASTATTN_SIMD void tile_epilogue_row(const float* __restrict pre, float* __restrict g, int64_t H,
+                                     const float* __restrict bias, float* __restrict c, float* __restrict c_save,
+                                     float* __restrict h_out, float* __restrict h_next,
+                                     const float* __restrict h_prev, bool active, int64_t n) {
+  float* gi = g;
+  float* gf = g + H;
+  float* gg = g + 2 * H;
+  float* go = g + 3 * H;
+  if (!active) {
+    for (int64_t j = 0; j < n; ++j) {
+      gi[j] = gf[j] = gg[j] = go[j] = 0.f;
+      c_save[j] = c[j];
+      h_out[j] = 0.f;
+      h_next[j] = h_prev[j];
+    }
+    return;
+  }
+  if (bias) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      gi[j] = (pre[j] + gi[j]) + bias[j];
+      gf[j] = (pre[16 + j] + gf[j]) + bias[H + j];
+      gg[j] = (pre[32 + j] + gg[j]) + bias[2 * H + j];
+      go[j] = (pre[48 + j] + go[j]) + bias[3 * H + j];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      gi[j] = pre[j] + gi[j];
+      gf[j] = pre[16 + j] + gf[j];
+      gg[j] = pre[32 + j] + gg[j];
+      go[j] = pre[48 + j] + go[j];
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float i = sigmoid(gi[j]), f = sigmoid(gf[j]), gt = tanh_(gg[j]), o = sigmoid(go[j]);
+    const float cn = f * c[j] + i * gt;
+    const float h = o * tanh_(cn);
+    gi[j] = i;
+    gf[j] = f;
+    gg[j] = gt;
+    go[j] = o;
+    c[j] = cn;
+    c_save[j] = cn;
+    h_out[j] = h;
+    h_next[j] = h;
+  }
+}
+
+// One step t of the layer (no projection, P = H). Gt: gates[t] (B, 4H); C: the running cell (B, H);
+// Ct: cells[t]; Ot: output[t]; h_prev -> h_next: the hidden state (B, H).
+void fused_step(const TiledWhh& W, const Layer& L, int64_t t, const float* h_prev, float* h_next, float* Gt,
+                const float* bias, float* C, float* Ct, float* Ot) {
+  const int64_t B = L.B, H = L.H, K = W.K;
+  const float* panels = W.buf.const_data_ptr<float>();
+  auto run_tiles = [&](int64_t u0, int64_t u1) {
+    alignas(64) float pre[kFusedMR * kTileCols];
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
+      const float* panel = panels + u * K * kTileCols;
+      for (int64_t b0 = 0; b0 < B; b0 += kFusedMR) {
+        const int64_t mr = std::min(kFusedMR, B - b0);
+        kTileGemm[mr](h_prev + b0 * H, H, panel, K, pre);
+        for (int64_t r = 0; r < mr; ++r) {
+          const int64_t b = b0 + r;
+          tile_epilogue_row(pre + r * kTileCols, Gt + b * 4 * H + j0, H, bias ? bias + j0 : nullptr, C + b * H + j0,
+                            Ct + b * H + j0, Ot + b * H + j0, h_next + b * H + j0, h_prev + b * H + j0,
+                            L.active(t, b), n);
+        }
+      }
+    }
+  };
+  if (B * 4 * H * K < kParallelFmas || W.tiles == 1) run_tiles(0, W.tiles);
+  else at::parallel_for(0, W.tiles, 1, run_tiles);
+}
+
+// Every step of the layer through fused_step. G: gates (T, B, 4H) holding the input projection;
+// Hs, Cs: the running state (B, H), h0/c0 in, h_n/c_n out; CS: cells (T, B, H); O: output (T, B, H).
+void fused_recurrence(const Layer& L, const float* w_hh, const float* bias, float* G, float* Hs, float* Cs,
+                      float* CS, float* O) {
+  const int64_t T = L.T, B = L.B, H = L.H;
+  const TiledWhh tiled = pack_whh_tiles(w_hh, H, H);
+  std::vector<float> h_other(B * H);
+  float* hbuf[2] = {Hs, h_other.data()};
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = L.time_of_step(s);
+    fused_step(tiled, L, t, hbuf[s % 2], hbuf[(s + 1) % 2], G + t * B * 4 * H, bias, Cs, CS + t * B * H,
+               O + t * B * H);
+  }
+  if (T % 2) std::memcpy(Hs, hbuf[1], B * H * sizeof(float));
+}
+
+// The fused path: fp32 on AVX-512 without a projection. FASTATTN_LSTM_FUSED=0 turns it off,
+// =1 on wherever it can run, =require: on, and an error where it cannot run (tests use it to be sure
+// they run it); unset: on from kFusedMinHidden.
+bool use_fused_step(bool is_float, bool proj, int64_t H, int64_t rows_total) {
+  const char* env = std::getenv("FASTATTN_LSTM_FUSED");
+  const bool can = is_float && !proj && cpu_has_avx512() && H >= 1 && rows_total >= 1;
+  if (env && env[0] == 'r') {
+    TORCH_CHECK(can, "fastattn lstm: FASTATTN_LSTM_FUSED=require, but the fused step needs float32, no proj_size "
+                "and an AVX-512 CPU");
+    return true;
+  }
+  if (!can) return false;
+  if (env && env[0] == '0') return false;
+  if (env && env[0] == '1') return true;
+  return kFusedDefault && H >= kFusedMinHidden && rows_total >= 16;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_opt, const std::optional<at::Tensor>& b_hh_opt,
@@ -623,6 +811,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // 2. the recurrence
     const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
     const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+    if (use_fused_step(std::is_same_v<T_, float>, proj, H, T * B)) {  // T_ is float here
+      fused_recurrence(L, reinterpret_cast<const float*>(WH), reinterpret_cast<const float*>(BS),
+                       reinterpret_cast<float*>(G), reinterpret_cast<float*>(Hs), reinterpret_cast<float*>(Cs),
+                       reinterpret_cast<float*>(CS), reinterpret_cast<float*>(O));
+      return;
+    }
+#endif
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = L.time_of_step(s);
       T_* Gt = G + t * B * 4 * H;
