@@ -578,31 +578,32 @@ at::Tensor check_lengths(const std::optional<at::Tensor>& lengths, int64_t T, in
 constexpr bool kFusedDefault = true;
 constexpr int64_t kFusedMinHidden = 32;
 // ---------------------------------------------------------------------------------------------
-// Fused recurrent step (fp32, AVX-512, no projection): the step's GEMM h_{t-1} W_hh^T and its gate
-// math in one kernel, no separate pointwise pass over the gates.
-//   * W_hh^T is packed once per layer call into column tiles of 16 hidden units: tile u is (P, 64),
-//     its columns [i | f | g | o] of units 16u..16u+15 (zero-padded past H). One register block of
-//     6 batch rows x 64 columns (24 zmm accumulators; per k 4 panel loads, 6 broadcasts, 24 FMAs)
-//     then holds all four gate pre-activations of 6 rows x 16 units;
-//   * its epilogue adds the input projection (precomputed for all steps, in gates[t]) and the
-//     biases, applies the gate math and writes the activated gates (the layout backward reads),
-//     c_t and h_t;
-//   * a step's tiles are split over threads, tile by tile (each thread reads only its tiles'
-//     panels, P*256 bytes each, from its own L2); step t+1 needs all of h_t, so one
-//     at::parallel_for per step, and h is double-buffered (h_{t-1} is read while h_t is written).
+// Fused step (fp32, AVX-512, no projection): the step's two products x_t W_ih^T + h_{t-1} W_hh^T
+// and its gate math in one kernel: no input-projection pass over all T steps, no separate
+// pointwise pass re-reading the gates.
+//   * W_ih^T and W_hh^T are packed once per layer call into column tiles of 16 hidden units: tile u
+//     is (K, 64), its columns [i | f | g | o] of units 16u..16u+15 (zero-padded past H). One
+//     register block of 6 batch rows x 64 columns (24 zmm accumulators; per k 4 panel loads,
+//     6 broadcasts, 24 FMAs) then holds all four gate pre-activations of 6 rows x 16 units;
+//   * its epilogue adds the biases, applies the gate math and writes the activated gates (the
+//     layout backward reads), c_t and h_t;
+//   * a step's tiles are split over threads, tile by tile (a thread reads only its tiles' panels,
+//     (I + H) * 256 bytes each); step t+1 needs all of h_t, so one at::parallel_for per step, and
+//     h is double-buffered (h_{t-1} is read while h_t is written).
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kTileUnits = 16, kTileCols = 4 * kTileUnits, kFusedMR = 6;
 
-struct TiledWhh {
+struct GateTiles {
   at::Tensor buf;  // (tiles, K, kTileCols)
-  int64_t H = 0, K = 0, tiles = 0;
+  int64_t K = 0, tiles = 0;
+  const float* panel(int64_t u) const { return buf.const_data_ptr<float>() + u * K * kTileCols; }
 };
 
-// W_hh is (4H, K) row-major (torch's layout, gates [i | f | g | o] along the rows).
-TiledWhh pack_whh_tiles(const float* W, int64_t H, int64_t K) {
-  TiledWhh p;
-  p.H = H, p.K = K, p.tiles = (H + kTileUnits - 1) / kTileUnits;
-  p.buf = at::zeros({p.tiles * K * kTileCols}, at::kFloat);
+// W is (4H, K) row-major (torch's w_ih / w_hh, gates [i | f | g | o] along the rows).
+GateTiles pack_gate_tiles(const float* W, int64_t H, int64_t K) {
+  GateTiles p;
+  p.K = K, p.tiles = (H + kTileUnits - 1) / kTileUnits;
+  p.buf = at::zeros({p.tiles * std::max<int64_t>(K, 1) * kTileCols}, at::kFloat);
   float* dst = p.buf.data_ptr<float>();
   for (int64_t gate = 0; gate < 4; ++gate)
     for (int64_t j = 0; j < H; ++j) {
@@ -613,15 +614,12 @@ TiledWhh pack_whh_tiles(const float* W, int64_t H, int64_t K) {
   return p;
 }
 
-// pre (MR, 64) = A (MR, K) x panel (K, 64); A's rows lda apart.
+// acc (MR x 4 vectors) += A (MR, K) x panel (K, 64); A's rows lda apart.
 template <int MR>
-__attribute__((target("avx512f"))) void tile_gemm(const float* __restrict A, int64_t lda,
-                                                  const float* __restrict panel, int64_t K, float* __restrict pre) {
-  __m512 acc[MR][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+__attribute__((target("avx512f"), always_inline)) inline void tile_accumulate(__m512 (&acc)[MR][4],
+                                                                              const float* __restrict A, int64_t lda,
+                                                                              const float* __restrict panel,
+                                                                              int64_t K) {
   for (int64_t k = 0; k < K; ++k) {
     const float* p = panel + k * kTileCols;
     const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16), b2 = _mm512_loadu_ps(p + 32),
@@ -635,110 +633,109 @@ __attribute__((target("avx512f"))) void tile_gemm(const float* __restrict A, int
       acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
     }
   }
+}
+
+// pre (MR, 64) = X (MR, I) x panel_x (I, 64) + Hp (MR, H) x panel_h (H, 64).
+template <int MR>
+__attribute__((target("avx512f"))) void tile_gemm(const float* X, int64_t I, const float* panel_x, const float* Hp,
+                                                  int64_t H, const float* panel_h, float* __restrict pre) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+  tile_accumulate<MR>(acc, X, I, panel_x, I);
+  tile_accumulate<MR>(acc, Hp, H, panel_h, H);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(pre + r * kTileCols + 16 * v, acc[r][v]);
 }
 
-using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*);
+using TileGemm = void (*)(const float*, int64_t, const float*, const float*, int64_t, const float*, float*);
 constexpr TileGemm kTileGemm[kFusedMR + 1] = {nullptr,      tile_gemm<1>, tile_gemm<2>, tile_gemm<3>,
                                               tile_gemm<4>, tile_gemm<5>, tile_gemm<6>};
 
-// The epilogue of one batch row of a tile: n (<= 16) units. pre: the 64 recurrent pre-activations
-// [i | f | g | o]; g: this row's gates at unit j0 (gate q at g[q*H]): the input projection in, the
-// activations out (the same arithmetic as pointwise_fwd_row); c: the running cell (in/out); c_save:
-// cells[t]; h_out: output[t]; h_next: the state the next step reads; h_prev: the state this step read.
-// An inactive row (past its length) keeps its state; its gates and output are 0.
-FASTATTN_SIMD void tile_epilogue_row(const float* __restrict pre, float* __restrict g, int64_t H,
-                                     const float* __restrict bias, float* __restrict c, float* __restrict c_save,
-                                     float* __restrict h_out, float* __restrict h_next,
-                                     const float* __restrict h_prev, bool active, int64_t n) {
-  float* gi = g;
-  float* gf = g + H;
-  float* gg = g + 2 * H;
-  float* go = g + 3 * H;
-  if (!active) {
-    for (int64_t j = 0; j < n; ++j) {
-      gi[j] = gf[j] = gg[j] = go[j] = 0.f;
-      c_save[j] = c[j];
-      h_out[j] = 0.f;
-      h_next[j] = h_prev[j];
+// The epilogue of one row block of a tile: rows [b0, b0 + mr), units [j0, j0 + n) (n <= 16).
+// pre: the (mr, 64) pre-activations [i | f | g | o] without bias; bias: b_ih + b_hh (4H) or null;
+// G: gates[t] (B, 4H), the activations out (the arithmetic of pointwise_fwd_row); C: the running
+// cell (B, H), in/out; Ct: cells[t]; Ot: output[t]; h_prev: the state this step read, h_next: the one
+// it writes (both (B, H)). A row past its length keeps its state; its gates and output are 0.
+FASTATTN_SIMD void tile_epilogue(const float* __restrict pre, int64_t b0, int64_t mr, int64_t j0, int64_t n,
+                                 int64_t H, const float* __restrict bias, const Layer& L, int64_t t,
+                                 float* __restrict G, float* __restrict C, float* __restrict Ct,
+                                 float* __restrict Ot, const float* __restrict h_prev, float* __restrict h_next) {
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t b = b0 + r, hb = b * H + j0;
+    const float* p = pre + r * kTileCols;
+    float* g = G + b * 4 * H + j0;
+    if (!L.active(t, b)) {
+      for (int64_t j = 0; j < n; ++j) {
+        g[j] = g[H + j] = g[2 * H + j] = g[3 * H + j] = 0.f;
+        Ct[hb + j] = C[hb + j];
+        Ot[hb + j] = 0.f;
+        h_next[hb + j] = h_prev[hb + j];
+      }
+      continue;
     }
-    return;
-  }
-  if (bias) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      gi[j] = (pre[j] + gi[j]) + bias[j];
-      gf[j] = (pre[16 + j] + gf[j]) + bias[H + j];
-      gg[j] = (pre[32 + j] + gg[j]) + bias[2 * H + j];
-      go[j] = (pre[48 + j] + go[j]) + bias[3 * H + j];
+      float zi = p[j], zf = p[16 + j], zg = p[32 + j], zo = p[48 + j];
+      if (bias) {
+        zi += bias[j0 + j];
+        zf += bias[H + j0 + j];
+        zg += bias[2 * H + j0 + j];
+        zo += bias[3 * H + j0 + j];
+      }
+      const float i = sigmoid(zi), f = sigmoid(zf), gt = tanh_(zg), o = sigmoid(zo);
+      const float cn = f * C[hb + j] + i * gt;
+      const float h = o * tanh_(cn);
+      g[j] = i;
+      g[H + j] = f;
+      g[2 * H + j] = gt;
+      g[3 * H + j] = o;
+      C[hb + j] = cn;
+      Ct[hb + j] = cn;
+      Ot[hb + j] = h;
+      h_next[hb + j] = h;
     }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      gi[j] = pre[j] + gi[j];
-      gf[j] = pre[16 + j] + gf[j];
-      gg[j] = pre[32 + j] + gg[j];
-      go[j] = pre[48 + j] + go[j];
-    }
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float i = sigmoid(gi[j]), f = sigmoid(gf[j]), gt = tanh_(gg[j]), o = sigmoid(go[j]);
-    const float cn = f * c[j] + i * gt;
-    const float h = o * tanh_(cn);
-    gi[j] = i;
-    gf[j] = f;
-    gg[j] = gt;
-    go[j] = o;
-    c[j] = cn;
-    c_save[j] = cn;
-    h_out[j] = h;
-    h_next[j] = h;
   }
 }
 
-// One step t of the layer (no projection, P = H). Gt: gates[t] (B, 4H); C: the running cell (B, H);
-// Ct: cells[t]; Ot: output[t]; h_prev -> h_next: the hidden state (B, H).
-void fused_step(const TiledWhh& W, const Layer& L, int64_t t, const float* h_prev, float* h_next, float* Gt,
-                const float* bias, float* C, float* Ct, float* Ot) {
-  const int64_t B = L.B, H = L.H, K = W.K;
-  const float* panels = W.buf.const_data_ptr<float>();
+// One step t of the layer (no projection, P = H). Xt: input[t] (B, I); the rest as in tile_epilogue.
+void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_t t, const float* Xt,
+                const float* h_prev, float* h_next, const float* bias, float* Gt, float* C, float* Ct, float* Ot) {
+  const int64_t B = L.B, H = L.H, I = L.I;
+  const int64_t blocks = (B + kFusedMR - 1) / kFusedMR;
+  auto blk_rows = [&](int64_t blk) { return B / blocks + (blk < B % blocks ? 1 : 0); };
   auto run_tiles = [&](int64_t u0, int64_t u1) {
     alignas(64) float pre[kFusedMR * kTileCols];
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
-      const float* panel = panels + u * K * kTileCols;
-      for (int64_t b0 = 0; b0 < B; b0 += kFusedMR) {
-        const int64_t mr = std::min(kFusedMR, B - b0);
-        kTileGemm[mr](h_prev + b0 * H, H, panel, K, pre);
-        for (int64_t r = 0; r < mr; ++r) {
-          const int64_t b = b0 + r;
-          tile_epilogue_row(pre + r * kTileCols, Gt + b * 4 * H + j0, H, bias ? bias + j0 : nullptr, C + b * H + j0,
-                            Ct + b * H + j0, Ot + b * H + j0, h_next + b * H + j0, h_prev + b * H + j0,
-                            L.active(t, b), n);
-        }
+      // rows in blocks of at most 6, as even as can be (32 = 6+6+5+5+5+5: no inefficient block of 2)
+      for (int64_t blk = 0, b0 = 0; blk < blocks; b0 += blk_rows(blk), ++blk) {
+        const int64_t mr = blk_rows(blk);
+        kTileGemm[mr](Xt + b0 * I, I, Wx.panel(u), h_prev + b0 * H, H, Wh.panel(u), pre);
+        tile_epilogue(pre, b0, mr, j0, n, H, bias, L, t, Gt, C, Ct, Ot, h_prev, h_next);
       }
     }
   };
-  if (B * 4 * H * K < kParallelFmas || W.tiles == 1) run_tiles(0, W.tiles);
-  else at::parallel_for(0, W.tiles, 1, run_tiles);
+  if (B * 4 * H * (I + H) < kParallelFmas || Wh.tiles == 1) run_tiles(0, Wh.tiles);
+  else at::parallel_for(0, Wh.tiles, 1, run_tiles);
 }
 
-// Every step of the layer through fused_step. G: gates (T, B, 4H) holding the input projection;
-// Hs, Cs: the running state (B, H), h0/c0 in, h_n/c_n out; CS: cells (T, B, H); O: output (T, B, H).
-void fused_recurrence(const Layer& L, const float* w_hh, const float* bias, float* G, float* Hs, float* Cs,
-                      float* CS, float* O) {
-  const int64_t T = L.T, B = L.B, H = L.H;
-  const TiledWhh tiled = pack_whh_tiles(w_hh, H, H);
+// The whole layer through fused_step. X: input (T, B, I); Hs, Cs: the running state (B, H), h0/c0
+// in, h_n/c_n out; G: gates (T, B, 4H), CS: cells (T, B, H), O: output (T, B, H), all written.
+void fused_recurrence(const Layer& L, const float* X, const float* w_ih, const float* w_hh, const float* bias,
+                      float* Hs, float* Cs, float* G, float* CS, float* O) {
+  const int64_t T = L.T, B = L.B, H = L.H, I = L.I;
+  const GateTiles wx = pack_gate_tiles(w_ih, H, I), wh = pack_gate_tiles(w_hh, H, H);
   std::vector<float> h_other(B * H);
   float* hbuf[2] = {Hs, h_other.data()};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = L.time_of_step(s);
-    fused_step(tiled, L, t, hbuf[s % 2], hbuf[(s + 1) % 2], G + t * B * 4 * H, bias, Cs, CS + t * B * H,
-               O + t * B * H);
+    fused_step(wx, wh, L, t, X + t * B * I, hbuf[s % 2], hbuf[(s + 1) % 2], bias, G + t * B * 4 * H, Cs,
+               CS + t * B * H, O + t * B * H);
   }
   if (T % 2) std::memcpy(Hs, hbuf[1], B * H * sizeof(float));
 }
@@ -802,23 +799,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T_ *G = gates.data_ptr<T_>(), *O = out.data_ptr<T_>(), *CS = cells.data_ptr<T_>(),
        *R = proj ? hidden.data_ptr<T_>() : nullptr, *Hs = h.data_ptr<T_>(), *Cs = c.data_ptr<T_>();
     const T_ *WH = wh.const_data_ptr<T_>(), *WR = proj ? w_hr.const_data_ptr<T_>() : nullptr;
-    // 1. the input projection of every step (the biases join in the pointwise pass)
-    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
     std::vector<T_> bias_sum(4 * H);
     const bool has_bias = b_ih.defined() || b_hh.defined();
     if (has_bias) fill_bias<T_>(bias_sum.data(), ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), 1, 4 * H);
     const T_* BS = has_bias ? bias_sum.data() : nullptr;
-    // 2. the recurrence
-    const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
-    const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
 #ifdef FASTATTN_HAVE_AVX512_GEMM
     if (use_fused_step(std::is_same_v<T_, float>, proj, H, T * B)) {  // T_ is float here
-      fused_recurrence(L, reinterpret_cast<const float*>(WH), reinterpret_cast<const float*>(BS),
-                       reinterpret_cast<float*>(G), reinterpret_cast<float*>(Hs), reinterpret_cast<float*>(Cs),
-                       reinterpret_cast<float*>(CS), reinterpret_cast<float*>(O));
+      auto f = [](auto* p) { return reinterpret_cast<float*>(const_cast<T_*>(p)); };
+      fused_recurrence(L, f(x.const_data_ptr<T_>()), f(wi.const_data_ptr<T_>()), f(WH), f(BS), f(Hs), f(Cs), f(G), f(CS), f(O));
       return;
     }
 #endif
+    // 1. the input projection of every step (the biases join in the pointwise pass)
+    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
+    // 2. the recurrence
+    const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
+    const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = L.time_of_step(s);
       T_* Gt = G + t * B * 4 * H;
