@@ -591,7 +591,7 @@ constexpr int64_t kFusedMinHidden = 32;
 //     (I + H) * 256 bytes each); step t+1 needs all of h_t, so one at::parallel_for per step, and
 //     h is double-buffered (h_{t-1} is read while h_t is written).
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kTileUnits = 16, kTileCols = 4 * kTileUnits, kFusedMR = 6;
+constexpr int64_t kTileUnits = 16, kTileCols = 4 * kTileUnits, kFusedMR = 6, kFusedKBlock = 128;
 
 struct GateTiles {
   at::Tensor buf;  // (tiles, K, kTileCols)
@@ -635,70 +635,91 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_accumulate(__
   }
 }
 
-// pre (MR, 64) = X (MR, I) x panel_x (I, 64) + Hp (MR, H) x panel_h (H, 64).
+// pre (MR, 64) (+)= A (MR, K) x panel (K, 64); A's rows lda apart.
 template <int MR>
-__attribute__((target("avx512f"))) void tile_gemm(const float* X, int64_t I, const float* panel_x, const float* Hp,
-                                                  int64_t H, const float* panel_h, float* __restrict pre) {
+__attribute__((target("avx512f"))) void tile_gemm(const float* A, int64_t lda, const float* panel, int64_t K,
+                                                  float* __restrict pre, bool accumulate) {
   __m512 acc[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
-  tile_accumulate<MR>(acc, X, I, panel_x, I);
-  tile_accumulate<MR>(acc, Hp, H, panel_h, H);
+    for (int v = 0; v < 4; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(pre + r * kTileCols + 16 * v) : _mm512_setzero_ps();
+  tile_accumulate<MR>(acc, A, lda, panel, K);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v) _mm512_storeu_ps(pre + r * kTileCols + 16 * v, acc[r][v]);
 }
 
-using TileGemm = void (*)(const float*, int64_t, const float*, const float*, int64_t, const float*, float*);
+using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
 constexpr TileGemm kTileGemm[kFusedMR + 1] = {nullptr,      tile_gemm<1>, tile_gemm<2>, tile_gemm<3>,
                                               tile_gemm<4>, tile_gemm<5>, tile_gemm<6>};
 
-// The epilogue of one row block of a tile: rows [b0, b0 + mr), units [j0, j0 + n) (n <= 16).
-// pre: the (mr, 64) pre-activations [i | f | g | o] without bias; bias: b_ih + b_hh (4H) or null;
-// G: gates[t] (B, 4H), the activations out (the arithmetic of pointwise_fwd_row); C: the running
-// cell (B, H), in/out; Ct: cells[t]; Ot: output[t]; h_prev: the state this step read, h_next: the one
-// it writes (both (B, H)). A row past its length keeps its state; its gates and output are 0.
-FASTATTN_SIMD void tile_epilogue(const float* __restrict pre, int64_t b0, int64_t mr, int64_t j0, int64_t n,
-                                 int64_t H, const float* __restrict bias, const Layer& L, int64_t t,
-                                 float* __restrict G, float* __restrict C, float* __restrict Ct,
-                                 float* __restrict Ot, const float* __restrict h_prev, float* __restrict h_next) {
-  for (int64_t r = 0; r < mr; ++r) {
-    const int64_t b = b0 + r, hb = b * H + j0;
-    const float* p = pre + r * kTileCols;
+// exp on 16 floats: simd::exp_f32's range reduction and polynomial, the 2^n by scalef (which gives
+// 0 / inf at the ends by itself).
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 tanh16(__m512 x) {  // 2 sigmoid(2x) - 1
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), x)))), one);
+}
+
+// The epilogue of one tile: rows [0, B), units [j0, j0 + n) (n <= 16), one 16-wide vector per gate.
+// pre: the (B, 64) pre-activations [i | f | g | o] without bias; bias: b_ih + b_hh (4H) or null;
+// G: gates[t] (B, 4H), the activations out; C: the running cell (B, H), in/out; Ct: cells[t];
+// Ot: output[t]; h_prev: the state this step read, h_next: the one it writes (both (B, H)).
+// A row past its length keeps its state; its gates and output are 0.
+__attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pre, int64_t B, int64_t j0, int64_t n,
+                                                      int64_t H, const float* __restrict bias, const Layer& L,
+                                                      int64_t t, float* __restrict G, float* __restrict C,
+                                                      float* __restrict Ct, float* __restrict Ot,
+                                                      const float* __restrict h_prev, float* __restrict h_next) {
+  const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+  __m512 bv[4];
+  for (int q = 0; q < 4; ++q) bv[q] = bias ? _mm512_maskz_loadu_ps(m, bias + q * H + j0) : _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t hb = b * H + j0;
     float* g = G + b * 4 * H + j0;
     if (!L.active(t, b)) {
-      for (int64_t j = 0; j < n; ++j) {
-        g[j] = g[H + j] = g[2 * H + j] = g[3 * H + j] = 0.f;
-        Ct[hb + j] = C[hb + j];
-        Ot[hb + j] = 0.f;
-        h_next[hb + j] = h_prev[hb + j];
-      }
+      for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(g + q * H, m, zero);
+      _mm512_mask_storeu_ps(Ct + hb, m, _mm512_maskz_loadu_ps(m, C + hb));
+      _mm512_mask_storeu_ps(Ot + hb, m, zero);
+      _mm512_mask_storeu_ps(h_next + hb, m, _mm512_maskz_loadu_ps(m, h_prev + hb));
       continue;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      float zi = p[j], zf = p[16 + j], zg = p[32 + j], zo = p[48 + j];
-      if (bias) {
-        zi += bias[j0 + j];
-        zf += bias[H + j0 + j];
-        zg += bias[2 * H + j0 + j];
-        zo += bias[3 * H + j0 + j];
-      }
-      const float i = sigmoid(zi), f = sigmoid(zf), gt = tanh_(zg), o = sigmoid(zo);
-      const float cn = f * C[hb + j] + i * gt;
-      const float h = o * tanh_(cn);
-      g[j] = i;
-      g[H + j] = f;
-      g[2 * H + j] = gt;
-      g[3 * H + j] = o;
-      C[hb + j] = cn;
-      Ct[hb + j] = cn;
-      Ot[hb + j] = h;
-      h_next[hb + j] = h;
-    }
+    const float* p = pre + b * kTileCols;
+    const __m512 i = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p), bv[0]));
+    const __m512 f = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p + 16), bv[1]));
+    const __m512 gt = tanh16(_mm512_add_ps(_mm512_loadu_ps(p + 32), bv[2]));
+    const __m512 o = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p + 48), bv[3]));
+    const __m512 cn = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, C + hb), _mm512_mul_ps(i, gt));
+    const __m512 h = _mm512_mul_ps(o, tanh16(cn));
+    _mm512_mask_storeu_ps(g, m, i);
+    _mm512_mask_storeu_ps(g + H, m, f);
+    _mm512_mask_storeu_ps(g + 2 * H, m, gt);
+    _mm512_mask_storeu_ps(g + 3 * H, m, o);
+    _mm512_mask_storeu_ps(C + hb, m, cn);
+    _mm512_mask_storeu_ps(Ct + hb, m, cn);
+    _mm512_mask_storeu_ps(Ot + hb, m, h);
+    _mm512_mask_storeu_ps(h_next + hb, m, h);
   }
 }
 
@@ -709,15 +730,26 @@ void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_
   const int64_t blocks = (B + kFusedMR - 1) / kFusedMR;
   auto blk_rows = [&](int64_t blk) { return B / blocks + (blk < B % blocks ? 1 : 0); };
   auto run_tiles = [&](int64_t u0, int64_t u1) {
-    alignas(64) float pre[kFusedMR * kTileCols];
+    std::vector<float> pre_buf(B * kTileCols);  // the tile's (B, 64) pre-activations
+    float* pre = pre_buf.data();
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
-      // rows in blocks of at most 6, as even as can be (32 = 6+6+5+5+5+5: no inefficient block of 2)
-      for (int64_t blk = 0, b0 = 0; blk < blocks; b0 += blk_rows(blk), ++blk) {
-        const int64_t mr = blk_rows(blk);
-        kTileGemm[mr](Xt + b0 * I, I, Wx.panel(u), h_prev + b0 * H, H, Wh.panel(u), pre);
-        tile_epilogue(pre, b0, mr, j0, n, H, bias, L, t, Gt, C, Ct, Ot, h_prev, h_next);
+      // K in blocks of kFusedKBlock (a 32 KB panel block stays in L1 while every row block meets
+      // it), first over x_t's columns (I), then over h's (H); rows in blocks of at most 6, as even
+      // as can be (32 = 6+6+5+5+5+5: no inefficient block of 2)
+      bool first = true;
+      for (int part = 0; part < 2; ++part) {
+        const float* A = part == 0 ? Xt : h_prev;
+        const int64_t K = part == 0 ? I : H;
+        const float* panel = part == 0 ? Wx.panel(u) : Wh.panel(u);
+        for (int64_t k0 = 0; k0 < K; k0 += kFusedKBlock, first = false) {
+          const int64_t kb = std::min(kFusedKBlock, K - k0);
+          for (int64_t blk = 0, b0 = 0; blk < blocks; b0 += blk_rows(blk), ++blk)
+            kTileGemm[blk_rows(blk)](A + b0 * K + k0, K, panel + k0 * kTileCols, kb, pre + b0 * kTileCols, !first);
+        }
       }
+      if (first) std::fill(pre, pre + B * kTileCols, 0.f);  // I = H = 0
+      tile_epilogue(pre, B, j0, n, H, bias, L, t, Gt, C, Ct, Ot, h_prev, h_next);
     }
   };
   if (B * 4 * H * (I + H) < kParallelFmas || Wh.tiles == 1) run_tiles(0, Wh.tiles);
