@@ -647,3 +647,21 @@ def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
     ours64 = LSTM(5, 20, dtype=DT)
     with pytest.raises(RuntimeError, match="FASTATTN_LSTM_FUSED=require"):
         ours64(x.double())
+
+
+@needs_fused
+def test_fused_step_saturated_gates(monkeypatch):
+    """Pre-activations far outside [-88, 88] (the fused epilogue clamps before exp and uses a reciprocal
+    estimate + Newton step): gates saturate to 0/1 exactly like torch's, no NaN."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 20, dtype=DT)
+    ours = LSTM(8, 20)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 8) * 1e3
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", "require")
+    with torch.no_grad():
+        o, (h, c) = ours(x)
+        o1, (h1, c1) = ref(x.double())
+    assert torch.isfinite(o).all() and torch.isfinite(c).all()
+    torch.testing.assert_close(o.double(), o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c.double(), c1, atol=1e-4, rtol=1e-5)

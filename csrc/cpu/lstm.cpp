@@ -605,12 +605,15 @@ GateTiles pack_gate_tiles(const float* W, int64_t H, int64_t K) {
   p.K = K, p.tiles = (H + kTileUnits - 1) / kTileUnits;
   p.buf = at::zeros({p.tiles * std::max<int64_t>(K, 1) * kTileCols}, at::kFloat);
   float* dst = p.buf.data_ptr<float>();
-  for (int64_t gate = 0; gate < 4; ++gate)
-    for (int64_t j = 0; j < H; ++j) {
-      const float* w = W + (gate * H + j) * K;
-      float* d = dst + (j / kTileUnits) * K * kTileCols + gate * kTileUnits + j % kTileUnits;
-      for (int64_t k = 0; k < K; ++k) d[k * kTileCols] = w[k];
+  // written in order (k outer): the 64 rows of W a tile reads stay in L1 while k runs along them
+  for (int64_t u = 0; u < p.tiles; ++u) {
+    const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
+    for (int64_t k = 0; k < K; ++k) {
+      float* d = dst + (u * K + k) * kTileCols;
+      for (int64_t gate = 0; gate < 4; ++gate)
+        for (int64_t jj = 0; jj < n; ++jj) d[gate * kTileUnits + jj] = W[(gate * H + j0 + jj) * K + k];
     }
+  }
   return p;
 }
 
@@ -672,13 +675,20 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 exp16(__m512 x) 
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
-__attribute__((target("avx512f"), always_inline)) inline __m512 sigmoid16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+// 1 / (1 + e) for e in [0, exp(88)]: rcp14 and one Newton step (~1 ulp; a division costs more than
+// the rest of a gate). e is kept finite by the callers' clamp (rcp14(inf) = 0 would turn NaN here).
+__attribute__((target("avx512f"), always_inline)) inline __m512 one_over_1p(__m512 e) {
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 sigmoid16(__m512 x) {  // 1 / (1 + exp(-x))
+  const __m512 mx = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.f));
+  return one_over_1p(exp16(mx));
 }
 __attribute__((target("avx512f"), always_inline)) inline __m512 tanh16(__m512 x) {  // 2 sigmoid(2x) - 1
-  const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), x)))), one);
+  const __m512 m2x = _mm512_min_ps(_mm512_mul_ps(_mm512_set1_ps(-2.f), x), _mm512_set1_ps(88.f));
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), one_over_1p(exp16(m2x)), _mm512_set1_ps(1.f));
 }
 
 // The epilogue of one tile: rows [0, B), units [j0, j0 + n) (n <= 16), one 16-wide vector per gate.
