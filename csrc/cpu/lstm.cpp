@@ -575,8 +575,6 @@ at::Tensor check_lengths(const std::optional<at::Tensor>& lengths, int64_t T, in
 }
 
 #ifdef FASTATTN_HAVE_AVX512_GEMM
-constexpr bool kFusedDefault = true;
-constexpr int64_t kFusedMinHidden = 32;
 // ---------------------------------------------------------------------------------------------
 // Fused step (fp32, AVX-512, no projection): the step's two products x_t W_ih^T + h_{t-1} W_hh^T
 // and its gate math in one kernel: no input-projection pass over all T steps, no separate
@@ -784,10 +782,16 @@ void fused_recurrence(const Layer& L, const float* X, const float* w_ih, const f
 
 // The fused path: fp32 on AVX-512 without a projection. FASTATTN_LSTM_FUSED=0 turns it off,
 // =1 on wherever it can run, =require: on, and an error where it cannot run (tests use it to be sure
-// they run it); unset: on from kFusedMinHidden.
-bool use_fused_step(bool is_float, bool proj, int64_t H, int64_t rows_total) {
+// they run it). Unset: on where it measured faster than the GEMM + pointwise-pass step (one thread,
+// T = 100; bench_lstm.py's "unfused" rows): batch >= 16 (at batch 1-8 the separate input projection, one
+// GEMM over all T*B rows, beats reading W_ih every step), hidden >= 32, and W_ih + W_hh at most 6 MB
+// (hidden 384 at input 384: fused 0.95x torch vs 0.91x; 512: even; 1024: the weights stream from
+// memory twice per step, fused 0.94x vs 1.06x).
+constexpr int64_t kFusedMinBatch = 16, kFusedMinHidden = 32, kFusedMaxWeightBytes = 6 << 20;
+
+bool use_fused_step(bool is_float, bool proj, int64_t B, int64_t I, int64_t H) {
   const char* env = std::getenv("FASTATTN_LSTM_FUSED");
-  const bool can = is_float && !proj && cpu_has_avx512() && H >= 1 && rows_total >= 1;
+  const bool can = is_float && !proj && cpu_has_avx512() && H >= 1 && B >= 1;
   if (env && env[0] == 'r') {
     TORCH_CHECK(can, "fastattn lstm: FASTATTN_LSTM_FUSED=require, but the fused step needs float32, no proj_size "
                 "and an AVX-512 CPU");
@@ -796,7 +800,7 @@ bool use_fused_step(bool is_float, bool proj, int64_t H, int64_t rows_total) {
   if (!can) return false;
   if (env && env[0] == '0') return false;
   if (env && env[0] == '1') return true;
-  return kFusedDefault && H >= kFusedMinHidden && rows_total >= 16;
+  return B >= kFusedMinBatch && H >= kFusedMinHidden && 4 * H * (I + H) * (int64_t)sizeof(float) <= kFusedMaxWeightBytes;
 }
 #endif
 
@@ -846,7 +850,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (has_bias) fill_bias<T_>(bias_sum.data(), ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), 1, 4 * H);
     const T_* BS = has_bias ? bias_sum.data() : nullptr;
 #ifdef FASTATTN_HAVE_AVX512_GEMM
-    if (use_fused_step(std::is_same_v<T_, float>, proj, H, T * B)) {  // T_ is float here
+    if (use_fused_step(std::is_same_v<T_, float>, proj, B, I, H)) {  // T_ is float here
       auto f = [](auto* p) { return reinterpret_cast<float*>(const_cast<T_*>(p)); };
       fused_recurrence(L, f(x.const_data_ptr<T_>()), f(wi.const_data_ptr<T_>()), f(WH), f(BS), f(Hs), f(Cs), f(G), f(CS), f(O));
       return;
