@@ -12,6 +12,9 @@
 //      updates c and writes h; with proj_size one more GEMM r_t W_hr^T
 //   GEMMs on raw pointers (at hidden 50 the per-call overhead of at::mm would dominate): fp32 on
 //   AVX-512 CPUs through our packed-weight micro-kernel (see WeightGemm), else BLAS sgemm_/dgemm_.
+//   fp32 on AVX-512 from batch 16 (hidden >= 32, weights <= 6 MB, no projection) instead runs 1. and
+//   2. as one fused step per time step (see fused_step): x_t W_ih^T + h_{t-1} W_hh^T for 16 hidden
+//   units' four gates in registers, the gate math in the same kernel; same workspace out.
 //   3. backward through time: per step one pointwise pass (dgates) and one GEMM dgates W_hh;
 //      the weight gradients of all steps afterwards as single GEMMs over the T*B rows.
 // Variable lengths (packed sequences): batch row b takes part in step t iff t < lengths[b]; a row
@@ -601,17 +604,23 @@ struct GateTiles {
 GateTiles pack_gate_tiles(const float* W, int64_t H, int64_t K) {
   GateTiles p;
   p.K = K, p.tiles = (H + kTileUnits - 1) / kTileUnits;
-  p.buf = at::zeros({p.tiles * std::max<int64_t>(K, 1) * kTileCols}, at::kFloat);
+  p.buf = at::empty({p.tiles * std::max<int64_t>(K, 1) * kTileCols}, at::kFloat);
   float* dst = p.buf.data_ptr<float>();
-  // written in order (k outer): the 64 rows of W a tile reads stay in L1 while k runs along them
-  for (int64_t u = 0; u < p.tiles; ++u) {
-    const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
-    for (int64_t k = 0; k < K; ++k) {
-      float* d = dst + (u * K + k) * kTileCols;
-      for (int64_t gate = 0; gate < 4; ++gate)
-        for (int64_t jj = 0; jj < n; ++jj) d[gate * kTileUnits + jj] = W[(gate * H + j0 + jj) * K + k];
+  // written in order (k outer): the 64 rows of W a tile reads stay in L1 while k runs along them;
+  // tiles split over threads from 256K weights on
+  auto pack_tiles = [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
+      if (n < kTileUnits) std::fill(dst + u * K * kTileCols, dst + (u + 1) * K * kTileCols, 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        float* d = dst + (u * K + k) * kTileCols;
+        for (int64_t gate = 0; gate < 4; ++gate)
+          for (int64_t jj = 0; jj < n; ++jj) d[gate * kTileUnits + jj] = W[(gate * H + j0 + jj) * K + k];
+      }
     }
-  }
+  };
+  if (4 * H * K < (1 << 18)) pack_tiles(0, p.tiles);
+  else at::parallel_for(0, p.tiles, 1, pack_tiles);
   return p;
 }
 
