@@ -700,12 +700,12 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 tanh16(__m512 x)
 
 // The epilogue of one tile: rows [0, B), units [j0, j0 + n) (n <= 16), one 16-wide vector per gate.
 // pre: the (B, 64) pre-activations [i | f | g | o] without bias; bias: b_ih + b_hh (4H) or null;
-// G: gates[t] (B, 4H), the activations out; C: the running cell (B, H), in/out; Ct: cells[t];
+// G: gates[t] (B, 4H), the activations out; C: c_{t-1} (B, H) (c0 or the previous step's cells[]); Ct: cells[t];
 // Ot: output[t]; h_prev: the state this step read, h_next: the one it writes (both (B, H)).
 // A row past its length keeps its state; its gates and output are 0.
 __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pre, int64_t B, int64_t j0, int64_t n,
                                                       int64_t H, const float* __restrict bias, const Layer& L,
-                                                      int64_t t, float* __restrict G, float* __restrict C,
+                                                      int64_t t, float* __restrict G, const float* __restrict C,
                                                       float* __restrict Ct, float* __restrict Ot,
                                                       const float* __restrict h_prev, float* __restrict h_next) {
   const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
@@ -717,7 +717,7 @@ __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pr
     float* g = G + b * 4 * H + j0;
     if (!L.active(t, b)) {
       for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(g + q * H, m, zero);
-      _mm512_mask_storeu_ps(Ct + hb, m, _mm512_maskz_loadu_ps(m, C + hb));
+      _mm512_mask_storeu_ps(Ct + hb, m, _mm512_maskz_loadu_ps(m, C + hb));  // C: c_{t-1}
       _mm512_mask_storeu_ps(Ot + hb, m, zero);
       _mm512_mask_storeu_ps(h_next + hb, m, _mm512_maskz_loadu_ps(m, h_prev + hb));
       continue;
@@ -733,7 +733,6 @@ __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pr
     _mm512_mask_storeu_ps(g + H, m, f);
     _mm512_mask_storeu_ps(g + 2 * H, m, gt);
     _mm512_mask_storeu_ps(g + 3 * H, m, o);
-    _mm512_mask_storeu_ps(C + hb, m, cn);
     _mm512_mask_storeu_ps(Ct + hb, m, cn);
     _mm512_mask_storeu_ps(Ot + hb, m, h);
     _mm512_mask_storeu_ps(h_next + hb, m, h);
@@ -742,7 +741,7 @@ __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pr
 
 // One step t of the layer (no projection, P = H). Xt: input[t] (B, I); the rest as in tile_epilogue.
 void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_t t, const float* Xt,
-                const float* h_prev, float* h_next, const float* bias, float* Gt, float* C, float* Ct, float* Ot) {
+                const float* h_prev, float* h_next, const float* bias, float* Gt, const float* C, float* Ct, float* Ot) {
   const int64_t B = L.B, H = L.H, I = L.I;
   const int64_t blocks = (B + kFusedMR - 1) / kFusedMR;
   auto blk_rows = [&](int64_t blk) { return B / blocks + (blk < B % blocks ? 1 : 0); };
@@ -773,8 +772,9 @@ void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_
   else at::parallel_for(0, Wh.tiles, 1, run_tiles);
 }
 
-// The whole layer through fused_step. X: input (T, B, I); Hs, Cs: the running state (B, H), h0/c0
-// in, h_n/c_n out; G: gates (T, B, 4H), CS: cells (T, B, H), O: output (T, B, H), all written.
+// The whole layer through fused_step. X: input (T, B, I); Hs, Cs: h0/c0 in, h_n/c_n out (B, H);
+// c_{t-1} is read from the previous step's cells[] (a row sitting a step out copies its state there);
+// G: gates (T, B, 4H), CS: cells (T, B, H), O: output (T, B, H), all written.
 void fused_recurrence(const Layer& L, const float* X, const float* w_ih, const float* w_hh, const float* bias,
                       float* Hs, float* Cs, float* G, float* CS, float* O) {
   const int64_t T = L.T, B = L.B, H = L.H, I = L.I;
@@ -783,9 +783,11 @@ void fused_recurrence(const Layer& L, const float* X, const float* w_ih, const f
   float* hbuf[2] = {Hs, h_other.data()};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = L.time_of_step(s);
-    fused_step(wx, wh, L, t, X + t * B * I, hbuf[s % 2], hbuf[(s + 1) % 2], bias, G + t * B * 4 * H, Cs,
+    const float* c_prev = s == 0 ? Cs : CS + L.time_of_step(s - 1) * B * H;  // cells[] holds every row's state
+    fused_step(wx, wh, L, t, X + t * B * I, hbuf[s % 2], hbuf[(s + 1) % 2], bias, G + t * B * 4 * H, c_prev,
                CS + t * B * H, O + t * B * H);
   }
+  std::memcpy(Cs, CS + L.time_of_step(T - 1) * B * H, B * H * sizeof(float));
   if (T % 2) std::memcpy(Hs, hbuf[1], B * H * sizeof(float));
 }
 
