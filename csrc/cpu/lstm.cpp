@@ -750,9 +750,9 @@ void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_
     float* pre = pre_buf.data();
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
-      // K in blocks of kFusedKBlock (a 32 KB panel block stays in L1 while every row block meets
-      // it), first over x_t's columns (I), then over h's (H); rows in blocks of at most 6, as even
-      // as can be (32 = 6+6+5+5+5+5: no inefficient block of 2)
+      // K in blocks of kFusedKBlock (a 32 KB panel block stays in L1 while every row block meets it;
+      // 64 and 256 measured within noise of 128), first over x_t's columns (I), then over h's (H);
+      // rows in blocks of at most 6, as even as can be (32 = 6+6+5+5+5+5: no inefficient block of 2)
       bool first = true;
       for (int part = 0; part < 2; ++part) {
         const float* A = part == 0 ? Xt : h_prev;
