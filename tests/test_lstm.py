@@ -665,3 +665,21 @@ def test_fused_step_saturated_gates(monkeypatch):
     assert torch.isfinite(o).all() and torch.isfinite(c).all()
     torch.testing.assert_close(o.double(), o1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c.double(), c1, atol=1e-4, rtol=1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_step_low_precision(dtype, monkeypatch):
+    """bf16/fp16 inputs run in fp32 (converted once at entry), so they take the fused step too: it
+    must give what the other path gives on the same converted inputs."""
+    torch.manual_seed(0)
+    ours = LSTM(12, 40, bidirectional=True).to(dtype)
+    x = torch.randn(6, 20, 12, dtype=dtype)
+    outs = {}
+    for mode in ("require", "0"):
+        monkeypatch.setenv("FASTATTN_LSTM_FUSED", mode)
+        with torch.no_grad():
+            o, (h, c) = ours(x)
+        outs[mode] = (o.float(), h.float(), c.float())
+    for a, b in zip(outs["require"], outs["0"]):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
