@@ -4,6 +4,11 @@
     python benchmarks/bench_lstm.py --quick    # cell, seed shape, LSTM(256, 256)
     python benchmarks/bench_lstm.py --full     # hidden 256/512/1024 x batch 1/32/128 x layers 1/2 x bidirectional
 
+    python benchmarks/bench_lstm.py --threads 1 --cpu-time   # one thread, process CPU time (shared machine)
+
+The CPU rows "fastattn cpu unfused" run our layer with FASTATTN_LSTM_FUSED=0 (per step a GEMM, then a
+pointwise pass) against the default fused step (both products and the gate math in one kernel).
+
 Cases: one LSTMCell step (batch 8, hidden 50); the seed RNN (LSTM(8 -> 50), batch 64, 8 steps, then
 Linear(50, 10) + cross entropy; forward+backward); sequence 100 with hidden 256/512/1024, batch
 1/32/128, 1-2 layers, bidirectional; forward (no grad) and forward+backward.
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -40,12 +47,51 @@ def pair(device, *args, **kw):
     return ref, ours
 
 
-def run_pair(table, args, case, flops, fn_torch, fn_ours, min_time):
-    t_torch = common.bench(fn_torch, args.device, min_time)
-    t_ours = common.bench(fn_ours, args.device, min_time)
+def cpu_bench(fn, min_time, warmup=2):
+    """Median process CPU seconds per call (time.process_time), 5 rounds: with one thread, what other
+    processes on a shared machine do costs us little (wall clock counts their time slices too)."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.process_time()
+    fn()
+    once = max(time.process_time() - t0, 1e-6)
+    reps = max(1, int(min_time / 5 / once))
+    rounds = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for _ in range(reps):
+            fn()
+        rounds.append((time.process_time() - t0) / reps)
+    return statistics.median(rounds)
+
+
+def with_env(name, value, fn):
+    def f():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return f
+
+
+def run_pair(table, args, case, flops, fn_torch, fn_ours, min_time, unfused=False):
+    """torch vs ours; unfused: also ours with FASTATTN_LSTM_FUSED=0 (the CPU layer's GEMM + pointwise-pass
+    step instead of the fused step), in the same run."""
+    timer = (lambda fn: cpu_bench(fn, min_time)) if args.cpu_time else (lambda fn: common.bench(fn, args.device, min_time))
+    t_torch = timer(fn_torch)
+    t_ours = timer(fn_ours)
     table.add(case=case, impl="torch", ms=t_torch * 1e3, **{"GFLOP/s": flops / t_torch / 1e9, "vs torch": 1.0})
     table.add(case=case, impl=f"fastattn {args.device}", ms=t_ours * 1e3,
               **{"GFLOP/s": flops / t_ours / 1e9, "vs torch": t_torch / t_ours})
+    if unfused and args.device == "cpu":
+        t_unf = timer(with_env("FASTATTN_LSTM_FUSED", "0", fn_ours))
+        table.add(case=case, impl="fastattn cpu unfused", ms=t_unf * 1e3,
+                  **{"GFLOP/s": flops / t_unf / 1e9, "vs torch": t_torch / t_unf})
 
 
 def bench_cell(table, args):
@@ -75,7 +121,7 @@ def bench_seed(table, args):
         return f
 
     flops = 3 * lstm_flops(8, 64, 8, 50, 1, False)
-    run_pair(table, args, "seed b64 T8 8->50 fwd+bwd", flops, step(ref), step(ours), args.min_time)
+    run_pair(table, args, "seed b64 T8 8->50 fwd+bwd", flops, step(ref), step(ours), args.min_time, unfused=True)
 
 
 def bench_seq(table, args, H, B, layers, bidirectional, T=100):
@@ -92,7 +138,7 @@ def bench_seq(table, args, H, B, layers, bidirectional, T=100):
                 m(x)
         return f
 
-    run_pair(table, args, name + " fwd", flops, fwd(ref), fwd(ours), min_time)
+    run_pair(table, args, name + " fwd", flops, fwd(ref), fwd(ours), min_time, unfused=True)
     xg = x.clone().requires_grad_()
 
     def fwd_bwd(m):
@@ -101,7 +147,7 @@ def bench_seq(table, args, H, B, layers, bidirectional, T=100):
             out.sum().backward()
         return f
 
-    run_pair(table, args, name + " fwd+bwd", 3 * flops, fwd_bwd(ref), fwd_bwd(ours), min_time)
+    run_pair(table, args, name + " fwd+bwd", 3 * flops, fwd_bwd(ref), fwd_bwd(ours), min_time, unfused=True)
 
 
 def main():
@@ -110,6 +156,10 @@ def main():
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads for both sides (0: torch's default); on a shared, oversubscribed "
                         "machine 1 thread gives stable figures")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="CPU: time by process CPU time instead of wall clock (use with --threads 1 on a shared machine)")
+    p.add_argument("--cases", default="",
+                   help="only these sequence cases, e.g. '256x32,256x1' (hidden x batch; 1 layer, one direction)")
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -123,6 +173,8 @@ def main():
     else:
         seq = [(256, 32, 1, False), (256, 1, 1, False), (256, 128, 1, False), (512, 32, 1, False),
                (1024, 32, 1, False), (256, 32, 2, False), (256, 32, 1, True)]
+    if args.cases:
+        seq = [(int(c.split("x")[0]), int(c.split("x")[1]), 1, False) for c in args.cases.split(",")]
     for H, B, layers, bi in seq:
         bench_seq(table, args, H, B, layers, bi)
     table.finish(args, plot=dict(x="case", y="vs torch", group="impl", title="LSTM: speed vs torch (>1 = faster)"),

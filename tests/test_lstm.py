@@ -538,3 +538,148 @@ def test_fp32_kernel_paths_packed(T, B, I, H, proj):
     torch.testing.assert_close(x2.grad.double(), x.grad, atol=1e-4, rtol=1e-4)
     for (n, p1), p2 in zip(ref.named_parameters(), ours.parameters()):
         torch.testing.assert_close(p2.grad.double(), p1.grad, atol=2e-4, rtol=1e-4, msg=n)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused recurrent step (fp32, AVX-512, no projection): FASTATTN_LSTM_FUSED=require runs it
+# (an error where it cannot run), =0 the GEMM + pointwise-pass path; the fused step must match both
+# torch (float64) and the other path.
+# --------------------------------------------------------------------------------------------
+def _has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+needs_fused = pytest.mark.skipif(not (_ext.available() and _has_avx512()), reason="needs the extension and AVX-512")
+
+
+def _run_fp32(ours, x, lengths, mode, monkeypatch):
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", mode)
+    ours.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    o, (h, c) = ours(inp)
+    o = o.data if lengths is not None else o
+    g = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (o, h, c))
+    loss.backward()
+    return [o.detach(), h.detach(), c.detach(), x.grad] + [p.grad.clone() for p in ours.parameters()]
+
+
+@needs_fused
+@pytest.mark.parametrize("T,B,I,H,bidirectional,packed,bias", [
+    (5, 32, 20, 256, False, False, True),   # the benchmark's tile shape (16 full tiles, 5 row blocks of 6 + 2)
+    (4, 1, 8, 17, True, False, True),       # batch 1; hidden not a multiple of 16 (a tile of 1 unit)
+    (6, 7, 9, 40, True, True, True),        # odd batch (a row block of 6 + 1), 40 = 2 tiles + 8, packed
+    (5, 13, 5, 16, False, True, False),     # exactly one tile, uneven lengths, no bias
+    (3, 6, 3, 1, True, False, True),        # hidden 1
+    (7, 9, 12, 33, False, True, True),      # 2 tiles + 1 unit, packed
+])
+def test_fused_step_matches_torch_and_other_path(T, B, I, H, bidirectional, packed, bias, monkeypatch):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, bidirectional=bidirectional, bias=bias, dtype=DT)
+    ours = LSTM(I, H, bidirectional=bidirectional, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I)
+    lengths = None
+    if packed:
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        lengths[-1] = 1
+    fused = _run_fp32(ours, x, lengths, "require", monkeypatch)
+    other = _run_fp32(ours, x, lengths, "0", monkeypatch)
+    for a, b in zip(fused, other):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # float64 torch, the same loss
+    ref.zero_grad()
+    xd = x.double().requires_grad_()
+    inp = pack_padded_sequence(xd, lengths, enforce_sorted=False) if packed else xd
+    o, (h, c) = ref(inp)
+    o = o.data if packed else o
+    g = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=g).double()).sum() for t in (o, h, c))
+    loss.backward()
+    want = [o.detach(), h.detach(), c.detach(), xd.grad] + [p.grad for p in ref.parameters()]
+    for a, b in zip(fused, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+@needs_fused
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_step_layer_op_lengths(reverse, monkeypatch):
+    """The layer op itself: workspace (activated gates, cells) and outputs equal the other path's,
+    with rows that sit steps out (reverse: rows start at their own last step)."""
+    torch.manual_seed(0)
+    T, B, I, H = 6, 5, 7, 24
+    x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
+    w_ih, w_hh, b_ih, b_hh = torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)
+    lengths = torch.tensor([6, 1, 3, 6, 2])
+    outs = {}
+    for mode in ("require", "0"):
+        monkeypatch.setenv("FASTATTN_LSTM_FUSED", mode)
+        outs[mode] = torch.ops.fastattn.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, reverse, lengths)
+    for a, b in zip(outs["require"], outs["0"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    out = outs["require"][0]
+    assert (out[1:, 1] == 0).all() and (out[0, 1] != 0).any()  # length 1: only step 0 runs, either direction
+
+
+@needs_fused
+def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
+    """proj_size and float64 fall back to the other path with FASTATTN_LSTM_FUSED=1 (and match torch);
+    =require says clearly why it cannot run."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5)
+    ref = torch.nn.LSTM(5, 20, proj_size=7, dtype=DT)
+    ours = LSTM(5, 20, proj_size=7)
+    ours.load_state_dict(ref.state_dict())
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", "1")
+    o, (h, c) = ours(x)
+    o1, (h1, c1) = ref(x.double())
+    torch.testing.assert_close(o.double(), o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c.double(), c1, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", "require")
+    with pytest.raises(RuntimeError, match="FASTATTN_LSTM_FUSED=require"):
+        ours(x)
+    ours64 = LSTM(5, 20, dtype=DT)
+    with pytest.raises(RuntimeError, match="FASTATTN_LSTM_FUSED=require"):
+        ours64(x.double())
+
+
+@needs_fused
+def test_fused_step_saturated_gates(monkeypatch):
+    """Pre-activations far outside [-88, 88] (the fused epilogue clamps before exp and uses a reciprocal
+    estimate + Newton step): gates saturate to 0/1 exactly like torch's, no NaN."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 20, dtype=DT)
+    ours = LSTM(8, 20)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 8) * 1e3
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", "require")
+    with torch.no_grad():
+        o, (h, c) = ours(x)
+        o1, (h1, c1) = ref(x.double())
+    assert torch.isfinite(o).all() and torch.isfinite(c).all()
+    torch.testing.assert_close(o.double(), o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c.double(), c1, atol=1e-4, rtol=1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_step_low_precision(dtype, monkeypatch):
+    """bf16/fp16 inputs run in fp32 (converted once at entry), so they take the fused step too: it
+    must give what the other path gives on the same converted inputs."""
+    torch.manual_seed(0)
+    ours = LSTM(12, 40, bidirectional=True).to(dtype)
+    x = torch.randn(6, 20, 12, dtype=dtype)
+    outs = {}
+    for mode in ("require", "0"):
+        monkeypatch.setenv("FASTATTN_LSTM_FUSED", mode)
+        with torch.no_grad():
+            o, (h, c) = ours(x)
+        outs[mode] = (o.float(), h.float(), c.float())
+    for a, b in zip(outs["require"], outs["0"]):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)

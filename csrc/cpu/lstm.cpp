@@ -12,6 +12,9 @@
 //      updates c and writes h; with proj_size one more GEMM r_t W_hr^T
 //   GEMMs on raw pointers (at hidden 50 the per-call overhead of at::mm would dominate): fp32 on
 //   AVX-512 CPUs through our packed-weight micro-kernel (see WeightGemm), else BLAS sgemm_/dgemm_.
+//   fp32 on AVX-512 from batch 16 (hidden >= 32, weights <= 6 MB, no projection) instead runs 1. and
+//   2. as one fused step per time step (see fused_step): x_t W_ih^T + h_{t-1} W_hh^T for 16 hidden
+//   units' four gates in registers, the gate math in the same kernel; same workspace out.
 //   3. backward through time: per step one pointwise pass (dgates) and one GEMM dgates W_hh;
 //      the weight gradients of all steps afterwards as single GEMMs over the T*B rows.
 // Variable lengths (packed sequences): batch row b takes part in step t iff t < lengths[b]; a row
@@ -25,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -573,6 +577,244 @@ at::Tensor check_lengths(const std::optional<at::Tensor>& lengths, int64_t T, in
   return lc;
 }
 
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+// ---------------------------------------------------------------------------------------------
+// Fused step (fp32, AVX-512, no projection): the step's two products x_t W_ih^T + h_{t-1} W_hh^T
+// and its gate math in one kernel: no input-projection pass over all T steps, no separate
+// pointwise pass re-reading the gates.
+//   * W_ih^T and W_hh^T are packed once per layer call into column tiles of 16 hidden units: tile u
+//     is (K, 64), its columns [i | f | g | o] of units 16u..16u+15 (zero-padded past H). One
+//     register block of 6 batch rows x 64 columns (24 zmm accumulators; per k 4 panel loads,
+//     6 broadcasts, 24 FMAs) then holds all four gate pre-activations of 6 rows x 16 units;
+//   * its epilogue adds the biases, applies the gate math and writes the activated gates (the
+//     layout backward reads), c_t and h_t;
+//   * a step's tiles are split over threads, tile by tile (a thread reads only its tiles' panels,
+//     (I + H) * 256 bytes each); step t+1 needs all of h_t, so one at::parallel_for per step, and
+//     h is double-buffered (h_{t-1} is read while h_t is written).
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kTileUnits = 16, kTileCols = 4 * kTileUnits, kFusedMR = 6, kFusedKBlock = 128;
+
+struct GateTiles {
+  at::Tensor buf;  // (tiles, K, kTileCols)
+  int64_t K = 0, tiles = 0;
+  const float* panel(int64_t u) const { return buf.const_data_ptr<float>() + u * K * kTileCols; }
+};
+
+// W is (4H, K) row-major (torch's w_ih / w_hh, gates [i | f | g | o] along the rows).
+GateTiles pack_gate_tiles(const float* W, int64_t H, int64_t K) {
+  GateTiles p;
+  p.K = K, p.tiles = (H + kTileUnits - 1) / kTileUnits;
+  p.buf = at::empty({p.tiles * std::max<int64_t>(K, 1) * kTileCols}, at::kFloat);
+  float* dst = p.buf.data_ptr<float>();
+  // written in order (k outer): the 64 rows of W a tile reads stay in L1 while k runs along them;
+  // tiles split over threads from 256K weights on
+  auto pack_tiles = [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
+      if (n < kTileUnits) std::fill(dst + u * K * kTileCols, dst + (u + 1) * K * kTileCols, 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        float* d = dst + (u * K + k) * kTileCols;
+        for (int64_t gate = 0; gate < 4; ++gate)
+          for (int64_t jj = 0; jj < n; ++jj) d[gate * kTileUnits + jj] = W[(gate * H + j0 + jj) * K + k];
+      }
+    }
+  };
+  if (4 * H * K < (1 << 18)) pack_tiles(0, p.tiles);
+  else at::parallel_for(0, p.tiles, 1, pack_tiles);
+  return p;
+}
+
+// acc (MR x 4 vectors) += A (MR, K) x panel (K, 64); A's rows lda apart.
+template <int MR>
+__attribute__((target("avx512f"), always_inline)) inline void tile_accumulate(__m512 (&acc)[MR][4],
+                                                                              const float* __restrict A, int64_t lda,
+                                                                              const float* __restrict panel,
+                                                                              int64_t K) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float* p = panel + k * kTileCols;
+    const __m512 b0 = _mm512_loadu_ps(p), b1 = _mm512_loadu_ps(p + 16), b2 = _mm512_loadu_ps(p + 32),
+                 b3 = _mm512_loadu_ps(p + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+    }
+  }
+}
+
+// pre (MR, 64) (+)= A (MR, K) x panel (K, 64); A's rows lda apart.
+template <int MR>
+__attribute__((target("avx512f"))) void tile_gemm(const float* A, int64_t lda, const float* panel, int64_t K,
+                                                  float* __restrict pre, bool accumulate) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(pre + r * kTileCols + 16 * v) : _mm512_setzero_ps();
+  tile_accumulate<MR>(acc, A, lda, panel, K);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(pre + r * kTileCols + 16 * v, acc[r][v]);
+}
+
+using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
+constexpr TileGemm kTileGemm[kFusedMR + 1] = {nullptr,      tile_gemm<1>, tile_gemm<2>, tile_gemm<3>,
+                                              tile_gemm<4>, tile_gemm<5>, tile_gemm<6>};
+
+// exp on 16 floats: simd::exp_f32's range reduction and polynomial, the 2^n by scalef (which gives
+// 0 / inf at the ends by itself).
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+// 1 / (1 + e) for e in [0, exp(88)]: rcp14 and one Newton step (~1 ulp; a division costs more than
+// the rest of a gate). e is kept finite by the callers' clamp (rcp14(inf) = 0 would turn NaN here).
+__attribute__((target("avx512f"), always_inline)) inline __m512 one_over_1p(__m512 e) {
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 sigmoid16(__m512 x) {  // 1 / (1 + exp(-x))
+  const __m512 mx = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.f));
+  return one_over_1p(exp16(mx));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 tanh16(__m512 x) {  // 2 sigmoid(2x) - 1
+  const __m512 m2x = _mm512_min_ps(_mm512_mul_ps(_mm512_set1_ps(-2.f), x), _mm512_set1_ps(88.f));
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.f), one_over_1p(exp16(m2x)), _mm512_set1_ps(1.f));
+}
+
+// The epilogue of one tile: rows [0, B), units [j0, j0 + n) (n <= 16), one 16-wide vector per gate.
+// pre: the (B, 64) pre-activations [i | f | g | o] without bias; bias: b_ih + b_hh (4H) or null;
+// G: gates[t] (B, 4H), the activations out; C: c_{t-1} (B, H) (c0 or the previous step's cells[]); Ct: cells[t];
+// Ot: output[t]; h_prev: the state this step read, h_next: the one it writes (both (B, H)).
+// A row past its length keeps its state; its gates and output are 0.
+__attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pre, int64_t B, int64_t j0, int64_t n,
+                                                      int64_t H, const float* __restrict bias, const Layer& L,
+                                                      int64_t t, float* __restrict G, const float* __restrict C,
+                                                      float* __restrict Ct, float* __restrict Ot,
+                                                      const float* __restrict h_prev, float* __restrict h_next) {
+  const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+  __m512 bv[4];
+  for (int q = 0; q < 4; ++q) bv[q] = bias ? _mm512_maskz_loadu_ps(m, bias + q * H + j0) : _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t hb = b * H + j0;
+    float* g = G + b * 4 * H + j0;
+    if (!L.active(t, b)) {
+      for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(g + q * H, m, zero);
+      _mm512_mask_storeu_ps(Ct + hb, m, _mm512_maskz_loadu_ps(m, C + hb));  // C: c_{t-1}
+      _mm512_mask_storeu_ps(Ot + hb, m, zero);
+      _mm512_mask_storeu_ps(h_next + hb, m, _mm512_maskz_loadu_ps(m, h_prev + hb));
+      continue;
+    }
+    const float* p = pre + b * kTileCols;
+    const __m512 i = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p), bv[0]));
+    const __m512 f = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p + 16), bv[1]));
+    const __m512 gt = tanh16(_mm512_add_ps(_mm512_loadu_ps(p + 32), bv[2]));
+    const __m512 o = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p + 48), bv[3]));
+    const __m512 cn = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, C + hb), _mm512_mul_ps(i, gt));
+    const __m512 h = _mm512_mul_ps(o, tanh16(cn));
+    _mm512_mask_storeu_ps(g, m, i);
+    _mm512_mask_storeu_ps(g + H, m, f);
+    _mm512_mask_storeu_ps(g + 2 * H, m, gt);
+    _mm512_mask_storeu_ps(g + 3 * H, m, o);
+    _mm512_mask_storeu_ps(Ct + hb, m, cn);
+    _mm512_mask_storeu_ps(Ot + hb, m, h);
+    _mm512_mask_storeu_ps(h_next + hb, m, h);
+  }
+}
+
+// One step t of the layer (no projection, P = H). Xt: input[t] (B, I); the rest as in tile_epilogue.
+void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_t t, const float* Xt,
+                const float* h_prev, float* h_next, const float* bias, float* Gt, const float* C, float* Ct, float* Ot) {
+  const int64_t B = L.B, H = L.H, I = L.I;
+  const int64_t blocks = (B + kFusedMR - 1) / kFusedMR;
+  auto blk_rows = [&](int64_t blk) { return B / blocks + (blk < B % blocks ? 1 : 0); };
+  auto run_tiles = [&](int64_t u0, int64_t u1) {
+    std::vector<float> pre_buf(B * kTileCols);  // the tile's (B, 64) pre-activations
+    float* pre = pre_buf.data();
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
+      // K in blocks of kFusedKBlock (a 32 KB panel block stays in L1 while every row block meets it;
+      // 64 and 256 measured within noise of 128), first over x_t's columns (I), then over h's (H);
+      // rows in blocks of at most 6, as even as can be (32 = 6+6+5+5+5+5: no inefficient block of 2)
+      bool first = true;
+      for (int part = 0; part < 2; ++part) {
+        const float* A = part == 0 ? Xt : h_prev;
+        const int64_t K = part == 0 ? I : H;
+        const float* panel = part == 0 ? Wx.panel(u) : Wh.panel(u);
+        for (int64_t k0 = 0; k0 < K; k0 += kFusedKBlock, first = false) {
+          const int64_t kb = std::min(kFusedKBlock, K - k0);
+          for (int64_t blk = 0, b0 = 0; blk < blocks; b0 += blk_rows(blk), ++blk)
+            kTileGemm[blk_rows(blk)](A + b0 * K + k0, K, panel + k0 * kTileCols, kb, pre + b0 * kTileCols, !first);
+        }
+      }
+      if (first) std::fill(pre, pre + B * kTileCols, 0.f);  // I = H = 0
+      tile_epilogue(pre, B, j0, n, H, bias, L, t, Gt, C, Ct, Ot, h_prev, h_next);
+    }
+  };
+  if (B * 4 * H * (I + H) < kParallelFmas || Wh.tiles == 1) run_tiles(0, Wh.tiles);
+  else at::parallel_for(0, Wh.tiles, 1, run_tiles);
+}
+
+// The whole layer through fused_step. X: input (T, B, I); Hs, Cs: h0/c0 in, h_n/c_n out (B, H);
+// c_{t-1} is read from the previous step's cells[] (a row sitting a step out copies its state there);
+// G: gates (T, B, 4H), CS: cells (T, B, H), O: output (T, B, H), all written.
+void fused_recurrence(const Layer& L, const float* X, const float* w_ih, const float* w_hh, const float* bias,
+                      float* Hs, float* Cs, float* G, float* CS, float* O) {
+  const int64_t T = L.T, B = L.B, H = L.H, I = L.I;
+  const GateTiles wx = pack_gate_tiles(w_ih, H, I), wh = pack_gate_tiles(w_hh, H, H);
+  std::vector<float> h_other(B * H);
+  float* hbuf[2] = {Hs, h_other.data()};
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = L.time_of_step(s);
+    const float* c_prev = s == 0 ? Cs : CS + L.time_of_step(s - 1) * B * H;  // cells[] holds every row's state
+    fused_step(wx, wh, L, t, X + t * B * I, hbuf[s % 2], hbuf[(s + 1) % 2], bias, G + t * B * 4 * H, c_prev,
+               CS + t * B * H, O + t * B * H);
+  }
+  std::memcpy(Cs, CS + L.time_of_step(T - 1) * B * H, B * H * sizeof(float));
+  if (T % 2) std::memcpy(Hs, hbuf[1], B * H * sizeof(float));
+}
+
+// The fused path: fp32 on AVX-512 without a projection. FASTATTN_LSTM_FUSED=0 turns it off,
+// =1 on wherever it can run, =require: on, and an error where it cannot run (tests use it to be sure
+// they run it). Unset: on where it measured faster than the GEMM + pointwise-pass step (one thread,
+// T = 100; bench_lstm.py's "unfused" rows): batch >= 16 (at batch 1-8 the separate input projection, one
+// GEMM over all T*B rows, beats reading W_ih every step), hidden >= 32, and W_ih + W_hh at most 6 MB
+// (hidden 384 at input 384: fused 0.95x torch vs 0.91x; 512: even; 1024: the weights stream from
+// memory twice per step, fused 0.94x vs 1.06x).
+constexpr int64_t kFusedMinBatch = 16, kFusedMinHidden = 32, kFusedMaxWeightBytes = 6 << 20;
+
+bool use_fused_step(bool is_float, bool proj, int64_t B, int64_t I, int64_t H) {
+  const char* env = std::getenv("FASTATTN_LSTM_FUSED");
+  const bool can = is_float && !proj && cpu_has_avx512() && H >= 1 && B >= 1;
+  if (env && env[0] == 'r') {
+    TORCH_CHECK(can, "fastattn lstm: FASTATTN_LSTM_FUSED=require, but the fused step needs float32, no proj_size "
+                "and an AVX-512 CPU");
+    return true;
+  }
+  if (!can) return false;
+  if (env && env[0] == '0') return false;
+  if (env && env[0] == '1') return true;
+  return B >= kFusedMinBatch && H >= kFusedMinHidden && 4 * H * (I + H) * (int64_t)sizeof(float) <= kFusedMaxWeightBytes;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_opt, const std::optional<at::Tensor>& b_hh_opt,
@@ -614,12 +856,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T_ *G = gates.data_ptr<T_>(), *O = out.data_ptr<T_>(), *CS = cells.data_ptr<T_>(),
        *R = proj ? hidden.data_ptr<T_>() : nullptr, *Hs = h.data_ptr<T_>(), *Cs = c.data_ptr<T_>();
     const T_ *WH = wh.const_data_ptr<T_>(), *WR = proj ? w_hr.const_data_ptr<T_>() : nullptr;
-    // 1. the input projection of every step (the biases join in the pointwise pass)
-    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
     std::vector<T_> bias_sum(4 * H);
     const bool has_bias = b_ih.defined() || b_hh.defined();
     if (has_bias) fill_bias<T_>(bias_sum.data(), ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), 1, 4 * H);
     const T_* BS = has_bias ? bias_sum.data() : nullptr;
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+    if (use_fused_step(std::is_same_v<T_, float>, proj, B, I, H)) {  // T_ is float here
+      auto f = [](auto* p) { return reinterpret_cast<float*>(const_cast<T_*>(p)); };
+      fused_recurrence(L, f(x.const_data_ptr<T_>()), f(wi.const_data_ptr<T_>()), f(WH), f(BS), f(Hs), f(Cs), f(G), f(CS), f(O));
+      return;
+    }
+#endif
+    // 1. the input projection of every step (the biases join in the pointwise pass)
+    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
     // 2. the recurrence
     const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
     const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
