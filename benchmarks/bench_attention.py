@@ -22,7 +22,6 @@ with other jobs the wall clock mostly measures waiting.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -33,23 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 import fastattn  # noqa: E402
 from fastattn import backend as fa_backend  # noqa: E402
-
-
-def cpu_time_bench(fn, min_time: float) -> float:
-    """Median CPU seconds per call (process clock: all threads of this process)."""
-    fn()
-    fn()
-    t0 = time.process_time()
-    fn()
-    once = max(time.process_time() - t0, 1e-6)
-    reps = max(1, int(min_time / 5 / once))
-    rounds = []
-    for _ in range(5):
-        t0 = time.process_time()
-        for _ in range(reps):
-            fn()
-        rounds.append((time.process_time() - t0) / reps)
-    return statistics.median(rounds)
 
 
 def our_backends(device: torch.device):
@@ -180,9 +162,7 @@ def main():
     print(f"ours: {ours}; torch: {[t[0] for t in theirs]}; {common.machine(device)}")
 
     def timeit(fn):
-        if args.cpu_time and device.type == "cpu":
-            return cpu_time_bench(fn, args.min_time)
-        return common.bench(fn, device, args.min_time)
+        return common.bench(fn, device, args.min_time, cpu_time=args.cpu_time)
 
     suffix = "_cputime" if args.cpu_time and device.type == "cpu" else ""
     table = common.Table(f"attention_{device.type}{suffix}", ["case", "mode", "impl", "ms", "GFLOP/s", "vs torch"])

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -47,24 +45,6 @@ def pair(device, *args, **kw):
     return ref, ours
 
 
-def cpu_bench(fn, min_time, warmup=2):
-    """Median process CPU seconds per call (time.process_time), 5 rounds: with one thread, what other
-    processes on a shared machine do costs us little (wall clock counts their time slices too)."""
-    for _ in range(warmup):
-        fn()
-    t0 = time.process_time()
-    fn()
-    once = max(time.process_time() - t0, 1e-6)
-    reps = max(1, int(min_time / 5 / once))
-    rounds = []
-    for _ in range(5):
-        t0 = time.process_time()
-        for _ in range(reps):
-            fn()
-        rounds.append((time.process_time() - t0) / reps)
-    return statistics.median(rounds)
-
-
 def with_env(name, value, fn):
     def f():
         old = os.environ.get(name)
@@ -82,7 +62,7 @@ def with_env(name, value, fn):
 def run_pair(table, args, case, flops, fn_torch, fn_ours, min_time, unfused=False):
     """torch vs ours; unfused: also ours with FASTATTN_LSTM_FUSED=0 (the CPU layer's GEMM + pointwise-pass
     step instead of the fused step), in the same run."""
-    timer = (lambda fn: cpu_bench(fn, min_time)) if args.cpu_time else (lambda fn: common.bench(fn, args.device, min_time))
+    timer = lambda fn: common.bench(fn, args.device, min_time, cpu_time=args.cpu_time)  # noqa: E731
     t_torch = timer(fn_torch)
     t_ours = timer(fn_ours)
     table.add(case=case, impl="torch", ms=t_torch * 1e3, **{"GFLOP/s": flops / t_torch / 1e9, "vs torch": 1.0})

@@ -414,46 +414,10 @@ def test_split_kv_decode_heuristic_and_dense_agree(monkeypatch):
 # (the varlen contract: local indices, bottom_right -> diag = Sb - Lb, dropout row h*Tq + cu_q[b] + i).
 # --------------------------------------------------------------------------------------------
 def _varlen_reference(q, k, v, cu_q, cu_k, p, scale, wl, wr, bottom_right, cap, seed):
-    from fastattn.ops.attention import _mix32, dropout_threshold
-    Tq, Hq, _ = q.shape
-    Hkv, Ev = k.shape[1], v.shape[2]
-    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
-    out = q.new_zeros(Tq, Hq, Ev)
-    lse = q.new_full((Hq, Tq), float("inf"))
-    seed_h = _mix32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))
-    outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
-        Lb, Sb = q1 - q0, k1 - k0
-        if Lb == 0:
-            continue
-        qb = q[q0:q1].transpose(0, 1)
-        kb = k[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-        vb = v[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-        s = qb @ kb.transpose(-1, -2) * scale
-        if cap > 0:
-            s = cap * torch.tanh(s / cap)
-        i = torch.arange(Lb).view(Lb, 1) + ((Sb - Lb) if bottom_right else 0)
-        j = torch.arange(Sb).view(1, Sb)
-        vis = torch.ones(Lb, Sb, dtype=torch.bool)
-        if wl >= 0:
-            vis &= j >= i - wl
-        if wr >= 0:
-            vis &= j <= i + wr
-        s = s.masked_fill(~vis.to(s.device), float("-inf"))
-        m = s.amax(-1, keepdim=True).detach() if Sb > 0 else s.new_zeros(Hq, Lb, 1)
-        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-        e = torch.exp(s - m)
-        den = e.sum(-1, keepdim=True)
-        probs = e / torch.where(den == 0, torch.ones_like(den), den)
-        if p > 0:
-            row = (torch.arange(Hq).view(Hq, 1, 1) * Tq + q0 + torch.arange(Lb).view(1, Lb, 1)) & 0xFFFFFFFF
-            keep = _mix32(_mix32(seed_h ^ row) ^ torch.arange(Sb).view(1, 1, Sb)) >= dropout_threshold(p)
-            probs = torch.where(keep.to(s.device), probs / (1 - p), torch.zeros_like(probs))
-        outs.append((probs @ vb).transpose(0, 1))
-        lses.append(torch.where(den == 0, torch.full_like(den, float("inf")), m + torch.log(den)).squeeze(-1))
-    out = torch.cat(outs, 0) if outs else out
-    lse = torch.cat(lses, 1) if lses else lse
+    """The oracle, computing in q's dtype (offsets as lists: it loops over the sequences on the host)."""
+    from fastattn.ops.attention import attention_varlen_reference
+    out, lse = attention_varlen_reference(q, k, v, cu_q.tolist(), cu_k.tolist(), p, scale, wl, wr, bottom_right,
+                                          cap, seed, compute_dtype=q.dtype)
     return out, lse
 
 

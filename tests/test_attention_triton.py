@@ -360,49 +360,14 @@ def test_cuda_compile_fullgraph():
 # Packed variable-length batches (triton_attention_varlen_fwd/bwd) against a float64 loop over
 # the sequences with the varlen contract's dropout hash (row = h*Tq + cu_seqlens_q[b] + i).
 # --------------------------------------------------------------------------------------------
-from fastattn.ops.attention import _mix32, dropout_threshold  # noqa: E402
+from fastattn.ops.attention import attention_varlen_reference  # noqa: E402
 from fastattn.triton.attention import triton_attention_varlen_bwd, triton_attention_varlen_fwd  # noqa: E402
 
 
 def _varlen_ref_fwd(q, k, v, cu_q, cu_k, p, scale, wl, wr, bottom_right, cap, seed):
-    """Plain float64 math, one sequence at a time; differentiable; (out (Tq,Hq,Ev), lse (Hq,Tq))."""
-    Tq, Hq, _ = q.shape
-    Hkv, Ev = k.shape[1], v.shape[2]
-    outs, lses = [], []
-    seed_h = _mix32(torch.tensor(seed & 0xFFFFFFFF, dtype=torch.int64))
-    for b in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        Lb, Sb = q1 - q0, k1 - k0
-        if Lb == 0:
-            continue
-        qb = q[q0:q1].transpose(0, 1)                                             # (Hq, Lb, E)
-        kb = k[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)            # (Hq, Sb, E)
-        vb = v[k0:k1].transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
-        s = qb @ kb.transpose(-1, -2) * scale
-        if cap > 0:
-            s = cap * torch.tanh(s / cap)
-        i = torch.arange(Lb).view(Lb, 1) + ((Sb - Lb) if bottom_right else 0)
-        j = torch.arange(Sb).view(1, Sb)
-        vis = torch.ones(Lb, Sb, dtype=torch.bool)
-        if wl >= 0:
-            vis &= j >= i - wl
-        if wr >= 0:
-            vis &= j <= i + wr
-        s = s.masked_fill(~vis.to(s.device), -INF)
-        m = s.amax(-1, keepdim=True).detach() if Sb > 0 else s.new_zeros(Hq, Lb, 1)
-        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-        e = torch.exp(s - m)
-        den = e.sum(-1, keepdim=True)
-        probs = e / torch.where(den == 0, torch.ones_like(den), den)
-        if p > 0:
-            row = (torch.arange(Hq).view(Hq, 1, 1) * Tq + q0 + torch.arange(Lb).view(1, Lb, 1)) & 0xFFFFFFFF
-            keep = _mix32(_mix32(seed_h ^ row) ^ torch.arange(Sb).view(1, 1, Sb)) >= dropout_threshold(p)
-            probs = torch.where(keep.to(s.device), probs / (1 - p), torch.zeros_like(probs))
-        outs.append((probs @ vb).transpose(0, 1))
-        lses.append(torch.where(den == 0, torch.full_like(den, INF), m + torch.log(den)).squeeze(-1))
-    out = torch.cat(outs, 0) if outs else q.new_zeros(0, Hq, Ev)
-    lse = torch.cat(lses, 1) if lses else q.new_zeros(Hq, 0)
-    return out, lse
+    """The oracle in q's dtype; differentiable; (out (Tq,Hq,Ev), lse (Hq,Tq))."""
+    return attention_varlen_reference(q, k, v, cu_q, cu_k, p, scale, wl, wr, bottom_right, cap, seed,
+                                      compute_dtype=q.dtype)
 
 
 def _varlen_inputs(lens_q, lens_k, Hq, Hkv, E, Ev, dtype=torch.float32, seed=0):

@@ -351,6 +351,22 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {target}")
 
 
+def _window(window_size: Sequence[int], causal: bool, causal_align: str, softcap: float) -> Tuple[int, int]:
+    """Checks the richer API's mask arguments; returns (window_left, window_right) with causal folded in."""
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+    wl, wr = int(window_size[0]), int(window_size[1])
+    if wl < -1 or wr < -1:
+        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size!r}")
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    return wl, wr
+
+
 def _to_4d(t: Tensor) -> Tensor:
     """(*batch, H, L, E) -> (B, H, L, E); a missing head or batch dim becomes 1."""
     if t.dim() == 2:
@@ -522,17 +538,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
       ``torch.manual_seed`` makes dropout reproducible; ``torch.compile(fullgraph=True)`` traces the draw).
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, enable_gqa)
-    if causal_align not in ("top_left", "bottom_right"):
-        raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
-    if len(window_size) != 2:
-        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
-    wl, wr = int(window_size[0]), int(window_size[1])
-    if wl < -1 or wr < -1:
-        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size!r}")
-    if causal:
-        wr = 0 if wr < 0 else min(wr, 0)
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    wl, wr = _window(window_size, causal, causal_align, softcap)
 
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     q = _last_dim_contiguous(_to_4d(query))
@@ -668,17 +674,7 @@ def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Te
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) (grouped-query attention)")
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if causal_align not in ("top_left", "bottom_right"):
-        raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
-    if len(window_size) != 2:
-        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
-    wl, wr = int(window_size[0]), int(window_size[1])
-    if wl < -1 or wr < -1:
-        raise ValueError(f"window_size entries must be >= 0 or -1 (unbounded), got {window_size!r}")
-    if causal:
-        wr = 0 if wr < 0 else min(wr, 0)
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    wl, wr = _window(window_size, causal, causal_align, softcap)
 
     cu_q, oq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
     cu_k, ok = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)

@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from fastattn.ops._autograd import refuse_double_backward
-from fastattn.ops.attention import make_attention_autograd
+from fastattn.ops import attention as _attn_ops
 
 __all__ = ["triton_attention_fwd", "triton_attention_bwd", "triton_attention_varlen_fwd",
            "triton_attention_varlen_bwd"]
@@ -166,6 +165,19 @@ def _query_ranges(n0, L, S, window_left, window_right, diag_offset,
 # Where a program's sequence lives: dense batches and packed variable-length ones (VARLEN).
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _block_and_head(VARLEN: tl.constexpr):
+    """(block index, batch·head index) of this program. Varlen grids are (N·H, blocks), since N·H
+    may pass the 65535 limit of grid dims 1 and 2; dense grids are (blocks, B·H)."""
+    if VARLEN:
+        block = tl.program_id(1)
+        head = tl.program_id(0)
+    else:
+        block = tl.program_id(0)
+        head = tl.program_id(1)
+    return block, head
+
+
+@triton.jit
 def _sequence(CuQ, CuK, b, h, Hq, L, S, diag_offset, bottom_right, VARLEN: tl.constexpr):
     """(first query row, L, first key row, S, diag_offset, row0) of batch entry b, query head h.
 
@@ -278,12 +290,7 @@ def _attn_fwd(Q, K, V, Bias, Out, Lse, CuQ, CuK,
               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    if VARLEN:  # (sequence·head, block): N·Hq may pass the 65535 limit of grid dims 1 and 2
-        pid_m = tl.program_id(1)
-        bh = tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(VARLEN)
     b = bh // Hq
     h = bh % Hq
     hk = h // (Hq // Hkv)
@@ -495,12 +502,7 @@ def _attn_bwd_dkdv(Q, K, V, Bias, DO, Lse, Delta, DK, DV, CuQ, CuK,
                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    if VARLEN:
-        pid_n = tl.program_id(1)
-        bhk = tl.program_id(0)
-    else:
-        pid_n = tl.program_id(0)
-        bhk = tl.program_id(1)
+    pid_n, bhk = _block_and_head(VARLEN)
     b = bhk // Hkv
     hk = bhk % Hkv
     group = Hq // Hkv
@@ -611,12 +613,7 @@ def _attn_bwd_dq(Q, K, V, Bias, DO, Lse, Delta, DQ, CuQ, CuK,
                  HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    if VARLEN:  # (sequence·head, block): N·Hq may pass the 65535 limit of grid dims 1 and 2
-        pid_m = tl.program_id(1)
-        bh = tl.program_id(0)
-    else:
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+    pid_m, bh = _block_and_head(VARLEN)
     b = bh // Hq
     h = bh % Hq
     hk = h // (Hq // Hkv)
@@ -1064,50 +1061,16 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return dq, dk, dv
 
 
-if _NEEDS_FAKE:
-    @_fwd_op.register_fake
-    def _(q, k, v, attn_bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed):
-        B, Hq, L, _ = q.shape
-        return q.new_empty((B, Hq, L, v.shape[3])), q.new_empty((B, Hq, L), dtype=torch.float32)
+if _NEEDS_FAKE:  # the same fake kernels as the native ops (same contract)
+    _fwd_op.register_fake(_attn_ops._fwd_fake)
+    _bwd_op.register_fake(_attn_ops._bwd_fake)
+    _varlen_fwd_op.register_fake(_attn_ops._varlen_fwd_fake)
+    _varlen_bwd_op.register_fake(_attn_ops._varlen_bwd_fake)
 
-    @_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, attn_bias, dropout_p, scale, window_left, window_right, diag_offset,
-          softcap, seed):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
-
-    @_varlen_fwd_op.register_fake
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, window_left,
-          window_right, bottom_right, softcap, seed):
-        Tq, Hq, _ = q.shape
-        return q.new_empty((Tq, Hq, v.shape[2])), q.new_empty((Hq, Tq), dtype=torch.float32)
-
-    @_varlen_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-          window_left, window_right, bottom_right, softcap, seed):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
-
-
-# The same autograd as the native op (saves q, k, v, out, lse, bias; refuses double backward).
-_setup_context, _backward = make_attention_autograd(_bwd_op)
+# The same autograd as the native ops (saves the inputs, out and lse; refuses double backward).
+_setup_context, _backward = _attn_ops.make_attention_autograd(_bwd_op)
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.params = params
-
-
-def _varlen_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    refuse_double_backward("attention_varlen", grad_out, q, k, v)
-    dq, dk, dv = _varlen_bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params)
-    return (dq, dk, dv) + (None,) * 11
-
-
+_varlen_setup_context, _varlen_backward = _attn_ops.make_attention_varlen_autograd(_varlen_bwd_op)
 _varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
