@@ -394,7 +394,11 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   auto stream = at::cuda::getCurrentCUDAStream();
   const std::vector<at::TensorList> lists = {params, grads, momentum_buffers,
                                               master ? *master_params : at::TensorList()};
-  for (const auto& [dtype, which] : by_dtype(params)) {
+  // A plain pair, not a structured binding: lambdas may capture those only from C++20 (nvcc warns, older
+  // host compilers refuse).
+  for (const auto& group : by_dtype(params)) {
+    const auto dtype = group.first;
+    const auto& which = group.second;
     if (master) {
       FASTATTN_DISPATCH_MASTER_TYPES(dtype, "sgd_step_cuda", [&] {
         multi_tensor_apply<4>(lists, which, {}, flags, [&](const TensorListArgs<4>& args, int blocks) {
@@ -453,7 +457,11 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   auto stream = at::cuda::getCurrentCUDAStream();
   const std::vector<at::TensorList> lists = {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                               master ? *master_params : at::TensorList()};
-  for (const auto& [dtype, which] : by_dtype(params)) {
+  // A plain pair, not a structured binding: lambdas may capture those only from C++20 (nvcc warns, older
+  // host compilers refuse).
+  for (const auto& group : by_dtype(params)) {
+    const auto dtype = group.first;
+    const auto& which = group.second;
     if (master) {
       FASTATTN_DISPATCH_MASTER_TYPES(dtype, "adam_step_cuda", [&] {
         multi_tensor_apply<6>(lists, which, steps, {}, [&](const TensorListArgs<6>& args, int blocks) {

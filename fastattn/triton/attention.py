@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from fastattn.ops import attention as _attn_ops
+from fastattn.triton._compat import NEEDS_FAKE, triton_op, wrap_triton
 
 __all__ = ["triton_attention_fwd", "triton_attention_bwd", "triton_attention_varlen_fwd",
            "triton_attention_varlen_bwd"]
@@ -897,11 +898,11 @@ def _fwd_decode(q, k, v, bias, out, lse, strides, scalars, meta, plan):
     dmeta = {k_: meta[k_] for k_ in ("E_PAD", "EV_PAD", "HAS_BIAS", "HAS_SOFTCAP", "HAS_WL", "HAS_WR",
                                      "HAS_DROPOUT", "UPCAST", "DOT_PRECISION")}
     extra = {} if _INTERPRET else {"num_warps": 4, "num_stages": 2}
-    _wrap(_attn_fwd_decode)[(num_chunks, B * Hkv, m_tiles)](
+    wrap_triton(_attn_fwd_decode)[(num_chunks, B * Hkv, m_tiles)](
         q, k, v, bias, out_part, lse_part, *strides, Hq_, Hkv_, L_, S_, E_, Ev_, chunk, num_chunks,
         scale, softcap, wl, wr, diag, seed, thresh, keep, **dmeta, L_POW2=triton.next_power_of_2(L),
         BLOCK_M=block_m, BLOCK_N=block_n, **extra)
-    _wrap(_attn_decode_reduce)[(B * Hq * L,)](
+    wrap_triton(_attn_decode_reduce)[(B * Hq * L,)](
         out_part, lse_part, out, lse, Hq, L, Ev, num_chunks, out.stride(0), out.stride(1), out.stride(2),
         EV_PAD=meta["EV_PAD"], CHUNKS_PAD=max(2, triton.next_power_of_2(num_chunks)))
 
@@ -909,19 +910,8 @@ def _fwd_decode(q, k, v, bias, out, lse, strides, scalars, meta, plan):
 # --------------------------------------------------------------------------------------------
 # The ops (triton_op + wrap_triton so torch.compile traces into the kernels).
 # --------------------------------------------------------------------------------------------
-if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-    _wrap = torch.library.wrap_triton
-
-    def _define(name):
-        return torch.library.triton_op(name, mutates_args=())
-    _NEEDS_FAKE = False  # triton_op registers the body itself as the fake kernel
-else:  # torch < 2.6: an opaque custom op calling the kernels directly
-    def _wrap(kernel):
-        return kernel
-
-    def _define(name):
-        return torch.library.custom_op(name, mutates_args=())
-    _NEEDS_FAKE = True
+def _define(name):
+    return triton_op(name, mutates_args=())
 
 
 @_define("fastattn::triton_attention_fwd")
@@ -946,7 +936,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], dropou
     def grid(m):
         return (triton.cdiv(L, m["BLOCK_M"]), B * Hq)
     kernel = _kernel(_attn_fwd, _FWD_SHAPES, meta, q.dtype)
-    _wrap(kernel)[grid](q, k, v, bias, out, lse, q, q, *strides, *out.stride()[:3], *lse.stride(), *scalars, **meta)
+    wrap_triton(kernel)[grid](q, k, v, bias, out, lse, q, q, *strides, *out.stride()[:3], *lse.stride(), *scalars, **meta)
     return out, lse
 
 
@@ -954,10 +944,10 @@ def _bwd_kernels(grad_out, q, k, v, out, lse, bias, delta, dq, dk, dv, cu_q, cu_
                  do_strides, lse_strides, dq_strides, dk_strides, dv_strides, grid_kv, grid_q):
     """The dK/dV and dQ launches shared by the dense and the varlen backward."""
     kernel = _kernel(_attn_bwd_dkdv, _DKDV_SHAPES, meta, q.dtype)
-    _wrap(kernel)[grid_kv](q, k, v, bias, grad_out, lse, delta, dk, dv, cu_q, cu_k, *strides, *do_strides,
+    wrap_triton(kernel)[grid_kv](q, k, v, bias, grad_out, lse, delta, dk, dv, cu_q, cu_k, *strides, *do_strides,
                            *lse_strides, *dk_strides, *dv_strides, *scalars, **meta)
     kernel = _kernel(_attn_bwd_dq, _DQ_SHAPES, meta, q.dtype)
-    _wrap(kernel)[grid_q](q, k, v, bias, grad_out, lse, delta, dq, cu_q, cu_k, *strides, *do_strides,
+    wrap_triton(kernel)[grid_q](q, k, v, bias, grad_out, lse, delta, dq, cu_q, cu_k, *strides, *do_strides,
                           *lse_strides, *dq_strides, *scalars, **meta)
 
 
@@ -984,7 +974,7 @@ def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     lse_strides = (lse.stride(0), lse.stride(1), lse.stride(2))
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    _wrap(_attn_bwd_delta)[(triton.cdiv(L, _DELTA_BLOCK_M), B * Hq)](
+    wrap_triton(_attn_bwd_delta)[(triton.cdiv(L, _DELTA_BLOCK_M), B * Hq)](
         out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), *do_strides, Hq, L, Ev,
         EV_PAD=meta["EV_PAD"], BLOCK_M=_DELTA_BLOCK_M)
 
@@ -1018,7 +1008,7 @@ def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
     def grid(m):
         return (N * Hq, triton.cdiv(max_seqlen_q, m["BLOCK_M"]))
     kernel = _kernel(_attn_fwd, _FWD_SHAPES, meta, q.dtype)
-    _wrap(kernel)[grid](q, k, v, q, out, lse, cu_seqlens_q, cu_seqlens_k, *strides, *_rows3(out),
+    wrap_triton(kernel)[grid](q, k, v, q, out, lse, cu_seqlens_q, cu_seqlens_k, *strides, *_rows3(out),
                         0, lse.stride(0), lse.stride(1), *scalars, **meta)
     return out, lse
 
@@ -1048,7 +1038,7 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     lse_strides = (0, lse.stride(0), lse.stride(1))
 
     delta = torch.empty((Hq, Tq), dtype=torch.float32, device=q.device)  # indexed like lse: h*Tq + row
-    _wrap(_attn_bwd_delta)[(triton.cdiv(Tq, _DELTA_BLOCK_M), Hq)](
+    wrap_triton(_attn_bwd_delta)[(triton.cdiv(Tq, _DELTA_BLOCK_M), Hq)](
         out, grad_out, delta, *_rows3(out), *do_strides, Hq, Tq, Ev, EV_PAD=meta["EV_PAD"], BLOCK_M=_DELTA_BLOCK_M)
 
     def grid_kv(m):
@@ -1061,7 +1051,7 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return dq, dk, dv
 
 
-if _NEEDS_FAKE:  # the same fake kernels as the native ops (same contract)
+if NEEDS_FAKE:  # the same fake kernels as the native ops (same contract)
     _fwd_op.register_fake(_attn_ops._fwd_fake)
     _bwd_op.register_fake(_attn_ops._bwd_fake)
     _varlen_fwd_op.register_fake(_attn_ops._varlen_fwd_fake)

@@ -26,14 +26,7 @@ from torch import Tensor
 
 from fastattn.ops.conv2d import make_conv2d_autograd
 
-try:
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # torch < 2.6: a plain custom op that launches the kernels itself
-    def triton_op(name, mutates_args=()):
-        return lambda fn: torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-
-    def wrap_triton(kernel):
-        return kernel
+from fastattn.triton._compat import gpu_target, triton_op, wrap_triton
 
 __all__ = ["triton_conv2d_fwd", "triton_conv2d_bwd"]
 
@@ -180,7 +173,7 @@ def _conv2d_bwd_weight_kernel(dz_ptr, x_ptr, dw_ptr,
 
 
 def _blocks(device: torch.device) -> Tuple[int, int, int]:
-    if _interpret() or device.type != "cuda":
+    if _interpret() or (device.type != "cuda" and gpu_target() is None):
         return 32, 16, 16  # the interpreter runs numpy per program: few, small programs
     return 128, 64, 32
 

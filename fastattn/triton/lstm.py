@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastattn.triton._compat import triton_op, wrap_triton
+
 __all__ = ["lstm_cell", "lstm_layer", "lstm_gates_fwd", "lstm_gates_bwd"]
 
 
@@ -93,22 +95,10 @@ def _block(H: int) -> int:
 def _launch(kernel, B: int, H: int, *args):
     block = _block(H)
     grid = (B, triton.cdiv(H, block))
-    _wrap(kernel)[grid](*args, H, BLOCK=block)
+    wrap_triton(kernel)[grid](*args, H, BLOCK=block)
 
 
-# torch >= 2.6: triton_op + wrap_triton (torch.compile traces through); older: custom_op.
-if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-    _define = torch.library.triton_op
-    _wrap = torch.library.wrap_triton
-else:  # pragma: no cover
-    def _define(name, fn=None, mutates_args=()):
-        return torch.library.custom_op(name, fn, mutates_args=mutates_args)
-
-    def _wrap(kernel):
-        return kernel
-
-
-@_define("fastattn::lstm_gates_fwd_triton", mutates_args=())
+@triton_op("fastattn::lstm_gates_fwd_triton", mutates_args=())
 def lstm_gates_fwd(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     B, H = c.shape
     gates, c = gates.contiguous(), c.contiguous()
@@ -120,7 +110,7 @@ def lstm_gates_fwd(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return h_out, c_out, act
 
 
-@_define("fastattn::lstm_gates_bwd_triton", mutates_args=())
+@triton_op("fastattn::lstm_gates_bwd_triton", mutates_args=())
 def lstm_gates_bwd(grad_h: Tensor, grad_c: Tensor, act: Tensor, c_new: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     B, H = c.shape
     dgates = torch.empty((B, 4 * H), device=c.device, dtype=c.dtype)

@@ -39,6 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastattn.triton._compat import launcher
+
 CHUNK = 16384  # elements per program (100M params: ~6k programs, a small last wave); tests lower it
 BLOCK = 1024   # elements per inner iteration
 
@@ -259,7 +261,7 @@ def sgd_step_triton(params: List[Tensor], grads: List[Tensor], momentum_buffers:
     for (dtype, new), idx in _groups(params, lambda i: bool(has_momentum and new_buffers[i])).items():
         table, chunks = _table([_pick(params, idx), _pick(grads, idx), _pick(momentum_buffers, idx),
                                 _pick(master_params, idx)], [params[i].numel() for i in idx], dummy.device)
-        _sgd_kernel[(chunks,)](
+        launcher(_sgd_kernel)[(chunks,)](
             table, len(idx), lr_tensor if lr_tensor is not None else dummy,
             grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
             lr, momentum, 1.0 - dampening, weight_decay,
@@ -298,7 +300,7 @@ def adam_step_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
         table, chunks = _table([_pick(params, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
                                 _pick(max_exp_avg_sqs if amsgrad else [], idx), _pick(master_params, idx),
                                 _pick(state_steps, idx)], [params[i].numel() for i in idx], device)
-        _adam_kernel[(chunks,)](
+        launcher(_adam_kernel)[(chunks,)](
             table, len(idx), hyper, lr_tensor if lr_tensor is not None else dummy,
             grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
             P_TY=_TL_TYPES[dtype], S_TY=tl.float32 if has_master else _TL_TYPES[dtype], HAS_MASTER=has_master,
@@ -307,7 +309,7 @@ def adam_step_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
             HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None, CHUNK=CHUNK, BLOCK=BLOCK)
     # Every program above read the old step; now count this step (unless found_inf skipped it).
     steps, _ = _table([list(state_steps)], [], device)  # just the step addresses (cached like the others)
-    _increment_steps_kernel[(triton.cdiv(len(state_steps), 1024),)](
+    launcher(_increment_steps_kernel)[(triton.cdiv(len(state_steps), 1024),)](
         steps, len(state_steps), found_inf if found_inf is not None else dummy, HAS_FOUND=found_inf is not None,
         BLOCK=1024)
 
