@@ -683,3 +683,109 @@ def test_fused_step_low_precision(dtype, monkeypatch):
         outs[mode] = (o.float(), h.float(), c.float())
     for a, b in zip(outs["require"], outs["0"]):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused fp32 cell step (AVX-512, small batch: batch rows x k-groups in a vector's lanes)
+# and the cell's hand-written autograd node
+# --------------------------------------------------------------------------------------------
+def _cell_pair(I, H, bias, seed=0):
+    torch.manual_seed(seed)
+    ref = torch.nn.LSTMCell(I, H, bias=bias, dtype=DT)
+    ours = LSTMCell(I, H, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@needs_fused
+@pytest.mark.parametrize("B,I,H,bias", [(1, 50, 50, True), (3, 5, 7, False), (8, 50, 50, True), (17, 9, 129, True),
+                                        (33, 3, 50, True), (64, 16, 20, False), (8, 50, 1, True), (5, 1, 13, True),
+                                        (12, 7, 6, True)])
+def test_fused_cell_matches_torch(B, I, H, bias, monkeypatch):
+    """fp32 fused cell vs torch.nn.LSTMCell in float64 (same weights), forward and every gradient
+    (through the autograd node), and vs our GEMM path in fp32. Batches 1-4 / 5-8 / 9+ take the 4 / 2 /
+    1 k's-per-row lane layouts, > 16 rows several chunks; odd I and H leave partial k-groups and
+    partial unit blocks."""
+    ref, ours = _cell_pair(I, H, bias)
+    x, h, c = (torch.randn(B, n) for n in (I, H, H))
+    xs, hs, cs = (t.clone().requires_grad_() for t in (x, h, c))
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "require")
+    h2, c2 = ours(xs, (hs, cs))
+    xr, hr, cr = (t.double().requires_grad_() for t in (x, h, c))
+    h1, c1 = ref(xr, (hr, cr))
+    torch.testing.assert_close(h2.double(), h1, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(c2.double(), c1, atol=2e-6, rtol=1e-5)
+    wh_, wc_ = torch.randn(B, H, dtype=DT), torch.randn(B, H, dtype=DT)  # the loss: sum(h*wh + c*wc)
+    g1 = torch.autograd.grad((h1 * wh_ + c1 * wc_).sum(), [xr, hr, cr] + list(ref.parameters()))
+    g2 = torch.autograd.grad((h2 * wh_.float() + c2 * wc_.float()).sum(), [xs, hs, cs] + list(ours.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b.double(), a, atol=5e-5, rtol=1e-4)
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "0")
+    with torch.no_grad():
+        h3, c3 = ours(x, (h, c))
+    torch.testing.assert_close(h2.detach(), h3, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(c2.detach(), c3, atol=2e-6, rtol=1e-5)
+
+
+@needs_fused
+def test_fused_cell_gates_workspace_and_saturation(monkeypatch):
+    """The op's gates output (the backward's workspace) from the fused cell equals the GEMM path's;
+    pre-activations far outside [-88, 88] saturate like torch's, no NaN."""
+    ref, ours = _cell_pair(6, 11, True)
+    x, h, c = torch.randn(7, 6) * 1e3, torch.randn(7, 11) * 1e3, torch.randn(7, 11)
+    w = [p.detach() for p in (ours.weight_ih, ours.weight_hh, ours.bias_ih, ours.bias_hh)]
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "require")
+    hy, cy, gates = torch.ops.fastattn.lstm_cell_fwd(x, h, c, *w)
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "0")
+    hy0, cy0, gates0 = torch.ops.fastattn.lstm_cell_fwd(x, h, c, *w)
+    assert torch.isfinite(hy).all() and torch.isfinite(cy).all() and torch.isfinite(gates).all()
+    torch.testing.assert_close(gates, gates0, atol=1e-6, rtol=1e-5)
+    h1, c1 = ref(x.double(), (h.double(), c.double()))
+    torch.testing.assert_close(hy.double(), h1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cy.double(), c1, atol=1e-5, rtol=1e-5)
+
+
+@needs_fused
+def test_fused_cell_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "require")
+    x, h, c = torch.randn(2, 3, dtype=DT), torch.randn(2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+    with pytest.raises(RuntimeError, match="FASTATTN_LSTM_CELL_FUSED=require"):
+        torch.ops.fastattn.lstm_cell_fwd(x, h, c, torch.randn(16, 3, dtype=DT), torch.randn(16, 4, dtype=DT), None, None)
+
+
+@needs_ext
+def test_cell_autograd_node():
+    """The cell's autograd node: gradients only for what requires grad (an absent bias gets none), a
+    second backward without retain_graph and a saved tensor changed in place are refused, retain_graph
+    gives the same gradients twice, no node under no_grad."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTMCell(4, 5, bias=False, dtype=DT)
+    ours = LSTMCell(4, 5, bias=False, dtype=DT)
+    ours.load_state_dict(ref.state_dict())
+    x, h, c = torch.randn(3, 4, dtype=DT), torch.randn(3, 5, dtype=DT), torch.randn(3, 5, dtype=DT)
+    h2, c2 = ours(x, (h, c))
+    assert h2.grad_fn.name() == "LstmCellBackward" and c2.grad_fn is h2.grad_fn
+    g2 = torch.autograd.grad((h2 * 2 + c2).sum(), [ours.weight_ih, ours.weight_hh], retain_graph=True)
+    g2b = torch.autograd.grad((h2 * 2 + c2).sum(), [ours.weight_ih, ours.weight_hh])
+    h1, c1 = ref(x, (h, c))
+    g1 = torch.autograd.grad((h1 * 2 + c1).sum(), [ref.weight_ih, ref.weight_hh])
+    for a, b, b2 in zip(g1, g2, g2b):
+        _close(b, a)
+        _close(b2, b, tol=0)
+    loss = ours(x, (h, c))[0].sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    h2, c2 = ours(x, (h, c))
+    c2.add_(1)
+    with pytest.raises(RuntimeError, match="inplace"):
+        h2.sum().backward()
+    with torch.no_grad():
+        h2, c2 = ours(x, (h, c))
+    assert h2.grad_fn is None and not h2.requires_grad and not c2.requires_grad
+    x.requires_grad_()
+    ours.requires_grad_(False)
+    h2, _ = ours(x, (h, c))
+    (gx,) = torch.autograd.grad(h2.sum(), x)
+    (gx1,) = torch.autograd.grad(ref(x, (h, c))[0].sum(), x)
+    _close(gx, gx1)

@@ -25,11 +25,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -476,6 +478,11 @@ const T* ptr_or_null(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------
 // Cell step.
 // ---------------------------------------------------------------------------------------------
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+bool use_fused_cell(bool is_float, int64_t B, int64_t I, int64_t H);
+void fused_cell(int64_t B, int64_t I, int64_t H, const float* x, const float* h, const float* c, const float* w_ih,
+                const float* w_hh, const float* bias, float* G, float* HY, float* CY);
+#endif
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input, const at::Tensor& hx,
                                                                  const at::Tensor& cx, const at::Tensor& w_ih,
                                                                  const at::Tensor& w_hh,
@@ -500,6 +507,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
   auto gates = at::empty({B, 4 * H}, x.options());
   auto hy = at::empty({B, H}, x.options());
   auto cy = at::empty({B, H}, x.options());
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+  if (use_fused_cell(ct == at::kFloat, B, I, H)) {
+    thread_local std::vector<float> bias;  // b_ih + b_hh
+    const bool has_bias = b_ih.defined() || b_hh.defined();
+    if (has_bias) {
+      if ((int64_t)bias.size() < 4 * H) bias.resize(4 * H);
+      fill_bias<float>(bias.data(), ptr_or_null<float>(b_ih), ptr_or_null<float>(b_hh), 1, 4 * H);
+    }
+    fused_cell(B, I, H, x.const_data_ptr<float>(), h.const_data_ptr<float>(), c.const_data_ptr<float>(),
+               wi.const_data_ptr<float>(), wh.const_data_ptr<float>(), has_bias ? bias.data() : nullptr,
+               gates.data_ptr<float>(), hy.data_ptr<float>(), cy.data_ptr<float>());
+    return {as_type(hy, input.scalar_type()), as_type(cy, input.scalar_type()), gates};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_fwd", [&] {
     using T = scalar_t;
     T* G = gates.data_ptr<T>();
@@ -813,6 +834,184 @@ bool use_fused_step(bool is_float, bool proj, int64_t B, int64_t I, int64_t H) {
   if (env && env[0] == '1') return true;
   return B >= kFusedMinBatch && H >= kFusedMinHidden && 4 * H * (I + H) * (int64_t)sizeof(float) <= kFusedMaxWeightBytes;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused cell step (fp32, AVX-512, small batch): x W_ih^T + h W_hh^T + biases and the gate math in
+// one pass over the weights as torch stores them (no packing: at batch 8, hidden 50 the step is
+// ~160K multiply-adds, ~1 us, and packing 80 KB of weights per call would cost more than that).
+//   * a vector's 16 lanes hold 16/R batch rows x R consecutive k (R = 1, 2 or 4: at batch 8 R = 2,
+//     so no lane idles): [x | h] is transposed into groups of R k's, XT[kg][b*R + p] = A[b, kg*R + p]
+//     (zero past the batch and past K);
+//   * a register block holds the four gates of 6 hidden units (24 zmm accumulators); per k-group one
+//     load of XT[kg] and 24 FMAs, each with R weights W[n, kg*R .. kg*R+R) broadcast straight from
+//     row n of w_ih / w_hh (24 rows read in k order, L1/L2-resident);
+//   * then the R lanes of a row are summed (in-lane permutes), the biases added and the gate math runs
+//     on those 24 vectors (lanes = batch rows), writing the activated gates, c' and h' transposed;
+//     they are transposed back at the end (small: (B, 6H) values);
+//   * more batch rows than fit a vector: chunks of 16/R rows, each a pass over the weights.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kCellLanes = 16, kCellUnits = 6;
+
+// R weights W[0..R) as a vector repeating them (lane l gets W[l % R]).
+template <int R>
+__attribute__((target("avx512f"), always_inline)) inline __m512 bcast_group(const float* w) {
+  if constexpr (R == 1) return _mm512_set1_ps(*w);
+  if constexpr (R == 2) {
+    double d;
+    std::memcpy(&d, w, sizeof d);
+    return _mm512_castpd_ps(_mm512_set1_pd(d));
+  }
+  if constexpr (R == 4) return _mm512_broadcast_f32x4(_mm_loadu_ps(w));
+}
+
+// acc[q][u] += sum over K of A[b, k] W[q*H + u, k] (W rows ld apart, starting at unit 0 of the block).
+// AT: the (ceil(K/R), 16) transposed groups of A. The last group, when K is not a multiple of R,
+// reads its weights through a zero-padded copy (never past a row's end, and 0 * garbage is no NaN).
+template <int U, int R>
+__attribute__((target("avx512f"), always_inline)) inline void cell_accumulate(__m512 (&acc)[4][U],
+                                                                             const float* __restrict AT,
+                                                                             const float* __restrict W, int64_t K,
+                                                                             int64_t H) {
+  // addresses: one pointer per gate (advancing R floats a group) plus one offset per unit, so the
+  // 24 broadcasts address [gate pointer + unit offset] without spilling
+  const float* wq[4] = {W, W + H * K, W + 2 * H * K, W + 3 * H * K};
+  int64_t uoff[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) uoff[u] = u * K;
+  const int64_t full = K / R;
+  for (int64_t kg = 0; kg < full; ++kg) {
+    const __m512 a = _mm512_loadu_ps(AT + kg * kCellLanes);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[q][u] = _mm512_fmadd_ps(bcast_group<R>(wq[q] + uoff[u]), a, acc[q][u]);
+      wq[q] += R;
+    }
+  }
+  if (const int64_t tail = K - full * R; tail > 0) {
+    const __m512 a = _mm512_loadu_ps(AT + full * kCellLanes);
+    for (int q = 0; q < 4; ++q)
+      for (int u = 0; u < U; ++u) {
+        float wt[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t p = 0; p < tail; ++p) wt[p] = wq[q][uoff[u] + p];
+        acc[q][u] = _mm512_fmadd_ps(bcast_group<R>(wt), a, acc[q][u]);
+      }
+  }
+}
+
+// Units [j0, j0 + U) for one chunk of batch rows. XT: x's groups (ceil(I/R), 16) then h's
+// (ceil(H/R), 16); CT: c^T (H, 16) (each row's value in its R lanes); bias: b_ih + b_hh (4H) or null;
+// GT (4H, 16), CYT, HYT (H, 16): outputs, transposed (a row's value in each of its R lanes).
+template <int U, int R>
+__attribute__((target("avx512f"))) void cell_units(const float* __restrict XT, int64_t I, int64_t H,
+                                                   const float* __restrict w_ih, const float* __restrict w_hh,
+                                                   const float* __restrict bias, int64_t j0,
+                                                   const float* __restrict CT, float* __restrict GT,
+                                                   float* __restrict CYT, float* __restrict HYT) {
+  __m512 acc[4][U];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) acc[q][u] = _mm512_setzero_ps();
+  cell_accumulate<U, R>(acc, XT, w_ih + j0 * I, I, H);
+  cell_accumulate<U, R>(acc, XT + (I + R - 1) / R * kCellLanes, w_hh + j0 * H, H, H);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const int64_t j = j0 + u;
+    __m512 pre[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m512 v = acc[q][u];
+      if constexpr (R >= 2) v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // lanes 2m <-> 2m+1
+      if constexpr (R >= 4) v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));  // pairs within 4 lanes
+      pre[q] = bias ? _mm512_add_ps(v, _mm512_set1_ps(bias[q * H + j])) : v;
+    }
+    const __m512 i = sigmoid16(pre[0]), f = sigmoid16(pre[1]), g = tanh16(pre[2]), o = sigmoid16(pre[3]);
+    const __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(CT + j * kCellLanes), _mm512_mul_ps(i, g));
+    _mm512_storeu_ps(GT + j * kCellLanes, i);
+    _mm512_storeu_ps(GT + (H + j) * kCellLanes, f);
+    _mm512_storeu_ps(GT + (2 * H + j) * kCellLanes, g);
+    _mm512_storeu_ps(GT + (3 * H + j) * kCellLanes, o);
+    _mm512_storeu_ps(CYT + j * kCellLanes, cn);
+    _mm512_storeu_ps(HYT + j * kCellLanes, _mm512_mul_ps(o, tanh16(cn)));
+  }
+}
+
+using CellUnits = void (*)(const float*, int64_t, int64_t, const float*, const float*, const float*, int64_t,
+                           const float*, float*, float*, float*);
+template <int R>
+constexpr CellUnits kCellUnitsFor[kCellUnits + 1] = {nullptr,          cell_units<1, R>, cell_units<2, R>,
+                                                     cell_units<3, R>, cell_units<4, R>, cell_units<5, R>,
+                                                     cell_units<6, R>};
+
+// The fused cell runs fp32 (and bf16/fp16, converted at entry) on AVX-512 up to 64 batch rows while
+// the step is under ~1M multiply-adds (beyond that the GEMM path's packed kernels / threads win).
+// FASTATTN_LSTM_CELL_FUSED=0 turns it off, =1 forces it wherever it can run, =require: on, and an
+// error where it cannot run (tests use it to be sure they run it).
+bool use_fused_cell(bool is_float, int64_t B, int64_t I, int64_t H) {
+  const char* e = std::getenv("FASTATTN_LSTM_CELL_FUSED");
+  const bool can = is_float && cpu_has_avx512() && B >= 1 && H >= 1;
+  if (e && e[0] == 'r') {
+    TORCH_CHECK(can, "fastattn lstm_cell: FASTATTN_LSTM_CELL_FUSED=require, but the fused cell needs float32 "
+                "(or bf16/fp16), batch >= 1 and an AVX-512 CPU");
+    return true;
+  }
+  if (!can) return false;
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return true;
+  return B <= 64 && B * 4 * H * (I + H) < kParallelFmas;
+}
+
+// rows (<= 16/R) batch rows of x (rows, I), h, c (rows, H) into XT (x's then h's groups of R k's,
+// zero past K and past the rows) and CT (H, 16) (each row's c in its R lanes, zero past the rows).
+template <int R>
+void cell_transpose_in(const float* x, const float* h, const float* c, int64_t rows, int64_t I, int64_t H, float* XT,
+                       float* CT) {
+  constexpr int64_t L = kCellLanes;
+  const int64_t xg = (I + R - 1) / R, hg = (H + R - 1) / R;
+  std::fill(XT, XT + (xg + hg) * L, 0.f);
+  if (rows * R < L) std::fill(CT, CT + H * L, 0.f);
+  for (int64_t b = 0; b < rows; ++b) {
+    const float *xb = x + b * I, *hb = h + b * H, *cb = c + b * H;
+    float* xt = XT + b * R;
+    for (int64_t k = 0; k < I; ++k) xt[(k / R) * L + k % R] = xb[k];
+    xt += xg * L;
+    for (int64_t k = 0; k < H; ++k) xt[(k / R) * L + k % R] = hb[k];
+    float* ct = CT + b * R;
+    for (int64_t j = 0; j < H; ++j)
+      for (int64_t p = 0; p < R; ++p) ct[j * L + p] = cb[j];
+  }
+}
+
+// x (B, I), h, c (B, H), weights (4H, I) / (4H, H), bias (4H) or null -> G (B, 4H) activated, HY, CY (B, H).
+void fused_cell(int64_t B, int64_t I, int64_t H, const float* x, const float* h, const float* c, const float* w_ih,
+                const float* w_hh, const float* bias, float* G, float* HY, float* CY) {
+  constexpr int64_t L = kCellLanes;
+  const int64_t xt_rows = I + H + 2;  // enough k-groups for any R
+  // scratch kept per thread (a fresh malloc of this size per call cost ~0.3 us, its lock and consolidation)
+  thread_local std::vector<float> buf;
+  if ((int64_t)buf.size() < L * (xt_rows + 7 * H)) buf.resize(L * (xt_rows + 7 * H));
+  float *XT = buf.data(), *CT = XT + xt_rows * L, *GT = CT + H * L, *CYT = GT + 4 * H * L, *HYT = CYT + H * L;
+  for (int64_t b0 = 0; b0 < B;) {
+    // R k's per row in a vector's lanes: as many as leave no batch row out of this chunk
+    const int64_t left = B - b0, R = left <= 4 ? 4 : left <= 8 ? 2 : 1, rows = std::min(left, L / R);
+    if (R == 4) cell_transpose_in<4>(x + b0 * I, h + b0 * H, c + b0 * H, rows, I, H, XT, CT);
+    else if (R == 2) cell_transpose_in<2>(x + b0 * I, h + b0 * H, c + b0 * H, rows, I, H, XT, CT);
+    else cell_transpose_in<1>(x + b0 * I, h + b0 * H, c + b0 * H, rows, I, H, XT, CT);
+    for (int64_t j0 = 0; j0 < H; j0 += kCellUnits) {
+      const int64_t u = std::min(kCellUnits, H - j0);
+      const CellUnits f = R == 4 ? kCellUnitsFor<4>[u] : R == 2 ? kCellUnitsFor<2>[u] : kCellUnitsFor<1>[u];
+      f(XT, I, H, w_ih, w_hh, bias, j0, CT, GT, CYT, HYT);
+    }
+    for (int64_t b = 0; b < rows; ++b) {
+      float *gb = G + (b0 + b) * 4 * H, *hb = HY + (b0 + b) * H, *cb = CY + (b0 + b) * H;
+      const int64_t lane = b * R;
+      for (int64_t n = 0; n < 4 * H; ++n) gb[n] = GT[n * L + lane];
+      for (int64_t j = 0; j < H; ++j) hb[j] = HYT[j * L + lane], cb[j] = CYT[j * L + lane];
+    }
+    b0 += rows;
+  }
+}
 #endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
@@ -1001,57 +1200,102 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // ---------------------------------------------------------------------------------------------
-// Autograd of the cell step, in C++: a cell step at hidden 50 takes a few microseconds, and a
-// Python autograd kernel (torch.library.register_autograd) would cost several times that per call.
-// Device-generic: it redispatches to the CPU or CUDA kernels of lstm_cell_fwd / lstm_cell_bwd.
+// Autograd of the cell step, in C++, as a hand-written graph node (what torch's generated autograd
+// code does): a cell step at hidden 50 is a ~5 us call, torch.library's Python autograd wrapper cost
+// several times that, and torch::autograd::Function's bookkeeping (input metadata, output wrapping)
+// ~2 us of it. Device-generic: the node redispatches to the CPU or CUDA kernels of lstm_cell_fwd /
+// lstm_cell_bwd.
 // ---------------------------------------------------------------------------------------------
 using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
-                               const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fastattn::lstm_cell_fwd", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [hy, cy, gates] = op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
-    ctx->save_for_backward({input, hx, cx, cy, w_ih, w_hh, gates});
-    ctx->saved_data["bias"] = (int64_t)(b_ih && b_ih->defined() ? 1 : 0) | (b_hh && b_hh->defined() ? 2 : 0);
-    ctx->mark_non_differentiable({gates});
-    return {hy, cy, gates};
+// The graph's node pointer: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node> in newer.
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename N>
+NodePtr make_node() {
+  if constexpr (std::is_constructible_v<NodePtr, std::shared_ptr<N>>) return NodePtr(std::make_shared<N>());
+  else return c10::make_intrusive<N>();
+}
+
+using CellFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using CellBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+const c10::TypedOperatorHandle<CellFwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const std::optional<at::Tensor>&,
+                                          const std::optional<at::Tensor>&)>&
+cell_fwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastattn::lstm_cell_fwd", "")
+                       .typed<CellFwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+// Gradients of (hy, cy) in; of (input, hx, cx, w_ih, w_hh, b_ih, b_hh) out. An absent bias is no edge of
+// the node (should_compute_output false) and gets no gradient.
+struct LstmCellBackward : public torch::autograd::Node {
+  SavedVariable input, hx, cx, cy, w_ih, w_hh, gates;
+
+  std::string name() const override { return "LstmCellBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&input, &hx, &cx, &cy, &w_ih, &w_hh, &gates}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     // Dispatched normally under create_graph: lstm_cell_bwd's own autograd (Python) raises a clear error
-    // on double backward.
+    // on double backward; without it that kernel has nothing to do and is skipped.
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastattn::lstm_cell_bwd", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&)>();
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // see LstmLayerFunction::backward
+                         .typed<CellBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&)>();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();
-    auto saved = ctx->get_saved_variables();
-    const auto &input = saved[0], &hx = saved[1], &cx = saved[2], &cy = saved[3];
-    auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(cy);
-    auto grad_cy = grads[1].defined() ? grads[1] : at::zeros_like(cy);
-    auto [dx, dh, dc, dwi, dwh, db] = op.call(grad_hy, grad_cy, input, hx, cx, cy, saved[4], saved[5], saved[6]);
-    const int64_t bias = ctx->saved_data["bias"].toInt();
-    return {dx, dh, dc, dwi, dwh, (bias & 1) ? db : at::Tensor(), (bias & 2) ? db : at::Tensor()};
+    const auto c1 = cy.unpack();  // unpack() refuses a second backward (released) or a tensor changed in place
+    auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(c1);
+    auto grad_cy = grads[1].defined() ? grads[1] : at::zeros_like(c1);
+    auto [dx, dh, dc, dwi, dwh, db] =
+        op.call(grad_hy, grad_cy, input.unpack(), hx.unpack(), cx.unpack(), c1, w_ih.unpack(), w_hh.unpack(),
+                gates.unpack());
+    variable_list out{dx, dh, dc, dwi, dwh, db, db};
+    for (size_t i = 0; i < out.size(); ++i)
+      if (!should_compute_output(i)) out[i] = at::Tensor();
+    return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_autograd(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  // (optional arguments stay optional: Function::apply cannot take undefined tensors)
-  auto out = LstmCellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
-  return {out[0], out[1], out[2]};
+CellFwdOut lstm_cell_fwd_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  auto needs_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  auto opt_needs_grad = [](const std::optional<at::Tensor>& t) { return t && t->defined() && t->requires_grad(); };
+  const bool record = at::GradMode::is_enabled() &&
+                      (needs_grad(input) || needs_grad(hx) || needs_grad(cx) || needs_grad(w_ih) || needs_grad(w_hh) ||
+                       opt_needs_grad(b_ih) || opt_needs_grad(b_hh));
+  CellFwdOut out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = cell_fwd_op().call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  }
+  if (!record) return out;  // no_grad, or nothing requires grad: no node
+  auto& [hy, cy, gates] = out;
+  NodePtr node = make_node<LstmCellBackward>();
+  auto* n = static_cast<LstmCellBackward*>(node.get());
+  n->set_next_edges(torch::autograd::collect_next_edges(input, hx, cx, w_ih, w_hh, b_ih, b_hh));
+  n->input = SavedVariable(input, false);
+  n->hx = SavedVariable(hx, false);
+  n->cx = SavedVariable(cx, false);
+  n->w_ih = SavedVariable(w_ih, false);
+  n->w_hh = SavedVariable(w_hh, false);
+  n->gates = SavedVariable(gates, false);  // no history: a workspace, not differentiable
+  torch::autograd::set_history(hy, node);  // output 0
+  torch::autograd::set_history(cy, node);  // output 1
+  // saved without its history (the node itself: a cycle), sharing cy's version counter
+  n->cy = SavedVariable(cy.detach(), false);
+  return out;
 }
 
 // The layer's autograd, in C++ too: at the seed shape (batch 64, 8 steps, hidden 50) a layer call is
