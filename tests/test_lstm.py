@@ -789,3 +789,74 @@ def test_cell_autograd_node():
     (gx,) = torch.autograd.grad(h2.sum(), x)
     (gx1,) = torch.autograd.grad(ref(x, (h, c))[0].sum(), x)
     _close(gx, gx1)
+
+
+# --------------------------------------------------------------------------------------------
+# lstm_layer_infer: the layer forward without the backward's workspace
+# --------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("fused", ["0", "1"])
+@pytest.mark.parametrize("T,B,I,H,proj,lengths,bias,reverse", [
+    (4, 3, 3, 4, 0, False, True, False), (4, 3, 3, 4, 2, True, False, True), (7, 3, 5, 20, 0, True, True, True),
+    (6, 20, 9, 33, 0, False, True, False), (5, 17, 4, 16, 0, False, False, True)])
+def test_layer_infer_matches_layer_fwd(fused, T, B, I, H, proj, lengths, bias, reverse, monkeypatch):
+    """lstm_layer_infer gives lstm_layer_fwd's (output, h_n, c_n) exactly (same kernels, the fused step
+    with c double-buffered instead of kept per step), fused step on and off, odd/even T, lengths."""
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", fused)
+    args = _layer_args(proj, lengths, bias, T=T, B=B, I=I, H=H, dtype=torch.float32)
+    args[8] = reverse
+    if lengths:
+        args[9] = torch.randint(1, T + 1, (B,))
+    full = torch.ops.fastattn.lstm_layer_fwd(*args)
+    inf = torch.ops.fastattn.lstm_layer_infer(*args)
+    assert len(inf) == 3
+    for a, b in zip(full[:3], inf):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    if lengths and not proj:
+        ref = L.lstm_layer_reference(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                       for a in args])
+        for a, b in zip(ref, inf):
+            torch.testing.assert_close(b.double(), a, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("proj,lengths", [(0, False), (2, True)])
+def test_opcheck_layer_infer(proj, lengths):
+    args = _layer_args(proj, lengths, True, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_infer.default, args)
+    args = _layer_args(proj, lengths, True, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_infer.default, args)
+
+
+@needs_ext
+def test_lstm_uses_infer_only_without_grad(monkeypatch):
+    """lstm() takes lstm_layer_infer under no_grad or when nothing requires grad, lstm_layer_fwd (with the
+    workspace backward needs) otherwise; both give torch's result."""
+    calls = []
+    real = L._layer_infer_raw
+    monkeypatch.setattr(L, "_layer_infer_raw", lambda *a: calls.append(1) or real(*a))
+    ref, ours = _pair(3, 5)
+    x = torch.randn(4, 2, 3, dtype=DT)
+    with torch.no_grad():
+        o, _ = ours(x)
+    assert len(calls) == 1
+    _close(o, ref(x)[0].detach())
+    ours.requires_grad_(False)
+    o, _ = ours(x)  # grad mode on, nothing requires grad
+    assert len(calls) == 2 and not o.requires_grad
+    ours.requires_grad_(True)
+    o, _ = ours(x)
+    assert len(calls) == 2 and o.requires_grad
+    o, _ = ours(x.requires_grad_(), None)
+    assert len(calls) == 2
+    g1 = torch.autograd.grad(o.sum(), x)
+    g2 = torch.autograd.grad(ref(x)[0].sum(), x)
+    _close(g1[0], g2[0])
+    # the full path (lengths) takes it too
+    packed = pack_padded_sequence(torch.randn(4, 2, 3, dtype=DT), [4, 2])
+    with torch.no_grad():
+        o, (h, c) = ours(packed)
+        o1, (h1, c1) = ref(packed)
+    assert len(calls) == 3
+    _close(o.data, o1.data)
+    _close(c, c1)
