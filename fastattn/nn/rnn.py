@@ -114,8 +114,7 @@ class LSTM(torch.nn.LSTM):
         H = self.hidden_size
         P = self.proj_size if self.proj_size > 0 else H
         if hx is None:
-            h0 = x.new_zeros((self.num_layers * D, B, P))
-            c0 = x.new_zeros((self.num_layers * D, B, H))
+            h0 = c0 = None  # zeros, made per layer and direction below (no select per call)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
@@ -141,7 +140,8 @@ class LSTM(torch.nn.LSTM):
             for d in range(D):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
-                out, (h, c) = _ops.lstm(layer_input, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh, w_hr, reverse=d == 1,
+                state = (x.new_zeros((B, P)), x.new_zeros((B, H))) if h0 is None else (h0[k], c0[k])
+                out, (h, c) = _ops.lstm(layer_input, state, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=d == 1,
                                         lengths=lengths, backend=self.backend)
                 outs.append(out)
                 h_n.append(h)
@@ -150,7 +150,10 @@ class LSTM(torch.nn.LSTM):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         output = layer_input
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if len(h_n) == 1:  # one layer, one direction: a view, not a copy
+            h_n, c_n = h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
+        else:
+            h_n, c_n = torch.stack(h_n), torch.stack(c_n)
 
         if packed:
             out_data = output.reshape(T * B, -1).index_select(0, rows)
