@@ -860,3 +860,15 @@ def test_lstm_uses_infer_only_without_grad(monkeypatch):
     assert len(calls) == 3
     _close(o.data, o1.data)
     _close(c, c1)
+
+
+@needs_ext
+def test_cell_forward_ad_refused():
+    """Dual tensors (forward-mode AD) are refused with a clear error, not silently differentiated as 0."""
+    import torch.autograd.forward_ad as fwAD
+    cell = LSTMCell(3, 4, dtype=DT)
+    x, h, c = torch.randn(2, 3, dtype=DT), torch.randn(2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            cell(xd, (h, c))

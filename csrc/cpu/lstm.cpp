@@ -1391,6 +1391,10 @@ struct LstmCellBackward : public torch::autograd::Node {
 CellFwdOut lstm_cell_fwd_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
                                   const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  // dual tensors (forward-mode AD): refused rather than their tangents dropped
+  auto fw = [](const at::Tensor& t) { return torch::autograd::isFwGradDefined(t); };
+  TORCH_CHECK(!(fw(input) || fw(hx) || fw(cx) || fw(w_ih) || fw(w_hh) || (b_ih && fw(*b_ih)) || (b_hh && fw(*b_hh))),
+              "fastattn lstm_cell: forward-mode AD is not supported; use backend='reference'");
   auto needs_grad = [](const at::Tensor& t) { return t.requires_grad(); };
   auto opt_needs_grad = [](const std::optional<at::Tensor>& t) { return t && t->defined() && t->requires_grad(); };
   const bool record = at::GradMode::is_enabled() &&
