@@ -872,3 +872,18 @@ def test_cell_forward_ad_refused():
         xd = fwAD.make_dual(x, torch.randn_like(x))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             cell(xd, (h, c))
+
+
+@needs_ext
+@pytest.mark.parametrize("I,H,proj", [(8, 50, 0), (100, 40, 0), (100, 40, 12), (3, 130, 0)])
+def test_layer_backward_cat_and_split_paths(I, H, proj):
+    """The layer backward runs [W_ih | W_hh] as one operand while I + P <= 128 and the two products
+    apart above: both against torch in float64 (every gradient, reverse direction, lengths)."""
+    ref, ours = _pair(I, H, bidirectional=True, proj_size=proj)
+    x = torch.randn(5, 3, I, dtype=DT)
+    packed = pack_padded_sequence(x, [5, 3, 2], enforce_sorted=False)
+    o1, (h1, c1) = ref(packed)
+    o2, (h2, c2) = ours(packed)
+    _close(o2.data, o1.data)
+    for a, b in zip(_grads(ref, (), (o1.data, h1, c1)), _grads(ours, (), (o2.data, h2, c2))):
+        _close(b, a)
