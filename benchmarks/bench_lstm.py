@@ -9,9 +9,11 @@
 The CPU rows "fastattn cpu unfused" run our layer with FASTATTN_LSTM_FUSED=0 (per step a GEMM, then a
 pointwise pass) against the default fused step (both products and the gate math in one kernel).
 
-Cases: one LSTMCell step (batch 8, hidden 50); the seed RNN (LSTM(8 -> 50), batch 64, 8 steps, then
+Cases: one LSTMCell step (batch 8, hidden 50; with grad enabled as a training loop has it, and under
+no_grad); the seed RNN (LSTM(8 -> 50), batch 64, 8 steps, then
 Linear(50, 10) + cross entropy; forward+backward); sequence 100 with hidden 256/512/1024, batch
-1/32/128, 1-2 layers, bidirectional; forward (no grad) and forward+backward.
+1/32/128, 1-2 layers, bidirectional; forward (no grad: our layer keeps no workspace), forward with grad
+recording (no backward) and forward+backward.
 FLOPs: forward 2*T*B*4H*(I_l + P) per layer and direction (+ 2*T*B*H*P with a projection);
 forward+backward counted as 3x forward.
 """
@@ -85,6 +87,15 @@ def bench_cell(table, args):
     run_pair(table, args, "LSTMCell b8 h50 fwd", flops, lambda: ref(x, (h, c)), lambda: ours(x, (h, c)),
              args.min_time)
 
+    def no_grad(fn):
+        def f():
+            with torch.no_grad():
+                return fn()
+        return f
+
+    run_pair(table, args, "LSTMCell b8 h50 fwd no_grad", flops, no_grad(lambda: ref(x, (h, c))),
+             no_grad(lambda: ours(x, (h, c))), args.min_time)
+
 
 def bench_seed(table, args):
     dev = args.device
@@ -120,6 +131,8 @@ def bench_seq(table, args, H, B, layers, bidirectional, T=100):
 
     run_pair(table, args, name + " fwd", flops, fwd(ref), fwd(ours), min_time, unfused=True)
     xg = x.clone().requires_grad_()
+    # forward with autograd recording (ours keeps the backward's workspace; the no_grad rows above do not)
+    run_pair(table, args, name + " fwd grad-on", flops, lambda: ref(xg), lambda: ours(xg), min_time)
 
     def fwd_bwd(m):
         def f():

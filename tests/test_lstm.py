@@ -683,3 +683,207 @@ def test_fused_step_low_precision(dtype, monkeypatch):
         outs[mode] = (o.float(), h.float(), c.float())
     for a, b in zip(outs["require"], outs["0"]):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused fp32 cell step (AVX-512, small batch: batch rows x k-groups in a vector's lanes)
+# and the cell's hand-written autograd node
+# --------------------------------------------------------------------------------------------
+def _cell_pair(I, H, bias, seed=0):
+    torch.manual_seed(seed)
+    ref = torch.nn.LSTMCell(I, H, bias=bias, dtype=DT)
+    ours = LSTMCell(I, H, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@needs_fused
+@pytest.mark.parametrize("B,I,H,bias", [(1, 50, 50, True), (3, 5, 7, False), (8, 50, 50, True), (17, 9, 129, True),
+                                        (33, 3, 50, True), (64, 16, 20, False), (8, 50, 1, True), (5, 1, 13, True),
+                                        (12, 7, 6, True)])
+def test_fused_cell_matches_torch(B, I, H, bias, monkeypatch):
+    """fp32 fused cell vs torch.nn.LSTMCell in float64 (same weights), forward and every gradient
+    (through the autograd node), and vs our GEMM path in fp32. Batches 1-4 / 5-8 / 9+ take the 4 / 2 /
+    1 k's-per-row lane layouts, > 16 rows several chunks; odd I and H leave partial k-groups and
+    partial unit blocks."""
+    ref, ours = _cell_pair(I, H, bias)
+    x, h, c = (torch.randn(B, n) for n in (I, H, H))
+    xs, hs, cs = (t.clone().requires_grad_() for t in (x, h, c))
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "require")
+    h2, c2 = ours(xs, (hs, cs))
+    xr, hr, cr = (t.double().requires_grad_() for t in (x, h, c))
+    h1, c1 = ref(xr, (hr, cr))
+    torch.testing.assert_close(h2.double(), h1, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(c2.double(), c1, atol=2e-6, rtol=1e-5)
+    wh_, wc_ = torch.randn(B, H, dtype=DT), torch.randn(B, H, dtype=DT)  # the loss: sum(h*wh + c*wc)
+    g1 = torch.autograd.grad((h1 * wh_ + c1 * wc_).sum(), [xr, hr, cr] + list(ref.parameters()))
+    g2 = torch.autograd.grad((h2 * wh_.float() + c2 * wc_.float()).sum(), [xs, hs, cs] + list(ours.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b.double(), a, atol=5e-5, rtol=1e-4)
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "0")
+    with torch.no_grad():
+        h3, c3 = ours(x, (h, c))
+    torch.testing.assert_close(h2.detach(), h3, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(c2.detach(), c3, atol=2e-6, rtol=1e-5)
+
+
+@needs_fused
+def test_fused_cell_gates_workspace_and_saturation(monkeypatch):
+    """The op's gates output (the backward's workspace) from the fused cell equals the GEMM path's;
+    pre-activations far outside [-88, 88] saturate like torch's, no NaN."""
+    ref, ours = _cell_pair(6, 11, True)
+    x, h, c = torch.randn(7, 6) * 1e3, torch.randn(7, 11) * 1e3, torch.randn(7, 11)
+    w = [p.detach() for p in (ours.weight_ih, ours.weight_hh, ours.bias_ih, ours.bias_hh)]
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "require")
+    hy, cy, gates = torch.ops.fastattn.lstm_cell_fwd(x, h, c, *w)
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "0")
+    hy0, cy0, gates0 = torch.ops.fastattn.lstm_cell_fwd(x, h, c, *w)
+    assert torch.isfinite(hy).all() and torch.isfinite(cy).all() and torch.isfinite(gates).all()
+    torch.testing.assert_close(gates, gates0, atol=1e-6, rtol=1e-5)
+    h1, c1 = ref(x.double(), (h.double(), c.double()))
+    torch.testing.assert_close(hy.double(), h1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cy.double(), c1, atol=1e-5, rtol=1e-5)
+
+
+@needs_fused
+def test_fused_cell_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("FASTATTN_LSTM_CELL_FUSED", "require")
+    x, h, c = torch.randn(2, 3, dtype=DT), torch.randn(2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+    with pytest.raises(RuntimeError, match="FASTATTN_LSTM_CELL_FUSED=require"):
+        torch.ops.fastattn.lstm_cell_fwd(x, h, c, torch.randn(16, 3, dtype=DT), torch.randn(16, 4, dtype=DT), None, None)
+
+
+@needs_ext
+def test_cell_autograd_node():
+    """The cell's autograd node: gradients only for what requires grad (an absent bias gets none), a
+    second backward without retain_graph and a saved tensor changed in place are refused, retain_graph
+    gives the same gradients twice, no node under no_grad."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTMCell(4, 5, bias=False, dtype=DT)
+    ours = LSTMCell(4, 5, bias=False, dtype=DT)
+    ours.load_state_dict(ref.state_dict())
+    x, h, c = torch.randn(3, 4, dtype=DT), torch.randn(3, 5, dtype=DT), torch.randn(3, 5, dtype=DT)
+    h2, c2 = ours(x, (h, c))
+    assert h2.grad_fn.name() == "LstmCellBackward" and c2.grad_fn is h2.grad_fn
+    g2 = torch.autograd.grad((h2 * 2 + c2).sum(), [ours.weight_ih, ours.weight_hh], retain_graph=True)
+    g2b = torch.autograd.grad((h2 * 2 + c2).sum(), [ours.weight_ih, ours.weight_hh])
+    h1, c1 = ref(x, (h, c))
+    g1 = torch.autograd.grad((h1 * 2 + c1).sum(), [ref.weight_ih, ref.weight_hh])
+    for a, b, b2 in zip(g1, g2, g2b):
+        _close(b, a)
+        _close(b2, b, tol=0)
+    loss = ours(x, (h, c))[0].sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    h2, c2 = ours(x, (h, c))
+    c2.add_(1)
+    with pytest.raises(RuntimeError, match="inplace"):
+        h2.sum().backward()
+    with torch.no_grad():
+        h2, c2 = ours(x, (h, c))
+    assert h2.grad_fn is None and not h2.requires_grad and not c2.requires_grad
+    x.requires_grad_()
+    ours.requires_grad_(False)
+    h2, _ = ours(x, (h, c))
+    (gx,) = torch.autograd.grad(h2.sum(), x)
+    (gx1,) = torch.autograd.grad(ref(x, (h, c))[0].sum(), x)
+    _close(gx, gx1)
+
+
+# --------------------------------------------------------------------------------------------
+# lstm_layer_infer: the layer forward without the backward's workspace
+# --------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("fused", ["0", "1"])
+@pytest.mark.parametrize("T,B,I,H,proj,lengths,bias,reverse", [
+    (4, 3, 3, 4, 0, False, True, False), (4, 3, 3, 4, 2, True, False, True), (7, 3, 5, 20, 0, True, True, True),
+    (6, 20, 9, 33, 0, False, True, False), (5, 17, 4, 16, 0, False, False, True)])
+def test_layer_infer_matches_layer_fwd(fused, T, B, I, H, proj, lengths, bias, reverse, monkeypatch):
+    """lstm_layer_infer gives lstm_layer_fwd's (output, h_n, c_n) exactly (same kernels, the fused step
+    with c double-buffered instead of kept per step), fused step on and off, odd/even T, lengths."""
+    monkeypatch.setenv("FASTATTN_LSTM_FUSED", fused)
+    args = _layer_args(proj, lengths, bias, T=T, B=B, I=I, H=H, dtype=torch.float32)
+    args[8] = reverse
+    if lengths:
+        args[9] = torch.randint(1, T + 1, (B,))
+    full = torch.ops.fastattn.lstm_layer_fwd(*args)
+    inf = torch.ops.fastattn.lstm_layer_infer(*args)
+    assert len(inf) == 3
+    for a, b in zip(full[:3], inf):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    if lengths and not proj:
+        ref = L.lstm_layer_reference(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                       for a in args])
+        for a, b in zip(ref, inf):
+            torch.testing.assert_close(b.double(), a, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("proj,lengths", [(0, False), (2, True)])
+def test_opcheck_layer_infer(proj, lengths):
+    args = _layer_args(proj, lengths, True, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_infer.default, args)
+    args = _layer_args(proj, lengths, True, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_infer.default, args)
+
+
+@needs_ext
+def test_lstm_uses_infer_only_without_grad(monkeypatch):
+    """lstm() takes lstm_layer_infer under no_grad or when nothing requires grad, lstm_layer_fwd (with the
+    workspace backward needs) otherwise; both give torch's result."""
+    calls = []
+    real = L._layer_infer_raw
+    monkeypatch.setattr(L, "_layer_infer_raw", lambda *a: calls.append(1) or real(*a))
+    ref, ours = _pair(3, 5)
+    x = torch.randn(4, 2, 3, dtype=DT)
+    with torch.no_grad():
+        o, _ = ours(x)
+    assert len(calls) == 1
+    _close(o, ref(x)[0].detach())
+    ours.requires_grad_(False)
+    o, _ = ours(x)  # grad mode on, nothing requires grad
+    assert len(calls) == 2 and not o.requires_grad
+    ours.requires_grad_(True)
+    o, _ = ours(x)
+    assert len(calls) == 2 and o.requires_grad
+    o, _ = ours(x.requires_grad_(), None)
+    assert len(calls) == 2
+    g1 = torch.autograd.grad(o.sum(), x)
+    g2 = torch.autograd.grad(ref(x)[0].sum(), x)
+    _close(g1[0], g2[0])
+    # the full path (lengths) takes it too
+    packed = pack_padded_sequence(torch.randn(4, 2, 3, dtype=DT), [4, 2])
+    with torch.no_grad():
+        o, (h, c) = ours(packed)
+        o1, (h1, c1) = ref(packed)
+    assert len(calls) == 3
+    _close(o.data, o1.data)
+    _close(c, c1)
+
+
+@needs_ext
+def test_cell_forward_ad_refused():
+    """Dual tensors (forward-mode AD) are refused with a clear error, not silently differentiated as 0."""
+    import torch.autograd.forward_ad as fwAD
+    cell = LSTMCell(3, 4, dtype=DT)
+    x, h, c = torch.randn(2, 3, dtype=DT), torch.randn(2, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            cell(xd, (h, c))
+
+
+@needs_ext
+@pytest.mark.parametrize("I,H,proj", [(8, 50, 0), (100, 40, 0), (100, 40, 12), (3, 130, 0)])
+def test_layer_backward_cat_and_split_paths(I, H, proj):
+    """The layer backward runs [W_ih | W_hh] as one operand while I + P <= 128 and the two products
+    apart above: both against torch in float64 (every gradient, reverse direction, lengths)."""
+    ref, ours = _pair(I, H, bidirectional=True, proj_size=proj)
+    x = torch.randn(5, 3, I, dtype=DT)
+    packed = pack_padded_sequence(x, [5, 3, 2], enforce_sorted=False)
+    o1, (h1, c1) = ref(packed)
+    o2, (h2, c2) = ours(packed)
+    _close(o2.data, o1.data)
+    for a, b in zip(_grads(ref, (), (o1.data, h1, c1)), _grads(ours, (), (o2.data, h2, c2))):
+        _close(b, a)

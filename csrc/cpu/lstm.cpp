@@ -1,6 +1,12 @@
 // LSTM on the CPU: one cell step, and one whole layer (every time step of one direction, forward
 // and backward through time) inside a single native call.
 //
+// Cell step: fp32 on AVX-512 up to batch 64 runs one fused kernel (fused_cell: both products read
+// straight from torch's weight layout, batch rows x k-groups in a vector's lanes, the gate math in
+// registers); else two GEMMs and a pointwise pass. Its autograd is a hand-written graph node
+// (LstmCellBackward): at batch 8, hidden 50 a step is a few microseconds and per-call overhead is
+// most of it.
+//
 // Gate order is torch's: the 4H rows of w_ih / w_hh are [i | f | g | o].
 //   gates = x W_ih^T + b_ih + h W_hh^T + b_hh
 //   i, f, o = sigmoid(.), g = tanh(.);  c' = f*c + i*g;  r = o*tanh(c');  h' = r W_hr^T (or r)
@@ -15,8 +21,11 @@
 //   fp32 on AVX-512 from batch 16 (hidden >= 32, weights <= 6 MB, no projection) instead runs 1. and
 //   2. as one fused step per time step (see fused_step): x_t W_ih^T + h_{t-1} W_hh^T for 16 hidden
 //   units' four gates in registers, the gate math in the same kernel; same workspace out.
+//   Without autograd (lstm_layer_infer) the fused step keeps no workspace (c double-buffered).
 //   3. backward through time: per step one pointwise pass (dgates) and one GEMM dgates W_hh;
-//      the weight gradients of all steps afterwards as single GEMMs over the T*B rows.
+//      the weight gradients of all steps afterwards as single GEMMs over the T*B rows (small layers,
+//      I + P <= 128: [W_ih | W_hh] as one operand, so dx_t comes per step with dh, and one weight-
+//      gradient product gives both).
 // Variable lengths (packed sequences): batch row b takes part in step t iff t < lengths[b]; a row
 // that does not keeps its state (so the reverse direction starts each row at its own last step),
 // and its output there is 0.
@@ -25,11 +34,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -55,6 +66,12 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "lstm_layer_fwd(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, Tensor? w_hr, bool reverse, Tensor? lengths) -> (Tensor output, Tensor h_n, "
       "Tensor c_n, Tensor gates, Tensor cells, Tensor hidden)");
+  // lstm_layer_fwd without the workspace, for when nothing will be differentiated (no_grad, or no
+  // argument requires grad): the fused step then keeps only the state the next step reads.
+  // CPU only; not differentiable.
+  m.def(
+      "lstm_layer_infer(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, bool reverse, Tensor? lengths) -> (Tensor output, Tensor h_n, Tensor c_n)");
   // grad_w_hr is (0,) without w_hr.
   m.def(
       "lstm_layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
@@ -476,6 +493,11 @@ const T* ptr_or_null(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------
 // Cell step.
 // ---------------------------------------------------------------------------------------------
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+bool use_fused_cell(bool is_float, int64_t B, int64_t I, int64_t H);
+void fused_cell(int64_t B, int64_t I, int64_t H, const float* x, const float* h, const float* c, const float* w_ih,
+                const float* w_hh, const float* bias, float* G, float* HY, float* CY);
+#endif
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input, const at::Tensor& hx,
                                                                  const at::Tensor& cx, const at::Tensor& w_ih,
                                                                  const at::Tensor& w_hh,
@@ -500,6 +522,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
   auto gates = at::empty({B, 4 * H}, x.options());
   auto hy = at::empty({B, H}, x.options());
   auto cy = at::empty({B, H}, x.options());
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+  if (use_fused_cell(ct == at::kFloat, B, I, H)) {
+    thread_local std::vector<float> bias;  // b_ih + b_hh
+    const bool has_bias = b_ih.defined() || b_hh.defined();
+    if (has_bias) {
+      if ((int64_t)bias.size() < 4 * H) bias.resize(4 * H);
+      fill_bias<float>(bias.data(), ptr_or_null<float>(b_ih), ptr_or_null<float>(b_hh), 1, 4 * H);
+    }
+    fused_cell(B, I, H, x.const_data_ptr<float>(), h.const_data_ptr<float>(), c.const_data_ptr<float>(),
+               wi.const_data_ptr<float>(), wh.const_data_ptr<float>(), has_bias ? bias.data() : nullptr,
+               gates.data_ptr<float>(), hy.data_ptr<float>(), cy.data_ptr<float>());
+    return {as_type(hy, input.scalar_type()), as_type(cy, input.scalar_type()), gates};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_cell_fwd", [&] {
     using T = scalar_t;
     T* G = gates.data_ptr<T>();
@@ -600,6 +636,44 @@ struct GateTiles {
   const float* panel(int64_t u) const { return buf.const_data_ptr<float>() + u * K * kTileCols; }
 };
 
+// out[c] = column c of the 16 x 16 block whose rows are r[0..15]: unpack pairs of rows, shuffle
+// pairs of pairs, then two rounds of 128-bit lane shuffles.
+__attribute__((target("avx512f"))) void transpose16x16(const __m512 (&r)[16], __m512 (&out)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // per 128-bit lane: r_i[0] r_i+1[0] r_i[1] r_i+1[1]
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // r_i[2] r_i+1[2] r_i[3] r_i+1[3]
+  }
+  for (int g = 0; g < 16; g += 4) {  // rows g..g+3: u[g + e] holds element e of each 128-bit lane
+    u[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+    u[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+    u[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    u[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  for (int e = 0; e < 4; ++e) {  // columns e, e+4, e+8, e+12: gather lane 0..3 of the four row groups
+    const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88), v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD),
+                 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88),
+                 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+    out[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    out[8 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    out[4 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    out[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// Tile u's gate q (16 full units) for k in [0, K): 16 x 16 blocks of W transposed in registers
+// (the scalar copy of the ~2 MB of LSTM(256, 256)'s weights was ~2% of a forward call).
+__attribute__((target("avx512f"))) void pack_gate_block(const float* W, int64_t K, float* d) {
+  __m512 r[16], c[16];
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t kk = std::min<int64_t>(16, K - k0);
+    const __mmask16 m = kk == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << kk) - 1);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(m, W + i * K + k0);
+    transpose16x16(r, c);
+    for (int64_t j = 0; j < kk; ++j) _mm512_storeu_ps(d + (k0 + j) * kTileCols, c[j]);
+  }
+}
+
 // W is (4H, K) row-major (torch's w_ih / w_hh, gates [i | f | g | o] along the rows).
 GateTiles pack_gate_tiles(const float* W, int64_t H, int64_t K) {
   GateTiles p;
@@ -611,7 +685,12 @@ GateTiles pack_gate_tiles(const float* W, int64_t H, int64_t K) {
   auto pack_tiles = [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t j0 = u * kTileUnits, n = std::min(kTileUnits, H - j0);
-      if (n < kTileUnits) std::fill(dst + u * K * kTileCols, dst + (u + 1) * K * kTileCols, 0.f);
+      if (n == kTileUnits) {
+        for (int64_t gate = 0; gate < 4; ++gate)
+          pack_gate_block(W + (gate * H + j0) * K, K, dst + u * K * kTileCols + gate * kTileUnits);
+        continue;
+      }
+      std::fill(dst + u * K * kTileCols, dst + (u + 1) * K * kTileCols, 0.f);
       for (int64_t k = 0; k < K; ++k) {
         float* d = dst + (u * K + k) * kTileCols;
         for (int64_t gate = 0; gate < 4; ++gate)
@@ -700,7 +779,7 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 tanh16(__m512 x)
 
 // The epilogue of one tile: rows [0, B), units [j0, j0 + n) (n <= 16), one 16-wide vector per gate.
 // pre: the (B, 64) pre-activations [i | f | g | o] without bias; bias: b_ih + b_hh (4H) or null;
-// G: gates[t] (B, 4H), the activations out; C: c_{t-1} (B, H) (c0 or the previous step's cells[]); Ct: cells[t];
+// G: gates[t] (B, 4H), the activations out (null: not kept, inference); C: c_{t-1} (B, H) (c0 or the previous step's cells[]); Ct: cells[t];
 // Ot: output[t]; h_prev: the state this step read, h_next: the one it writes (both (B, H)).
 // A row past its length keeps its state; its gates and output are 0.
 __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pre, int64_t B, int64_t j0, int64_t n,
@@ -714,9 +793,10 @@ __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pr
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t hb = b * H + j0;
-    float* g = G + b * 4 * H + j0;
+    float* g = G ? G + b * 4 * H + j0 : nullptr;
     if (!L.active(t, b)) {
-      for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(g + q * H, m, zero);
+      if (g)
+        for (int q = 0; q < 4; ++q) _mm512_mask_storeu_ps(g + q * H, m, zero);
       _mm512_mask_storeu_ps(Ct + hb, m, _mm512_maskz_loadu_ps(m, C + hb));  // C: c_{t-1}
       _mm512_mask_storeu_ps(Ot + hb, m, zero);
       _mm512_mask_storeu_ps(h_next + hb, m, _mm512_maskz_loadu_ps(m, h_prev + hb));
@@ -729,10 +809,12 @@ __attribute__((target("avx512f"))) void tile_epilogue(const float* __restrict pr
     const __m512 o = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(p + 48), bv[3]));
     const __m512 cn = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, C + hb), _mm512_mul_ps(i, gt));
     const __m512 h = _mm512_mul_ps(o, tanh16(cn));
-    _mm512_mask_storeu_ps(g, m, i);
-    _mm512_mask_storeu_ps(g + H, m, f);
-    _mm512_mask_storeu_ps(g + 2 * H, m, gt);
-    _mm512_mask_storeu_ps(g + 3 * H, m, o);
+    if (g) {
+      _mm512_mask_storeu_ps(g, m, i);
+      _mm512_mask_storeu_ps(g + H, m, f);
+      _mm512_mask_storeu_ps(g + 2 * H, m, gt);
+      _mm512_mask_storeu_ps(g + 3 * H, m, o);
+    }
     _mm512_mask_storeu_ps(Ct + hb, m, cn);
     _mm512_mask_storeu_ps(Ot + hb, m, h);
     _mm512_mask_storeu_ps(h_next + hb, m, h);
@@ -774,20 +856,25 @@ void fused_step(const GateTiles& Wx, const GateTiles& Wh, const Layer& L, int64_
 
 // The whole layer through fused_step. X: input (T, B, I); Hs, Cs: h0/c0 in, h_n/c_n out (B, H);
 // c_{t-1} is read from the previous step's cells[] (a row sitting a step out copies its state there);
-// G: gates (T, B, 4H), CS: cells (T, B, H), O: output (T, B, H), all written.
+// G: gates (T, B, 4H), CS: cells (T, B, H), O: output (T, B, H), all written. Inference (G and CS
+// null): no workspace, c double-buffered like h (13 MB less written at LSTM(256, 256), batch 32, T 100).
 void fused_recurrence(const Layer& L, const float* X, const float* w_ih, const float* w_hh, const float* bias,
                       float* Hs, float* Cs, float* G, float* CS, float* O) {
   const int64_t T = L.T, B = L.B, H = L.H, I = L.I;
   const GateTiles wx = pack_gate_tiles(w_ih, H, I), wh = pack_gate_tiles(w_hh, H, H);
-  std::vector<float> h_other(B * H);
+  std::vector<float> h_other(B * H), c_other(CS ? 0 : B * H);
   float* hbuf[2] = {Hs, h_other.data()};
+  float* cbuf[2] = {Cs, c_other.data()};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = L.time_of_step(s);
-    const float* c_prev = s == 0 ? Cs : CS + L.time_of_step(s - 1) * B * H;  // cells[] holds every row's state
-    fused_step(wx, wh, L, t, X + t * B * I, hbuf[s % 2], hbuf[(s + 1) % 2], bias, G + t * B * 4 * H, c_prev,
-               CS + t * B * H, O + t * B * H);
+    // c_{t-1}: c0, the previous step's cells[] (which holds every row's state), or the other c buffer
+    const float* c_prev = !CS ? cbuf[s % 2] : s == 0 ? Cs : CS + L.time_of_step(s - 1) * B * H;
+    float* c_next = CS ? CS + t * B * H : cbuf[(s + 1) % 2];
+    fused_step(wx, wh, L, t, X + t * B * I, hbuf[s % 2], hbuf[(s + 1) % 2], bias, G ? G + t * B * 4 * H : nullptr,
+               c_prev, c_next, O + t * B * H);
   }
-  std::memcpy(Cs, CS + L.time_of_step(T - 1) * B * H, B * H * sizeof(float));
+  if (CS) std::memcpy(Cs, CS + L.time_of_step(T - 1) * B * H, B * H * sizeof(float));
+  else if (T % 2) std::memcpy(Cs, cbuf[1], B * H * sizeof(float));
   if (T % 2) std::memcpy(Hs, hbuf[1], B * H * sizeof(float));
 }
 
@@ -813,12 +900,231 @@ bool use_fused_step(bool is_float, bool proj, int64_t B, int64_t I, int64_t H) {
   if (env && env[0] == '1') return true;
   return B >= kFusedMinBatch && H >= kFusedMinHidden && 4 * H * (I + H) * (int64_t)sizeof(float) <= kFusedMaxWeightBytes;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused cell step (fp32, AVX-512, small batch): x W_ih^T + h W_hh^T + biases and the gate math in
+// one pass over the weights as torch stores them (no packing: at batch 8, hidden 50 the step is
+// ~160K multiply-adds, ~1 us, and packing 80 KB of weights per call would cost more than that).
+//   * a vector's 16 lanes hold 16/R batch rows x R consecutive k (R = 1, 2 or 4: at batch 8 R = 2,
+//     so no lane idles): [x | h] is transposed into groups of R k's, XT[kg][b*R + p] = A[b, kg*R + p]
+//     (zero past the batch and past K);
+//   * a register block holds the four gates of 6 hidden units (24 zmm accumulators); per k-group one
+//     load of XT[kg] and 24 FMAs, each with R weights W[n, kg*R .. kg*R+R) broadcast straight from
+//     row n of w_ih / w_hh (24 rows read in k order, L1/L2-resident);
+//   * then the R lanes of a row are summed (in-lane permutes), the biases added and the gate math runs
+//     on those 24 vectors (lanes = batch rows), writing the activated gates, c' and h' transposed;
+//     they are transposed back at the end (small: (B, 6H) values);
+//   * more batch rows than fit a vector: chunks of 16/R rows, each a pass over the weights.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kCellLanes = 16, kCellUnits = 6;
+
+// R weights W[0..R) as a vector repeating them (lane l gets W[l % R]).
+template <int R>
+__attribute__((target("avx512f"), always_inline)) inline __m512 bcast_group(const float* w) {
+  if constexpr (R == 1) return _mm512_set1_ps(*w);
+  if constexpr (R == 2) {
+    double d;
+    std::memcpy(&d, w, sizeof d);
+    return _mm512_castpd_ps(_mm512_set1_pd(d));
+  }
+  if constexpr (R == 4) return _mm512_broadcast_f32x4(_mm_loadu_ps(w));
+}
+
+// acc[q][u] += sum over K of A[b, k] W[q*H + u, k] (W rows ld apart, starting at unit 0 of the block).
+// AT: the (ceil(K/R), 16) transposed groups of A. The last group, when K is not a multiple of R,
+// reads its weights through a zero-padded copy (never past a row's end, and 0 * garbage is no NaN).
+template <int U, int R>
+__attribute__((target("avx512f"), always_inline)) inline void cell_accumulate(__m512 (&acc)[4][U],
+                                                                             const float* __restrict AT,
+                                                                             const float* __restrict W, int64_t K,
+                                                                             int64_t H) {
+  // addresses: one pointer per gate (advancing R floats a group) plus one offset per unit, so the
+  // 24 broadcasts address [gate pointer + unit offset] without spilling
+  const float* wq[4] = {W, W + H * K, W + 2 * H * K, W + 3 * H * K};
+  int64_t uoff[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) uoff[u] = u * K;
+  const int64_t full = K / R;
+  for (int64_t kg = 0; kg < full; ++kg) {
+    const __m512 a = _mm512_loadu_ps(AT + kg * kCellLanes);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[q][u] = _mm512_fmadd_ps(bcast_group<R>(wq[q] + uoff[u]), a, acc[q][u]);
+      wq[q] += R;
+    }
+  }
+  if (const int64_t tail = K - full * R; tail > 0) {
+    const __m512 a = _mm512_loadu_ps(AT + full * kCellLanes);
+    for (int q = 0; q < 4; ++q)
+      for (int u = 0; u < U; ++u) {
+        float wt[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t p = 0; p < tail; ++p) wt[p] = wq[q][uoff[u] + p];
+        acc[q][u] = _mm512_fmadd_ps(bcast_group<R>(wt), a, acc[q][u]);
+      }
+  }
+}
+
+// Units [j0, j0 + U) for one chunk of batch rows. XT: x's groups (ceil(I/R), 16) then h's
+// (ceil(H/R), 16); CT: c^T (H, 16) (each row's value in its R lanes); bias: b_ih + b_hh (4H) or null;
+// GT (4H, 16), CYT, HYT (H, 16): outputs, transposed (a row's value in each of its R lanes).
+template <int U, int R>
+__attribute__((target("avx512f"))) void cell_units(const float* __restrict XT, int64_t I, int64_t H,
+                                                   const float* __restrict w_ih, const float* __restrict w_hh,
+                                                   const float* __restrict bias, int64_t j0,
+                                                   const float* __restrict CT, float* __restrict GT,
+                                                   float* __restrict CYT, float* __restrict HYT) {
+  __m512 acc[4][U];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) acc[q][u] = _mm512_setzero_ps();
+  cell_accumulate<U, R>(acc, XT, w_ih + j0 * I, I, H);
+  cell_accumulate<U, R>(acc, XT + (I + R - 1) / R * kCellLanes, w_hh + j0 * H, H, H);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const int64_t j = j0 + u;
+    __m512 pre[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m512 v = acc[q][u];
+      if constexpr (R >= 2) v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));  // lanes 2m <-> 2m+1
+      if constexpr (R >= 4) v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));  // pairs within 4 lanes
+      pre[q] = bias ? _mm512_add_ps(v, _mm512_set1_ps(bias[q * H + j])) : v;
+    }
+    const __m512 i = sigmoid16(pre[0]), f = sigmoid16(pre[1]), g = tanh16(pre[2]), o = sigmoid16(pre[3]);
+    const __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(CT + j * kCellLanes), _mm512_mul_ps(i, g));
+    _mm512_storeu_ps(GT + j * kCellLanes, i);
+    _mm512_storeu_ps(GT + (H + j) * kCellLanes, f);
+    _mm512_storeu_ps(GT + (2 * H + j) * kCellLanes, g);
+    _mm512_storeu_ps(GT + (3 * H + j) * kCellLanes, o);
+    _mm512_storeu_ps(CYT + j * kCellLanes, cn);
+    _mm512_storeu_ps(HYT + j * kCellLanes, _mm512_mul_ps(o, tanh16(cn)));
+  }
+}
+
+using CellUnits = void (*)(const float*, int64_t, int64_t, const float*, const float*, const float*, int64_t,
+                           const float*, float*, float*, float*);
+template <int R>
+constexpr CellUnits kCellUnitsFor[kCellUnits + 1] = {nullptr,          cell_units<1, R>, cell_units<2, R>,
+                                                     cell_units<3, R>, cell_units<4, R>, cell_units<5, R>,
+                                                     cell_units<6, R>};
+
+// The fused cell runs fp32 (and bf16/fp16, converted at entry) on AVX-512 up to 64 batch rows while
+// the step is under ~1M multiply-adds (beyond that the GEMM path's packed kernels / threads win).
+// FASTATTN_LSTM_CELL_FUSED=0 turns it off, =1 forces it wherever it can run, =require: on, and an
+// error where it cannot run (tests use it to be sure they run it).
+bool use_fused_cell(bool is_float, int64_t B, int64_t I, int64_t H) {
+  const char* e = std::getenv("FASTATTN_LSTM_CELL_FUSED");
+  const bool can = is_float && cpu_has_avx512() && B >= 1 && H >= 1;
+  if (e && e[0] == 'r') {
+    TORCH_CHECK(can, "fastattn lstm_cell: FASTATTN_LSTM_CELL_FUSED=require, but the fused cell needs float32 "
+                "(or bf16/fp16), batch >= 1 and an AVX-512 CPU");
+    return true;
+  }
+  if (!can) return false;
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return true;
+  return B <= 64 && B * 4 * H * (I + H) < kParallelFmas;
+}
+
+// rows (<= 16/R) batch rows of x (rows, I), h, c (rows, H) into XT (x's then h's groups of R k's,
+// zero past K and past the rows) and CT (H, 16) (each row's c in its R lanes, zero past the rows).
+template <int R>
+void cell_transpose_in(const float* x, const float* h, const float* c, int64_t rows, int64_t I, int64_t H, float* XT,
+                       float* CT) {
+  constexpr int64_t L = kCellLanes;
+  const int64_t xg = (I + R - 1) / R, hg = (H + R - 1) / R;
+  std::fill(XT, XT + (xg + hg) * L, 0.f);
+  if (rows * R < L) std::fill(CT, CT + H * L, 0.f);
+  for (int64_t b = 0; b < rows; ++b) {
+    const float *xb = x + b * I, *hb = h + b * H, *cb = c + b * H;
+    float* xt = XT + b * R;
+    for (int64_t k = 0; k < I; ++k) xt[(k / R) * L + k % R] = xb[k];
+    xt += xg * L;
+    for (int64_t k = 0; k < H; ++k) xt[(k / R) * L + k % R] = hb[k];
+    float* ct = CT + b * R;
+    for (int64_t j = 0; j < H; ++j)
+      for (int64_t p = 0; p < R; ++p) ct[j * L + p] = cb[j];
+  }
+}
+
+// x (B, I), h, c (B, H), weights (4H, I) / (4H, H), bias (4H) or null -> G (B, 4H) activated, HY, CY (B, H).
+void fused_cell(int64_t B, int64_t I, int64_t H, const float* x, const float* h, const float* c, const float* w_ih,
+                const float* w_hh, const float* bias, float* G, float* HY, float* CY) {
+  constexpr int64_t L = kCellLanes;
+  const int64_t xt_rows = I + H + 2;  // enough k-groups for any R
+  // scratch kept per thread (a fresh malloc of this size per call cost ~0.3 us, its lock and consolidation)
+  thread_local std::vector<float> buf;
+  if ((int64_t)buf.size() < L * (xt_rows + 7 * H)) buf.resize(L * (xt_rows + 7 * H));
+  float *XT = buf.data(), *CT = XT + xt_rows * L, *GT = CT + H * L, *CYT = GT + 4 * H * L, *HYT = CYT + H * L;
+  for (int64_t b0 = 0; b0 < B;) {
+    // R k's per row in a vector's lanes: as many as leave no batch row out of this chunk
+    const int64_t left = B - b0, R = left <= 4 ? 4 : left <= 8 ? 2 : 1, rows = std::min(left, L / R);
+    if (R == 4) cell_transpose_in<4>(x + b0 * I, h + b0 * H, c + b0 * H, rows, I, H, XT, CT);
+    else if (R == 2) cell_transpose_in<2>(x + b0 * I, h + b0 * H, c + b0 * H, rows, I, H, XT, CT);
+    else cell_transpose_in<1>(x + b0 * I, h + b0 * H, c + b0 * H, rows, I, H, XT, CT);
+    for (int64_t j0 = 0; j0 < H; j0 += kCellUnits) {
+      const int64_t u = std::min(kCellUnits, H - j0);
+      const CellUnits f = R == 4 ? kCellUnitsFor<4>[u] : R == 2 ? kCellUnitsFor<2>[u] : kCellUnitsFor<1>[u];
+      f(XT, I, H, w_ih, w_hh, bias, j0, CT, GT, CYT, HYT);
+    }
+    for (int64_t b = 0; b < rows; ++b) {
+      float *gb = G + (b0 + b) * 4 * H, *hb = HY + (b0 + b) * H, *cb = CY + (b0 + b) * H;
+      const int64_t lane = b * R;
+      for (int64_t n = 0; n < 4 * H; ++n) gb[n] = GT[n * L + lane];
+      for (int64_t j = 0; j < H; ++j) hb[j] = HYT[j * L + lane], cb[j] = CYT[j * L + lane];
+    }
+    b0 += rows;
+  }
+}
+
+// pointwise_bwd_row for fp32 with AVX-512 intrinsics: every unit in 16-wide vectors, the last one
+// masked (at hidden 50 the generic loop ran 48 units vectorized and 2 with scalar exps, and the
+// pass was ~15% of the seed layer's backward).
+__attribute__((target("avx512f"))) void pointwise_bwd_row_avx512(const float* __restrict gates,
+                                                                 const float* __restrict c_new,
+                                                                 const float* __restrict c_prev,
+                                                                 const float* __restrict dr, float* __restrict dc,
+                                                                 float* __restrict dgates, int64_t H) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < H; j += 16) {
+    const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
+    const __m512 i = _mm512_maskz_loadu_ps(m, gates + j), f = _mm512_maskz_loadu_ps(m, gates + H + j),
+                 g = _mm512_maskz_loadu_ps(m, gates + 2 * H + j), o = _mm512_maskz_loadu_ps(m, gates + 3 * H + j);
+    const __m512 tc = tanh16(_mm512_maskz_loadu_ps(m, c_new + j));
+    const __m512 drj = _mm512_maskz_loadu_ps(m, dr + j);
+    const __m512 dcn = _mm512_fmadd_ps(_mm512_mul_ps(drj, o), _mm512_fnmadd_ps(tc, tc, one), _mm512_maskz_loadu_ps(m, dc + j));
+    _mm512_mask_storeu_ps(dgates + j, m, _mm512_mul_ps(_mm512_mul_ps(dcn, g), _mm512_mul_ps(i, _mm512_sub_ps(one, i))));
+    _mm512_mask_storeu_ps(dgates + H + j, m,
+                          _mm512_mul_ps(_mm512_mul_ps(dcn, _mm512_maskz_loadu_ps(m, c_prev + j)),
+                                        _mm512_mul_ps(f, _mm512_sub_ps(one, f))));
+    _mm512_mask_storeu_ps(dgates + 2 * H + j, m, _mm512_mul_ps(_mm512_mul_ps(dcn, i), _mm512_fnmadd_ps(g, g, one)));
+    _mm512_mask_storeu_ps(dgates + 3 * H + j, m,
+                          _mm512_mul_ps(_mm512_mul_ps(drj, tc), _mm512_mul_ps(o, _mm512_sub_ps(one, o))));
+    _mm512_mask_storeu_ps(dc + j, m, _mm512_mul_ps(dcn, f));
+  }
+}
 #endif
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+// pointwise_bwd_row, through the AVX-512 kernel for fp32 where the CPU has it.
+template <typename T>
+void pointwise_bwd_step(const T* gates, const T* c_new, const T* c_prev, const T* dr, T* dc, T* dgates, int64_t H) {
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512()) return pointwise_bwd_row_avx512(gates, c_new, c_prev, dr, dc, dgates, H);
+  }
+#endif
+  pointwise_bwd_row<T>(gates, c_new, c_prev, dr, dc, dgates, H);
+}
+
+// The layer's forward; workspace false (lstm_layer_infer): the gates / cells / hidden workspace that
+// only backward reads is not kept where the step can do without it (the fused step), and comes back
+// undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih_opt, const std::optional<at::Tensor>& b_hh_opt,
-    const std::optional<at::Tensor>& w_hr_opt, bool reverse, const std::optional<at::Tensor>& lengths) {
+    const std::optional<at::Tensor>& w_hr_opt, bool reverse, const std::optional<at::Tensor>& lengths, bool workspace) {
   TORCH_CHECK(input.dim() == 3, "fastattn lstm: input must be (seq_len, batch, input_size), got ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastattn lstm: input must be floating point, got ",
               input.scalar_type());
@@ -847,21 +1153,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto h = prep(h0, ct).clone(), c = prep(c0, ct).clone();  // the running state
   auto opts = x.options();
   auto out = at::empty({T, B, P}, opts);
-  auto gates = at::empty({T, B, 4 * H}, opts);
-  auto cells = at::empty({T, B, H}, opts);
-  auto hidden = proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
+#ifdef FASTATTN_HAVE_AVX512_GEMM
+  const bool fused = use_fused_step(ct == at::kFloat, proj, B, I, H);
+#else
+  const bool fused = false;
+#endif
+  at::Tensor gates, cells, hidden;
+  if (workspace || !fused) {
+    gates = at::empty({T, B, 4 * H}, opts);
+    cells = at::empty({T, B, H}, opts);
+    hidden = proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
+  }
 
   AT_DISPATCH_FLOATING_TYPES(ct, "lstm_layer_fwd", [&] {
     using T_ = scalar_t;
-    T_ *G = gates.data_ptr<T_>(), *O = out.data_ptr<T_>(), *CS = cells.data_ptr<T_>(),
-       *R = proj ? hidden.data_ptr<T_>() : nullptr, *Hs = h.data_ptr<T_>(), *Cs = c.data_ptr<T_>();
+    T_ *G = gates.defined() ? gates.data_ptr<T_>() : nullptr, *O = out.data_ptr<T_>(),
+       *CS = cells.defined() ? cells.data_ptr<T_>() : nullptr, *R = proj ? hidden.data_ptr<T_>() : nullptr,
+       *Hs = h.data_ptr<T_>(), *Cs = c.data_ptr<T_>();
     const T_ *WH = wh.const_data_ptr<T_>(), *WR = proj ? w_hr.const_data_ptr<T_>() : nullptr;
     std::vector<T_> bias_sum(4 * H);
     const bool has_bias = b_ih.defined() || b_hh.defined();
     if (has_bias) fill_bias<T_>(bias_sum.data(), ptr_or_null<T_>(b_ih), ptr_or_null<T_>(b_hh), 1, 4 * H);
     const T_* BS = has_bias ? bias_sum.data() : nullptr;
 #ifdef FASTATTN_HAVE_AVX512_GEMM
-    if (use_fused_step(std::is_same_v<T_, float>, proj, B, I, H)) {  // T_ is float here
+    if (fused) {  // T_ is float here
       auto f = [](auto* p) { return reinterpret_cast<float*>(const_cast<T_*>(p)); };
       fused_recurrence(L, f(x.const_data_ptr<T_>()), f(wi.const_data_ptr<T_>()), f(WH), f(BS), f(Hs), f(Cs), f(G), f(CS), f(O));
       return;
@@ -902,6 +1217,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {as_type(out, dt), as_type(h, dt), as_type(c, dt), gates, cells, hidden};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, const std::optional<at::Tensor>& lengths) {
+  return layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, /*workspace=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_infer_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse, const std::optional<at::Tensor>& lengths) {
+  auto r = layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths, /*workspace=*/false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -934,7 +1264,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dhtot = at::empty({T, B, P}, opts);       // dL/dh_t of each step (output grad + recurrent grad)
   auto dr = proj ? at::empty({B, H}, opts) : at::Tensor();
   auto dh_new = at::empty({B, P}, opts);
-  auto hprev = at::empty({T, B, P}, opts);       // the h each step read, for grad_w_hh
+  // Small layers (I + P <= 128: the seed's 8 + 50) run the input and recurrent products as one
+  // ("cat"): per step [dx_t | dh] = dgates_t [W_ih | W_hh], and [grad_w_ih | grad_w_hh] =
+  // dgates^T [x | h_prev] over all steps: 58 columns fill 4 vectors where 8 and 50 took 1 + 4, half
+  // empty. Larger layers keep dx as one GEMM over all steps (weights read once, not per step).
+  const bool cat = I + P <= 128;
+  // the h each step read (for grad_w_hh), after x's columns in cat mode
+  auto hprev = at::empty({T, B, cat ? I + P : P}, opts);
+  auto w_cat = cat ? at::cat({wi, wh}, 1) : at::Tensor();
+  auto dxh = cat ? at::empty({B, I + P}, opts) : at::Tensor();
   auto dx = at::empty({T, B, I}, opts);
   auto dwi = at::empty({4 * H, I}, opts);
   auto dwh = at::empty({4 * H, P}, opts);
@@ -947,8 +1285,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              *H0 = hinit.const_data_ptr<T_>(), *GO = go.const_data_ptr<T_>(), *O = out.const_data_ptr<T_>(),
              *WH = wh.const_data_ptr<T_>(), *WR = proj ? wr.const_data_ptr<T_>() : nullptr;
     T_ *DG = dgates.data_ptr<T_>(), *DHT = dhtot.data_ptr<T_>(), *DH = dh.data_ptr<T_>(), *DC = dc.data_ptr<T_>(),
-       *DR = proj ? dr.data_ptr<T_>() : nullptr, *DHN = dh_new.data_ptr<T_>(), *HP = hprev.data_ptr<T_>();
-    const WeightGemm<T_> hh(WH, /*trans_w=*/false, P, 4 * H, T * B);           // dh = dgates W_hh
+       *DR = proj ? dr.data_ptr<T_>() : nullptr, *DHN = dh_new.data_ptr<T_>();
+    const int64_t ldhp = cat ? I + P : P;  // hprev's row stride
+    T_* HP = hprev.data_ptr<T_>() + (cat ? I : 0);
+    const T_* X = x.const_data_ptr<T_>();
+    T_* DX = dx.data_ptr<T_>();
+    const WeightGemm<T_> hh(cat ? w_cat.const_data_ptr<T_>() : WH, /*trans_w=*/false, cat ? I + P : P, 4 * H,
+                            T * B);  // dh = dgates W_hh, or [dx_t | dh] = dgates [W_ih | W_hh]
     const WeightGemm<T_> hr(WR, /*trans_w=*/false, H, P, proj ? T * B : 0);     // dr = dh W_hr
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t t = L.time_of_step(s);
@@ -973,25 +1316,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for_rows(B, 4 * H, [&](int64_t b) {
         if (L.active(t, b)) {
           const T_* cprev = first ? C0 + b * H : CS + (tp * B + b) * H;
-          pointwise_bwd_row<T_>(G + (t * B + b) * 4 * H, CS + (t * B + b) * H, cprev, dr_t + b * ldr, DC + b * H,
-                                DGt + b * 4 * H, H);
+          pointwise_bwd_step<T_>(G + (t * B + b) * 4 * H, CS + (t * B + b) * H, cprev, dr_t + b * ldr, DC + b * H,
+                                 DGt + b * 4 * H, H);
         } else {
           std::fill(DGt + b * 4 * H, DGt + (b + 1) * 4 * H, T_(0));
         }
-        // the h this step read: h0 at a row's first step, else the previous step's output
-        T_* hp = HP + (t * B + b) * P;
+        // the h this step read: h0 at a row's first step, else the previous step's output (and x_t before it)
+        T_* hp = HP + (t * B + b) * ldhp;
+        if (cat) std::memcpy(hp - I, X + (t * B + b) * I, I * sizeof(T_));
         if (first || !L.active(tp, b)) std::memcpy(hp, H0 + b * P, P * sizeof(T_));
         else std::memcpy(hp, O + (tp * B + b) * P, P * sizeof(T_));
       });
-      hh.run(B, DGt, false, DHN);
-      for (int64_t b = 0; b < B; ++b)
-        if (L.active(t, b)) std::memcpy(DH + b * P, DHN + b * P, P * sizeof(T_));
+      if (cat) {
+        T_* DXH = dxh.data_ptr<T_>();
+        hh.run(B, DGt, false, DXH);
+        for (int64_t b = 0; b < B; ++b) {
+          std::memcpy(DX + (t * B + b) * I, DXH + b * (I + P), I * sizeof(T_));  // 0 where the row sat out
+          if (L.active(t, b)) std::memcpy(DH + b * P, DXH + b * (I + P) + I, P * sizeof(T_));
+        }
+      } else {
+        hh.run(B, DGt, false, DHN);
+        for (int64_t b = 0; b < B; ++b)
+          if (L.active(t, b)) std::memcpy(DH + b * P, DHN + b * P, P * sizeof(T_));
+      }
     }
     // 3. weight gradients over all steps at once
     const int64_t N = T * B;
-    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, dx.data_ptr<T_>());
-    weight_grad<T_>(4 * H, I, N, DG, x.const_data_ptr<T_>(), dwi.data_ptr<T_>());
-    weight_grad<T_>(4 * H, P, N, DG, HP, dwh.data_ptr<T_>());
+    if (cat) {
+      std::vector<T_> dw(4 * H * (I + P));  // [grad_w_ih | grad_w_hh]
+      weight_grad<T_>(4 * H, I + P, N, DG, hprev.const_data_ptr<T_>(), dw.data());
+      T_ *DWI = dwi.data_ptr<T_>(), *DWH = dwh.data_ptr<T_>();
+      for (int64_t n = 0; n < 4 * H; ++n) {
+        std::memcpy(DWI + n * I, dw.data() + n * (I + P), I * sizeof(T_));
+        std::memcpy(DWH + n * P, dw.data() + n * (I + P) + I, P * sizeof(T_));
+      }
+    } else {
+      WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, DX);
+      weight_grad<T_>(4 * H, I, N, DG, X, dwi.data_ptr<T_>());
+      weight_grad<T_>(4 * H, P, N, DG, HP, dwh.data_ptr<T_>());
+    }
     column_sums<T_>(DG, db.data_ptr<T_>(), N, 4 * H);
     if (proj) weight_grad<T_>(P, H, N, DHT, r.const_data_ptr<T_>(), dwr.data_ptr<T_>());
   });
@@ -1001,57 +1364,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // ---------------------------------------------------------------------------------------------
-// Autograd of the cell step, in C++: a cell step at hidden 50 takes a few microseconds, and a
-// Python autograd kernel (torch.library.register_autograd) would cost several times that per call.
-// Device-generic: it redispatches to the CPU or CUDA kernels of lstm_cell_fwd / lstm_cell_bwd.
+// Autograd of the cell step, in C++, as a hand-written graph node (what torch's generated autograd
+// code does): a cell step at hidden 50 is a ~5 us call, torch.library's Python autograd wrapper cost
+// several times that, and torch::autograd::Function's bookkeeping (input metadata, output wrapping)
+// ~2 us of it. Device-generic: the node redispatches to the CPU or CUDA kernels of lstm_cell_fwd /
+// lstm_cell_bwd.
 // ---------------------------------------------------------------------------------------------
 using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
-                               const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                               const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("fastattn::lstm_cell_fwd", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [hy, cy, gates] = op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
-    ctx->save_for_backward({input, hx, cx, cy, w_ih, w_hh, gates});
-    ctx->saved_data["bias"] = (int64_t)(b_ih && b_ih->defined() ? 1 : 0) | (b_hh && b_hh->defined() ? 2 : 0);
-    ctx->mark_non_differentiable({gates});
-    return {hy, cy, gates};
+// The graph's node pointer: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node> in newer.
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename N>
+NodePtr make_node() {
+  if constexpr (std::is_constructible_v<NodePtr, std::shared_ptr<N>>) return NodePtr(std::make_shared<N>());
+  else return c10::make_intrusive<N>();
+}
+
+using CellFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using CellBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+const c10::TypedOperatorHandle<CellFwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const std::optional<at::Tensor>&,
+                                          const std::optional<at::Tensor>&)>&
+cell_fwd_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastattn::lstm_cell_fwd", "")
+                       .typed<CellFwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&)>();
+  return op;
+}
+
+// Gradients of (hy, cy) in; of (input, hx, cx, w_ih, w_hh, b_ih, b_hh) out. An absent bias is no edge of
+// the node (should_compute_output false) and gets no gradient.
+struct LstmCellBackward : public torch::autograd::Node {
+  SavedVariable input, hx, cx, cy, w_ih, w_hh, gates;
+
+  std::string name() const override { return "LstmCellBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&input, &hx, &cx, &cy, &w_ih, &w_hh, &gates}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     // Dispatched normally under create_graph: lstm_cell_bwd's own autograd (Python) raises a clear error
-    // on double backward.
+    // on double backward; without it that kernel has nothing to do and is skipped.
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastattn::lstm_cell_bwd", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&)>();
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // see LstmLayerFunction::backward
+                         .typed<CellBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&)>();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();
-    auto saved = ctx->get_saved_variables();
-    const auto &input = saved[0], &hx = saved[1], &cx = saved[2], &cy = saved[3];
-    auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(cy);
-    auto grad_cy = grads[1].defined() ? grads[1] : at::zeros_like(cy);
-    auto [dx, dh, dc, dwi, dwh, db] = op.call(grad_hy, grad_cy, input, hx, cx, cy, saved[4], saved[5], saved[6]);
-    const int64_t bias = ctx->saved_data["bias"].toInt();
-    return {dx, dh, dc, dwi, dwh, (bias & 1) ? db : at::Tensor(), (bias & 2) ? db : at::Tensor()};
+    const auto c1 = cy.unpack();  // unpack() refuses a second backward (released) or a tensor changed in place
+    auto grad_hy = grads[0].defined() ? grads[0] : at::zeros_like(c1);
+    auto grad_cy = grads[1].defined() ? grads[1] : at::zeros_like(c1);
+    auto [dx, dh, dc, dwi, dwh, db] =
+        op.call(grad_hy, grad_cy, input.unpack(), hx.unpack(), cx.unpack(), c1, w_ih.unpack(), w_hh.unpack(),
+                gates.unpack());
+    variable_list out{dx, dh, dc, dwi, dwh, db, db};
+    for (size_t i = 0; i < out.size(); ++i)
+      if (!should_compute_output(i)) out[i] = at::Tensor();
+    return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_autograd(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  // (optional arguments stay optional: Function::apply cannot take undefined tensors)
-  auto out = LstmCellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
-  return {out[0], out[1], out[2]};
+CellFwdOut lstm_cell_fwd_autograd(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                  const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  // dual tensors (forward-mode AD): refused rather than their tangents dropped
+  auto fw = [](const at::Tensor& t) { return torch::autograd::isFwGradDefined(t); };
+  TORCH_CHECK(!(fw(input) || fw(hx) || fw(cx) || fw(w_ih) || fw(w_hh) || (b_ih && fw(*b_ih)) || (b_hh && fw(*b_hh))),
+              "fastattn lstm_cell: forward-mode AD is not supported; use backend='reference'");
+  auto needs_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  auto opt_needs_grad = [](const std::optional<at::Tensor>& t) { return t && t->defined() && t->requires_grad(); };
+  const bool record = at::GradMode::is_enabled() &&
+                      (needs_grad(input) || needs_grad(hx) || needs_grad(cx) || needs_grad(w_ih) || needs_grad(w_hh) ||
+                       opt_needs_grad(b_ih) || opt_needs_grad(b_hh));
+  CellFwdOut out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = cell_fwd_op().call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  }
+  if (!record) return out;  // no_grad, or nothing requires grad: no node
+  auto& [hy, cy, gates] = out;
+  NodePtr node = make_node<LstmCellBackward>();
+  auto* n = static_cast<LstmCellBackward*>(node.get());
+  n->set_next_edges(torch::autograd::collect_next_edges(input, hx, cx, w_ih, w_hh, b_ih, b_hh));
+  n->input = SavedVariable(input, false);
+  n->hx = SavedVariable(hx, false);
+  n->cx = SavedVariable(cx, false);
+  n->w_ih = SavedVariable(w_ih, false);
+  n->w_hh = SavedVariable(w_hh, false);
+  n->gates = SavedVariable(gates, false);  // no history: a workspace, not differentiable
+  torch::autograd::set_history(hy, node);  // output 0
+  torch::autograd::set_history(cy, node);  // output 1
+  // saved without its history (the node itself: a cycle), sharing cy's version counter
+  n->cy = SavedVariable(cy.detach(), false);
+  return out;
 }
 
 // The layer's autograd, in C++ too: at the seed shape (batch 64, 8 steps, hidden 50) a layer call is
@@ -1141,5 +1553,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_cell_fwd", &fastattn::lstm_cell_fwd_cpu);
   m.impl("lstm_cell_bwd", &fastattn::lstm_cell_bwd_cpu);
   m.impl("lstm_layer_fwd", &fastattn::lstm_layer_fwd_cpu);
+  m.impl("lstm_layer_infer", &fastattn::lstm_layer_infer_cpu);
   m.impl("lstm_layer_bwd", &fastattn::lstm_layer_bwd_cpu);
 }

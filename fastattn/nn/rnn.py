@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from fastattn import backend as _backend
 from fastattn.ops import lstm as _ops
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -31,6 +32,19 @@ class LSTMCell(torch.nn.LSTMCell):
         self.backend = backend
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        # Thin path (batched input, given state, automatic backend): straight to the native op, whose
+        # own checks (TORCH_CHECK) guard it; parameters read from the dict (nn.Module.__getattr__ costs
+        # ~0.3 us each, a tenth of a step at hidden 50). If the op refuses, the full path below gives
+        # the clear error or picks another backend.
+        if hx is not None and self.backend is None and _ops._cell_op_raw is not None and _backend._default == "auto":
+            try:
+                if input.dim() == 2:
+                    p = self._parameters
+                    hy, cy, _ = _ops._cell_op_raw(input, hx[0], hx[1], p["weight_ih"], p["weight_hh"],
+                                                  p.get("bias_ih"), p.get("bias_hh"))
+                    return hy, cy
+            except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError, KeyError):
+                pass
         if hx is None:
             shape = (self.hidden_size,) if input.dim() == 1 else (input.shape[0], self.hidden_size)
             z = input.new_zeros(shape)
@@ -100,8 +114,7 @@ class LSTM(torch.nn.LSTM):
         H = self.hidden_size
         P = self.proj_size if self.proj_size > 0 else H
         if hx is None:
-            h0 = x.new_zeros((self.num_layers * D, B, P))
-            c0 = x.new_zeros((self.num_layers * D, B, H))
+            h0 = c0 = None  # zeros, made per layer and direction below (no select per call)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
@@ -127,7 +140,8 @@ class LSTM(torch.nn.LSTM):
             for d in range(D):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
-                out, (h, c) = _ops.lstm(layer_input, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh, w_hr, reverse=d == 1,
+                state = (x.new_zeros((B, P)), x.new_zeros((B, H))) if h0 is None else (h0[k], c0[k])
+                out, (h, c) = _ops.lstm(layer_input, state, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=d == 1,
                                         lengths=lengths, backend=self.backend)
                 outs.append(out)
                 h_n.append(h)
@@ -136,7 +150,10 @@ class LSTM(torch.nn.LSTM):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, p=self.dropout, training=True)
         output = layer_input
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if len(h_n) == 1:  # one layer, one direction: a view, not a copy
+            h_n, c_n = h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
+        else:
+            h_n, c_n = torch.stack(h_n), torch.stack(c_n)
 
         if packed:
             out_data = output.reshape(T * B, -1).index_select(0, rows)

@@ -12,6 +12,10 @@ Native contract (csrc/cpu/lstm.cpp holds the schemas; every backend is held to t
     lstm_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr?, output, gates,
                    cells, hidden, reverse, lengths?)
         -> (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr or (0,))
+    lstm_layer_infer(same arguments as lstm_layer_fwd) -> (output, h_n, c_n)
+                     CPU only, not differentiable: lstm_layer_fwd without the workspace, which
+                     ``lstm`` calls when nothing will be differentiated (no_grad, or no argument
+                     requires grad)
 
 * Gate order is torch's (i, f, g, o); ``c' = f*c + i*g``, ``h' = (o*tanh(c')) W_hr^T`` (no W_hr:
   ``P = H`` and ``h' = o*tanh(c')``). ``grad_bias`` is the gradient of ``b_ih`` and of ``b_hh``.
@@ -127,6 +131,10 @@ def _layer_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, length
             input.new_empty((T, B, 4 * H), dtype=wdt), input.new_empty((T, B, H), dtype=wdt), hidden)
 
 
+def _layer_infer_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths):
+    return _layer_fwd_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)[:3]
+
+
 def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates, cells,
                     hidden, reverse, lengths):
     e = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
@@ -145,6 +153,8 @@ def _register():
     torch.library.register_fake("fastattn::lstm_cell_bwd")(_cell_bwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_fwd")(_layer_fwd_fake)
     torch.library.register_fake("fastattn::lstm_layer_bwd")(_layer_bwd_fake)
+    if hasattr(lib, "lstm_layer_infer"):
+        torch.library.register_fake("fastattn::lstm_layer_infer")(_layer_infer_fake)
     # lstm_cell_fwd's and lstm_layer_fwd's autograd is in C++ (csrc/cpu/lstm.cpp): the per-call cost of
     # a Python autograd wrapper matters at hidden 50 (a cell step is a few microseconds, a seed-sized
     # layer ~100).
@@ -154,10 +164,13 @@ def _register():
     return lib.lstm_cell_fwd.default, lib.lstm_layer_fwd.default
 
 
-_cell_op = _layer_op = _cell_op_raw = _layer_op_raw = None
+_cell_op = _layer_op = _cell_op_raw = _layer_op_raw = _layer_infer_raw = None
 if _ext.available() and hasattr(torch.ops.fastattn, "lstm_layer_fwd"):
     _cell_op, _layer_op = _register()
     _layer_op_raw = getattr(_layer_op, "_op", _layer_op)
+    if hasattr(torch.ops.fastattn, "lstm_layer_infer"):
+        _layer_infer_raw = getattr(torch.ops.fastattn.lstm_layer_infer.default, "_op",
+                                   torch.ops.fastattn.lstm_layer_infer.default)
     # The C++ entry point of the op (what OpOverload.__call__ forwards to): the thin call path of
     # lstm_cell, which at hidden 50 costs about as much as the kernel itself.
     _cell_op_raw = getattr(_cell_op, "_op", _cell_op)
@@ -298,6 +311,13 @@ def _lengths_tensor(lengths, T: int, B: int) -> Optional[Tensor]:
     return lengths
 
 
+def _no_grad_needed(*tensors) -> bool:
+    """Whether autograd will record nothing for these arguments (then the layer keeps no workspace)."""
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
 def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
          b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None, *,
          reverse: bool = False, lengths: Union[Tensor, Sequence[int], None] = None,
@@ -316,7 +336,10 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh:
         # itself; if it refuses, the full path below gives the clear Python error.
         try:
             h0, c0 = hx
-            out, h_n, c_n, *_ = _layer_op_raw(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), None)
+            if _layer_infer_raw is not None and _no_grad_needed(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+                out, h_n, c_n = _layer_infer_raw(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), None)
+            else:
+                out, h_n, c_n, *_ = _layer_op_raw(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), None)
             return out, (h_n, c_n)
         except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError, IndexError):
             pass
@@ -340,6 +363,9 @@ def lstm(input: Tensor, hx: Optional[Tuple[Tensor, Tensor]], w_ih: Tensor, w_hh:
         out, h_n, c_n = lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
     elif name == "triton":
         out, h_n, c_n = _triton().lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, lengths)
+    elif (input.device.type == "cpu" and _layer_infer_raw is not None
+          and _no_grad_needed(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
+        out, h_n, c_n = _layer_infer_raw(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), lengths)
     else:
         out, h_n, c_n, *_ = _layer_op(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bool(reverse), lengths)
     return out, (h_n, c_n)
