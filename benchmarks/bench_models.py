@@ -1,14 +1,21 @@
 """Training-step time of each model, impl=fastattn vs impl=torch, same run, same weights and batch.
 
-    python benchmarks/bench_models.py [--quick] [--device cuda] [--models cnn,lm] [--threads 2]
+    python benchmarks/bench_models.py [--quick] [--device cuda] [--models cnn,lm] [--threads 2] [--cpu-time]
 
 One step = forward, loss, backward, optimizer step (Adam from fastattn.optim vs torch.optim), at
 the default training batch of ``fastattn train``. "vs torch" = torch's time / ours (> 1: we are faster).
+
+On CPU the two models are timed in alternating rounds (torch, ours, torch, ours, ...), so a load
+change on a shared machine hits both sides alike; "ms/step" is each side's median round and
+"vs torch" the median of the rounds' ratios. ``--cpu-time`` uses the process CPU clock instead of
+the wall clock (meaningful with ``--threads 1``: other jobs' time slices then cost nothing).
 """
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 import warnings
 
 import torch
@@ -53,10 +60,33 @@ def step_fn(model, inputs, loss_fn, opt):
     return step
 
 
+def interleaved(steps, min_time: float, cpu_time: bool, rounds: int = 9):
+    """Median seconds per step of each of ``steps`` (timed in alternating rounds) and the median of
+    the per-round ratios ``steps[0] / steps[i]``."""
+    clock = time.process_time if cpu_time else time.perf_counter
+    for fn in steps:
+        for _ in range(2):
+            fn()
+    t0 = clock()
+    for fn in steps:
+        fn()
+    reps = max(1, int(min_time / rounds / max(clock() - t0, 1e-6)))  # the rounds fill about min_time
+    times = [[] for _ in steps]
+    for _ in range(rounds):
+        for fn, ts in zip(steps, times):
+            t0 = clock()
+            for _ in range(reps):
+                fn()
+            ts.append((clock() - t0) / reps)
+    ratios = [statistics.median(a / b for a, b in zip(times[0], ts)) for ts in times]
+    return [statistics.median(ts) for ts in times], ratios
+
+
 def main() -> None:
     p = common.parser("models")
     p.add_argument("--models", default="cnn,rnn,seq2seq,lm")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--cpu-time", action="store_true", help="process CPU clock instead of wall clock (CPU only)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,22 +97,31 @@ def main() -> None:
         inputs = tuple(t.to(dev) for t in inputs)
         torch.manual_seed(0)
         ref = make("torch").to(dev)
-        t_torch = common.bench(step_fn(ref, inputs, loss_fn, torch.optim.Adam(ref.parameters(), lr=1e-4)), dev,
-                               args.min_time)
-        table.add(model=name, impl="torch", **{"ms/step": t_torch * 1e3, "samples/s": batch / t_torch,
-                                              "vs torch": 1.0, "note": ""})
+        torch_step = step_fn(ref, inputs, loss_fn, torch.optim.Adam(ref.parameters(), lr=1e-4))
         try:
             ours = make("fastattn").to(dev)
             ours.load_state_dict(ref.state_dict())
             opt = modules("fastattn").Adam(ours.parameters(), lr=1e-4)
         except RuntimeError as e:  # a fastattn module this build does not have yet
+            t_torch = common.bench(torch_step, dev, args.min_time)
+            table.add(model=name, impl="torch", **{"ms/step": t_torch * 1e3, "samples/s": batch / t_torch,
+                                                  "vs torch": 1.0, "note": ""})
             table.add(model=name, impl="fastattn", note=str(e).split(",")[0])
             continue
-        t_ours = common.bench(step_fn(ours, inputs, loss_fn, opt), dev, args.min_time)
+        ours_step = step_fn(ours, inputs, loss_fn, opt)
+        if dev.type == "cpu":
+            (t_torch, t_ours), (_, ratio) = interleaved([torch_step, ours_step], 2 * args.min_time, args.cpu_time)
+        else:
+            t_torch, t_ours = common.bench(torch_step, dev, args.min_time), common.bench(ours_step, dev, args.min_time)
+            ratio = t_torch / t_ours
+        table.add(model=name, impl="torch", **{"ms/step": t_torch * 1e3, "samples/s": batch / t_torch,
+                                              "vs torch": 1.0, "note": ""})
         table.add(model=name, impl="fastattn", **{"ms/step": t_ours * 1e3, "samples/s": batch / t_ours,
-                                                 "vs torch": t_torch / t_ours, "note": ""})
+                                                 "vs torch": ratio, "note": ""})
+    clock = "process CPU time" if args.cpu_time else "wall clock"
     table.finish(args, plot=dict(x="model", y="ms/step", group="impl"),
-                 note="One training step (forward + loss + backward + Adam step) at the default batch.")
+                 note=f"One training step (forward + loss + backward + Adam step) at the default batch; {clock}"
+                      f"{', torch and fastattn in alternating rounds' if dev.type == 'cpu' else ''}.")
 
 
 if __name__ == "__main__":

@@ -377,6 +377,80 @@ def test_mha_fast_path_falls_back_to_the_general_path(monkeypatch, case):
     assert taken == []
 
 
+def _spy_lean(monkeypatch):
+    calls = []
+    real = fattn_module._NativeAttention.apply
+
+    def spy(*args):
+        calls.append(True)
+        return real(*args)
+
+    monkeypatch.setattr(fattn_module._NativeAttention, "apply", spy)
+    return calls
+
+
+def _run_with_grads(m, q, kv, attn, kpm, need_weights, seed=123):
+    """(out, weights, grads of the inputs and every parameter) of one training call, dropout seed fixed."""
+    q = q.clone().requires_grad_()
+    kv = q if kv is None else kv.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out, w = m(q, kv, kv, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights,
+               average_attn_weights=False)
+    g = torch.Generator().manual_seed(5)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    if w is not None:
+        loss = loss + (w * torch.randn(w.shape, generator=g, dtype=w.dtype)).sum()
+    xs = [q] if kv is q else [q, kv]
+    return out, w, torch.autograd.grad(loss, xs + list(m.parameters()))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "both_bool", "attn_float_kpm_bool", "attn3d_float"])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_mha_lean_native_path_equals_the_registered_op(monkeypatch, need_weights, cross, mask_kind, dropout):
+    """The module calls the cpu kernel through its own autograd.Function; outputs, weights and every
+    gradient are bit-for-bit those of the op's registered autograd (the path torch.compile takes),
+    masks and dropout included (same seed, same kept entries)."""
+    torch.manual_seed(0)
+    m = randomize(fnn.MultiheadAttention(E, H, dropout=dropout, batch_first=True, dtype=DT)).train()
+    B, L = 3, 5
+    S = 6 if cross else L
+    attn, kpm = make_masks(mask_kind, B, L, S)
+    q = seq(L, B, E, True, seed=1)
+    kv = seq(S, B, E, True, seed=2) if cross else None
+    calls = _spy_lean(monkeypatch)
+    lean = _run_with_grads(m, q, kv, attn, kpm, need_weights)
+    assert calls == [True]
+    monkeypatch.setattr(fattn_module.torch.compiler, "is_compiling", lambda: True)
+    registered = _run_with_grads(m, q, kv, attn, kpm, need_weights)
+    assert calls == [True]  # not taken again
+    assert torch.equal(lean[0], registered[0])
+    if need_weights:
+        assert torch.equal(lean[1], registered[1])
+    for a, b in zip(lean[2], registered[2]):
+        assert torch.equal(a, b)
+    if dropout == 0.0:  # and equal to torch's module (no common dropout stream to compare with otherwise)
+        ref = torch.nn.MultiheadAttention(E, H, batch_first=True, dtype=DT)
+        ref.load_state_dict(m.state_dict())
+        theirs = _run_with_grads(ref, q, kv, attn, kpm, need_weights)
+        assert_close(lean[0], theirs[0])
+        for a, b in zip(lean[2], theirs[2]):
+            assert_close(a, b)
+
+
+def test_mha_lean_native_path_refuses_double_backward():
+    """create_graph=True through the kernel raises (its backward is not differentiable), as the op's
+    registered autograd does, instead of handing back silently wrong higher-order gradients; a plain
+    backward afterwards still works."""
+    _, ours = mha_pair(batch_first=True)
+    x = seq(4, 2, E, True).requires_grad_()
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(ours(x, x, x, need_weights=False)[0].square().sum(), x, create_graph=True)
+    g, = torch.autograd.grad(ours(x, x, x, need_weights=False)[0].square().sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
 def test_mha_bool_mask_converted_once_per_object_and_version(monkeypatch):
     """A bool mask handed back is not converted again; modified in place, or at another dtype, it is."""
     conversions = []

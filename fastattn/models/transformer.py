@@ -50,28 +50,35 @@ class Seq2SeqTransformer(nn.Module):
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         return table(tokens) + self.pos_embed(pos)
 
-    def encode(self, src: Tensor) -> Tensor:
-        return self.transformer.encoder(self._embed(self.src_embed, src), src_key_padding_mask=src == self.pad_id)
+    def encode(self, src: Tensor, src_pad: Optional[Tensor] = None) -> Tensor:
+        """src (B, S) ids -> memory (B, S, d); ``src_pad`` = ``src == pad_id`` if the caller has it already."""
+        src_pad = src == self.pad_id if src_pad is None else src_pad
+        return self.transformer.encoder(self._embed(self.src_embed, src), src_key_padding_mask=src_pad)
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor) -> Tensor:
+    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor, src_pad: Optional[Tensor] = None) -> Tensor:
         T = tgt_in.shape[1]
+        src_pad = src == self.pad_id if src_pad is None else src_pad
         h = self.transformer.decoder(self._embed(self.tgt_embed, tgt_in), memory,
                                      tgt_mask=causal_mask(T, tgt_in.device), tgt_is_causal=True,
-                                     memory_key_padding_mask=src == self.pad_id)
+                                     memory_key_padding_mask=src_pad)
         return self.generator(h)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S), tgt_in (B, T) token ids (pad = ``pad_id``) → logits (B, T, vocab)."""
-        return self.decode(tgt_in, self.encode(src), src)
+        # One padding mask object for every attention layer: fastattn's modules turn it into an
+        # additive bias once and reuse it (see fastattn.nn.attention._bool_to_bias).
+        src_pad = src == self.pad_id
+        return self.decode(tgt_in, self.encode(src, src_pad), src, src_pad)
 
     @torch.no_grad()
     def greedy(self, src: Tensor, max_new_tokens: int, bos_id: int, eos_id: int) -> Tensor:
         """Greedy decoding: (B, ≤ max_new_tokens) ids after BOS; positions after EOS hold ``pad_id``."""
-        memory = self.encode(src)
+        src_pad = src == self.pad_id
+        memory = self.encode(src, src_pad)
         out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for _ in range(min(max_new_tokens, self.max_len - 1)):
-            nxt = self.decode(out, memory, src)[:, -1].argmax(-1)
+            nxt = self.decode(out, memory, src, src_pad)[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
             done |= nxt == eos_id

@@ -37,6 +37,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from fastattn import backend as _backend
 from fastattn.backend import BACKENDS
 from fastattn.ops import attention as _attn_ops
+from fastattn.ops._autograd import refuse_double_backward
 from fastattn.ops.attention import attention, dropout_keep_mask
 
 __all__ = ["MultiheadAttention"]
@@ -112,21 +113,50 @@ def _select_backend(backend: Optional[str], q: Tensor, v: Tensor, bias: Optional
     return name
 
 
+class _NativeAttention(torch.autograd.Function):
+    """The native ``attention_fwd`` / ``attention_bwd`` ops (cpu, cuda) under a plain autograd.Function.
+
+    The ops' own autograd (``torch.library.register_autograd``) runs a generated Python wrapper
+    each call (argument defaults filled in, a redispatch); this module calls the same two ops
+    straight below autograd, which costs about half as much per call. Same kernels, same saved
+    tensors, same gradients; under ``torch.compile`` the registered path is used instead.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, params):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = torch.ops.fastattn.attention_fwd.default(q, k, v, bias, *params)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        refuse_double_backward("attention", grad_out, q, k, v)
+        with torch._C._AutoDispatchBelowAutograd():
+            dq, dk, dv = torch.ops.fastattn.attention_bwd.default(grad_out.contiguous(), q, k, v, out, lse, bias,
+                                                                  *ctx.params)
+        return dq, dk, dv, None, None
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float, causal: bool, seed: int,
             backend: Optional[str]) -> Tensor:
     """Attention of (B, H, L, D) views (last dim contiguous, other strides free) with an additive bias
     broadcastable to (B, H, L, S) in q's dtype; returns (B, H, L, D) contiguous.
 
-    The cpu/cuda backends call the autograd-registered native op directly (the module has checked
-    its inputs already); the others go through ``fastattn.attention``.
+    The cpu/cuda backends call the native ops directly (the module has checked its inputs
+    already; the bias never needs a gradient there, see ``_select_backend``); the others go
+    through ``fastattn.attention``.
     """
     name = _select_backend(backend, q, v, bias)
     if name in ("cpu", "cuda") and _attn_ops._native_fwd is not None:
         if bias is not None:
             bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        out, _ = _attn_ops._native_fwd(q, k, v, bias, dropout_p, scale, -1, 0 if causal else -1, 0, 0.0, seed)
-        return out
+        params = (dropout_p, 1.0 / math.sqrt(q.shape[-1]), -1, 0 if causal else -1, 0, 0.0, seed)
+        if torch.compiler.is_compiling():
+            return _attn_ops._native_fwd(q, k, v, bias, *params)[0]
+        return _NativeAttention.apply(q, k, v, bias, params)
     return attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, causal=causal, seed=seed, backend=name)
 
 
@@ -368,13 +398,19 @@ class MultiheadAttention(Module):
         """
         E, H, D = self.embed_dim, self.num_heads, self.head_dim
         w, b = self.in_proj_weight, self.in_proj_bias
-        # (B, L, ...) when batch_first, else (L, B, ...): `perm` takes the split (…, n, H, D) to (n, B, H, ·, D).
-        perm = (2, 0, 3, 1, 4) if self.batch_first else (2, 1, 3, 0, 4)
+        # The projections come out (B, n, 3|2|1, H, D) when batch_first, else (n, B, ·, H, D); q, k, v
+        # are unbound along the 3|2|1 axis first and only then viewed as (B, H, n, D). So in backward
+        # their gradients are stacked straight into the projection's layout (one copy), not stacked
+        # on a new leading axis and copied again into place.
+        to_bhnd = (lambda t: t.transpose(1, 2)) if self.batch_first else (lambda t: t.permute(1, 2, 0, 3))
         if query is kv:
-            q, k, v = F.linear(query, w, b).unflatten(-1, (3, H, D)).permute(perm).unbind(0)
+            q, k, v = (to_bhnd(t) for t in F.linear(query, w, b).unflatten(-1, (3, H, D)).unbind(2))
         else:
-            q = F.linear(query, w[:E], None if b is None else b[:E]).unflatten(-1, (1, H, D)).permute(perm)[0]
-            k, v = F.linear(kv, w[E:], None if b is None else b[E:]).unflatten(-1, (2, H, D)).permute(perm).unbind(0)
+            # split (not slicing twice): its backward is one cat into the weight's gradient.
+            w_q, w_kv = w.split([E, 2 * E])
+            b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
+            q = to_bhnd(F.linear(query, w_q, b_q).unflatten(-1, (H, D)))
+            k, v = (to_bhnd(t) for t in F.linear(kv, w_kv, b_kv).unflatten(-1, (2, H, D)).unbind(2))
         B, L, S = q.shape[0], q.shape[2], k.shape[2]
         bias = self._merged_bias(attn_mask, key_padding_mask, B, L, S, 0)
         dropout_p = self.dropout if self.training else 0.0
