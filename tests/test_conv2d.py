@@ -159,6 +159,22 @@ def test_depthwise_fixed_tiles(shape):
                          grads(ref, [xr, wr, br], g), atol=1e-3, rtol=1e-4)
 
 
+# Outputs of 16 MiB or more are written with non-temporal stores (the few-channel direct tiles
+# and the fixed depthwise tiles): widths off the vector and off the 64-byte line (a run's head and
+# tail go through plain stores), relu applied on the way out.
+@needs_native
+@pytest.mark.parametrize("shape", [
+    (33, 3, 66, 61, 32, 3, 1, 1, 1, 1, True),     # the seed layer's kind, 61 wide: 17 MB out
+    (26, 48, 60, 57, 48, 7, 1, 3, 1, 48, True),   # depthwise 7x7, 57 wide: 17 MB out
+], ids=["direct", "depthwise"])
+def test_streamed_big_output(shape):
+    x, w, b, kw = make(shape, dtype=torch.float32, seed=7)
+    out = conv2d(x, w, b, **kw, activation="relu", backend="cpu")
+    assert out.numel() * 4 >= 16 << 20
+    ref = torch_conv(x.double(), w.double(), b.double(), **kw, activation="relu")
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
 # Wide layers (>= 8 input channels and >= 32 float / 16 double output channels per group): the
 # channel-vector tiles of 14 pixels x 2 vectors of channels. Widths below, at and off 14 (the
 # last tile overlaps), channel counts off the vector (padded), stride 2, 1x1 stride 2 (not the
