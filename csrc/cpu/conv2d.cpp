@@ -883,7 +883,11 @@ int64_t rows_per_unit(const Geom& g) {
 
 // A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
 // costs more than the seed layer's whole convolution (15 ms for its 33 MB output here), so ask
-// for transparent huge pages (2 MB) on the buffer before the kernel first touches it.
+// for transparent huge pages (2 MB) on the buffer before the kernel first touches it. Measured
+// on the seed layer's forward (60 calls, 2 threads, glibc's default allocator): median 19 ms
+// with the hint vs 55-58 ms without (torch: ~100 ms); with the heap reused (no fresh pages) the
+// hint changes nothing (median 20 ms both). No compaction stalls were counted (compact_stall 0);
+// the occasional slow call (one in ~60) came both with and without it on this shared machine.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
