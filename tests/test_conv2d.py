@@ -175,6 +175,46 @@ def test_streamed_big_output(shape):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+# grad-input with stride > 1 and no dilation runs by phase: sh*sw stride-1 convs of dY with the
+# kernel's taps of one phase, flipped, on the forward kernels (wide, depthwise, few-channel and
+# 1x1 GEMM tiles), interleaved into dX. Strides 2 and 3 and mixed, odd sizes (phases of unequal
+# length, input rows no output reads), asymmetric padding, groups, depthwise, a phase with one
+# tap (1x1 sub-kernel), and the fallbacks: kernel smaller than the stride (a phase without taps),
+# padding >= kernel (negative phase padding), dilation.
+# (N, C, H, W, K, kernel, stride, padding (top, bottom, left, right), dilation, groups)
+STRIDED_GRAD_INPUT = [
+    (2, 4, 11, 9, 6, 3, 2, (1, 1, 1, 1), 1, 1),           # few channels, odd sizes
+    (1, 40, 13, 10, 64, 3, 2, (1, 0, 1, 2), 1, 1),        # wide (32+ channels), asymmetric padding
+    (2, 6, 14, 17, 6, 5, 3, (2, 2, 1, 3), 1, 6),          # depthwise 5x5 stride 3
+    (2, 8, 12, 11, 12, (3, 4), (2, 3), (0, 1, 2, 0), 1, 2),  # groups 2, rectangular kernel, mixed stride
+    (1, 5, 10, 10, 3, 2, 2, (0, 0, 0, 0), 1, 1),          # 2x2 stride 2: every phase a 1x1 GEMM
+    (2, 3, 9, 9, 4, 7, 2, (3, 3, 3, 3), 1, 1),            # 7x7 stride 2 (the stem kind)
+    (1, 4, 9, 8, 4, 1, 2, (0, 0, 0, 0), 1, 1),            # 1x1 stride 2: phases without taps (fallback)
+    (1, 4, 9, 8, 4, 3, 2, (3, 0, 0, 3), 1, 1),            # padding 3 >= kernel 3 (fallback)
+    (2, 4, 12, 11, 6, 3, 2, (2, 2, 2, 2), 2, 1),          # dilation 2 (fallback)
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", STRIDED_GRAD_INPUT, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}-p{s[7]}")
+def test_strided_grad_input(shape):
+    N, C, H, W, K, k, stride, pad, dilation, groups = shape
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(K, C // groups, kh, kw, generator=gen, dtype=torch.float64)
+    xr, wr = leaves(x, w)
+    ref = F.conv2d(F.pad(xr, (pad[2], pad[3], pad[0], pad[1])), wr, None, stride, 0, dilation, groups)
+    g = torch.randn_like(ref)
+    dx_ref, dw_ref = torch.autograd.grad(ref, [xr, wr], g)
+    st = [stride] * 2 if isinstance(stride, int) else list(stride)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        dx, dw, _ = torch.ops.fastattn.conv2d_bwd(g.to(dtype), x.to(dtype), w.to(dtype), None, st, list(pad),
+                                                  [dilation] * 2, groups, 0, [True, True, False])
+        torch.testing.assert_close(dx.double(), dx_ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(dw.double(), dw_ref, atol=tol * 10, rtol=tol)
+
+
 # Wide layers (>= 8 input channels and >= 32 float / 16 double output channels per group): the
 # channel-vector tiles of 14 pixels x 2 vectors of channels. Widths below, at and off 14 (the
 # last tile overlaps), channel counts off the vector (padded), stride 2, 1x1 stride 2 (not the

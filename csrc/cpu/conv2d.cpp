@@ -248,6 +248,7 @@ struct Geom {
   bool pointwise;  // 1x1, stride 1, no padding: the input is its own patch matrix
   int64_t TM;      // output pixels per im2col tile
   bool stream_out;  // output too big to stay in cache: written with non-temporal stores where supported
+  bool keep_cached; // the output is read again right away: never streamed
 };
 
 constexpr int KB = 8;  // output channels per register tile of the direct kernel
@@ -931,7 +932,7 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 template <typename T>
 void forward_impl(const Geom& geom, const T* x, const T* w, const T* b, int64_t act, T* out, T* pre) {
   Geom g = geom;
-  g.stream_out = !pre && g.N * g.K * g.P * g.Q * int64_t(sizeof(T)) >= kStreamBytes;
+  g.stream_out = !pre && !g.keep_cached && g.N * g.K * g.P * g.Q * int64_t(sizeof(T)) >= kStreamBytes;
   std::vector<T> wpack;
   if (g.direct) wpack = pack_weight(g, w);
   Forward<T> fw{g, x, w, wpack.data(), b, act};
@@ -1134,9 +1135,82 @@ bool grad_input_as_conv(const Geom& g, const T* gz, const T* w, T* dx) {
   return true;
 }
 
+// With stride > 1 (no dilation), grad-input splits by phase: the input rows h with
+// (h + pt) % sh == a only receive kernel rows r = a, a + sh, a + 2 sh, ... (Ra of them), and
+// dx[row m*sh + a of the padded input] = sum_i gz[m - i] * w[a + i*sh]: a stride-1 conv of gz with
+// that sub-kernel flipped, padded by Ra - 1 - m0 on top (m0: the phase's first row). The same
+// for columns. Each of the sh*sw phases runs on the forward kernels into a buffer, then its rows
+// and columns are interleaved into dx. Not taken (false) if a phase has no taps (kernel smaller
+// than the stride) or would need negative padding (padding > kernel - 1).
+struct Phase {
+  int64_t a, n, first, pad_lo, pad_hi, out;  // offset, taps, first output index, padding, outputs
+};
+inline bool make_phase(int64_t a, int64_t R, int64_t sh, int64_t pt, int64_t H, int64_t P, Phase& ph) {
+  ph.a = a;
+  ph.n = (R - a + sh - 1) / sh;                     // taps a, a + sh, ... < R
+  ph.first = ceil_div(pt - a, sh);                  // first m with m*sh + a >= pt
+  const int64_t last = (pt + H - 1 - a) >= 0 ? (pt + H - 1 - a) / sh : -1;  // last m with m*sh + a < pt + H
+  ph.pad_lo = ph.n - 1 - ph.first;
+  const int64_t rows = last - ph.first + 1;         // input rows h of this phase
+  // Output rows of the stride-1 conv over gz's P rows: P + pad_lo + pad_hi - n + 1 >= rows.
+  ph.pad_hi = std::max<int64_t>(0, rows - 1 + ph.n - P - ph.pad_lo);
+  ph.out = std::max<int64_t>(rows, 0);
+  return ph.n > 0 && ph.pad_lo >= 0;
+}
+
+template <typename T>
+bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
+  if ((g.sh == 1 && g.sw == 1) || g.dh != 1 || g.dw != 1) return false;
+  std::vector<Phase> rows(g.sh), cols(g.sw);
+  for (int64_t a = 0; a < g.sh; ++a)
+    if (!make_phase(a, g.R, g.sh, g.pt, g.H, g.P, rows[a])) return false;
+  for (int64_t b = 0; b < g.sw; ++b)
+    if (!make_phase(b, g.S, g.sw, g.pl, g.W, g.Q, cols[b])) return false;
+  std::vector<T> wf, buf;
+  for (const Phase& pr : rows)
+    for (const Phase& pc : cols) {
+      if (pr.out == 0 || pc.out == 0) continue;
+      Geom t = g;  // conv of gz (K channels, P x Q) to C channels with the flipped sub-kernel
+      t.C = g.K; t.H = g.P; t.W = g.Q; t.K = g.C; t.Cg = g.Kg; t.Kg = g.Cg;
+      t.R = pr.n; t.S = pc.n; t.CRS = t.Cg * t.R * t.S;
+      t.sh = t.sw = 1;
+      t.pt = pr.pad_lo; t.pb = pr.pad_hi; t.pl = pc.pad_lo; t.pr = pc.pad_hi;
+      t.P = g.P + t.pt + t.pb - t.R + 1; t.Q = g.Q + t.pl + t.pr - t.S + 1;
+      t.pointwise = t.R == 1 && t.S == 1 && t.pt == 0 && t.pb == 0 && t.pl == 0 && t.pr == 0;
+      t.direct = !t.pointwise;
+      t.TM = std::min(t.P * t.Q, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(t.CRS, 1)));
+      t.keep_cached = true;
+      wf.resize(t.K * t.CRS);  // [G][Cg][Kg][R'][S'], taps flipped
+      for (int64_t grp = 0; grp < g.G; ++grp)
+        for (int64_t c = 0; c < g.Cg; ++c)
+          for (int64_t k = 0; k < g.Kg; ++k)
+            for (int64_t i = 0; i < t.R; ++i)
+              for (int64_t j = 0; j < t.S; ++j)
+                wf[(((grp * g.Cg + c) * g.Kg + k) * t.R + i) * t.S + j] =
+                    w[(((grp * g.Kg + k) * g.Cg + c) * g.R + pr.a + (t.R - 1 - i) * g.sh) * g.S + pc.a +
+                      (t.S - 1 - j) * g.sw];
+      buf.resize(g.N * g.C * t.P * t.Q);
+      forward_impl<T>(t, gz, wf.data(), nullptr, kNone, buf.data(), nullptr);
+      // Row m (>= first) of the phase is padded input row m*sh + a, input row m*sh + a - pt.
+      at::parallel_for(0, g.N * g.C, grain(pr.out * pc.out), [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const T* src = buf.data() + plane * t.P * t.Q;
+          T* d = dx + plane * g.H * g.W + (pc.first * g.sw + pc.a - g.pl);
+          for (int64_t m = 0; m < pr.out; ++m) {
+            const T* sr = src + m * t.Q;
+            T* dr = d + ((pr.first + m) * g.sh + pr.a - g.pt) * g.W;
+            for (int64_t n = 0; n < pc.out; ++n) dr[n * g.sw] = sr[n];
+          }
+        }
+      });
+    }
+  return true;
+}
+
 template <typename T>
 void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
   if (grad_input_as_conv(g, gz, w, dx)) return;
+  if (grad_input_by_phases(g, gz, w, dx)) return;
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
   const bool few = g.Cg <= 4;  // few input channels per group: accumulate directly, else W^T * dY + col2im
   std::vector<T> wt;
