@@ -159,9 +159,9 @@ def test_depthwise_fixed_tiles(shape):
                          grads(ref, [xr, wr, br], g), atol=1e-3, rtol=1e-4)
 
 
-# Outputs of 16 MiB or more are written with non-temporal stores (the few-channel direct tiles
-# and the fixed depthwise tiles): widths off the vector and off the 64-byte line (a run's head and
-# tail go through plain stores), relu applied on the way out.
+# Outputs of 16 MiB or more: the fixed depthwise tiles write them with non-temporal stores
+# (57 wide: runs off the 64-byte line, whose head and tail go through plain stores), relu applied
+# on the way out; the few-channel direct tiles (plain stores) at the same size for comparison.
 @needs_native
 @pytest.mark.parametrize("shape", [
     (33, 3, 66, 61, 32, 3, 1, 1, 1, 1, True),     # the seed layer's kind, 61 wide: 17 MB out

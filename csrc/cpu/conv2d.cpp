@@ -21,7 +21,8 @@
 //             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
 // Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
 // still in cache. Work is split over (image, group, block of output rows). Outputs of 16 MiB or
-// more leave the few-channel and depthwise tiles by non-temporal stores (no read-for-ownership).
+// more leave the fixed depthwise tiles by non-temporal stores (no read-for-ownership; tried on
+// the few-channel tiles for the seed layer too: slower there, so not used).
 //
 // Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
 // and runs on the direct kernels; with stride > 1 and no dilation it splits into sh*sw such convs,
@@ -220,23 +221,7 @@ FASTATTN_INLINE void act_backward_body(const T* g, const T* saved, T* gz, int64_
 FASTATTN_SIMD void act_backward(const float* g, const float* s, float* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
 FASTATTN_SIMD void act_backward(const double* g, const double* s, double* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
 
-// dst[i] = src[i] with non-temporal stores (x86: 16-byte SSE streaming stores, in every clone;
-// elsewhere plain stores): for outputs larger than the cache, which are only ever written here,
-// this skips reading each output line in before overwriting it. The caller fences
-// (stream_fence) before the data is handed to another thread.
-template <typename T>
-FASTATTN_INLINE void stream_copy(const T* src, T* dst, int64_t n) {
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float>) {
-    int64_t i = 0;
-    for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15); ++i) dst[i] = src[i];
-    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-    for (; i < n; ++i) dst[i] = src[i];
-    return;
-  }
-#endif
-  std::copy(src, src + n, dst);
-}
+// After non-temporal stores: make them visible before the data is handed to another thread.
 inline void stream_fence() {
 #if defined(__x86_64__)
   _mm_sfence();
@@ -252,7 +237,7 @@ struct Geom {
   bool direct;     // direct kernel, else (pointwise) GEMM
   bool pointwise;  // 1x1, stride 1, no padding: the input is its own patch matrix
   int64_t TM;      // output pixels per im2col tile
-  bool stream_out;  // output too big to stay in cache: written with non-temporal stores where supported
+  bool stream_out;  // output too big to stay in cache: the fixed depthwise tiles use non-temporal stores
   bool keep_cached; // the output is read again right away: never streamed
 };
 
@@ -416,8 +401,6 @@ FASTATTN_INLINE void direct_row_block(const Geom& g, const DirectLayout& l, cons
                                       int64_t act) {
   constexpr int QV = 64 / sizeof(T), QT = NC * QV;
   alignas(64) T tile[KBt * NR * QT];
-  alignas(64) T line[QT];
-  const bool stream = g.stream_out && !pre;
   const T* xrow = xp + (p - p0) * g.sh * l.ld_row;
   for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
     direct_tile<T, KBt, NR, NC>(g, l, xrow + q0, w, tile);
@@ -425,11 +408,6 @@ FASTATTN_INLINE void direct_row_block(const Geom& g, const DirectLayout& l, cons
     for (int64_t a = 0; a < kn; ++a)
       for (int i = 0; i < NR; ++i) {
         T* d = dst + (k0 + a) * ldk + (p + i - p0) * g.Q + q0;
-        if (stream) {  // big output: epilogue into a line in L1, streamed out
-          epilogue_copy_body(tile + (a * NR + i) * QT, line, (T*)nullptr, qn, bias ? bias[k0 + a] : T(0), act);
-          stream_copy(line, d, qn);
-          continue;
-        }
         epilogue_copy_body(tile + (a * NR + i) * QT, d, pre ? pre + (d - dst) : (T*)nullptr, qn,
                            bias ? bias[k0 + a] : T(0), act);
       }
