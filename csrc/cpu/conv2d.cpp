@@ -53,9 +53,6 @@
 #define FASTATTN_DEPTHWISE_V4 0
 #endif
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -865,26 +862,11 @@ int64_t rows_per_unit(const Geom& g) {
   return rb;
 }
 
-// A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
-// costs more than the seed layer's whole convolution (15 ms for its 33 MB output here), so ask
-// for transparent huge pages (2 MB) on the buffer before the kernel first touches it. Measured
-// on the seed layer's forward (60 calls, 2 threads, glibc's default allocator): median 19 ms
-// with the hint vs 55-58 ms without (torch: ~100 ms); with the heap reused (no fresh pages) the
-// hint changes nothing (median 20 ms both). No compaction stalls were counted (compact_stall 0);
-// the occasional slow call (one in ~60) came both with and without it on this shared machine.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
-  }
-#endif
-  return t;
-}
+// A fresh output tensor. (An madvise(MADV_HUGEPAGE) on big outputs was tried and removed:
+// measured on the seed layer's forward, 3 x 60 calls, 2 threads, glibc's default allocator: median
+// 11-17 ms with the hint vs 24-31 ms without, but with it 2-9 calls in 60 took over 80 ms (max
+// 110-134 ms; without it max 37-52 ms, none over 80), and with the heap reused it changed nothing.)
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
 
 bool low_precision(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
