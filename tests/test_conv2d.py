@@ -113,6 +113,108 @@ def test_depthwise_tiles(dtype, shape):
                      grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 10, rtol=tol)
 
 
+# float32 depthwise with stride 1, no dilation and a 3x3/5x5/7x7 kernel, more than 16 columns
+# out, runs fixed-size tiles (4 rows x 4 vectors when wider than 32 columns, else 4 x 2) on
+# AVX-512 CPUs: widths just over 16 and 32 and off the vector, rows below 4 (1-row tiles) and
+# off 4 (the last tile overlaps the one before it), padding that differs per side (none, or more
+# than the kernel's half), channel multiplier 2, no bias, batch 1, gelu with the saved
+# pre-activation; grad-input of these convs runs the same tiles (the flipped kernel).
+# (N, C, H, W, K, kernel, groups, bias, padding (top, bottom, left, right))
+DEPTHWISE_FIXED_SHAPES = [
+    (2, 3, 12, 17, 3, 3, 3, True, (1, 1, 1, 1)),      # 17 wide: 4 x 2 tiles, 12 rows
+    (1, 2, 3, 40, 2, 3, 2, True, (1, 1, 0, 2)),       # 3 rows: 1-row tiles; 40 wide: 4 x 4
+    (2, 4, 9, 33, 8, 5, 4, False, (2, 1, 3, 0)),      # multiplier 2, 6 rows (overlap), 32 wide
+    (1, 3, 23, 61, 3, 7, 3, True, (3, 3, 3, 3)),      # 7x7, 61 wide (4 vectors), 23 rows
+    (2, 2, 14, 29, 2, 7, 2, True, (3, 3, 0, 6)),      # 7x7, lopsided columns: 29 wide
+    (1, 2, 5, 21, 2, 5, 2, True, (0, 0, 0, 0)),       # no padding: 1 row, 17 wide
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", DEPTHWISE_FIXED_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-p{s[8]}")
+def test_depthwise_fixed_tiles(shape):
+    N, C, H, W, K, k, groups, bias, pad = shape
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(K, 1, k, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(K, generator=gen, dtype=torch.float64) if bias else None
+    xpad = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+    for act, code in ((None, 0), ("gelu", 2)):
+        ref = torch_conv(xpad, w, b, groups=groups, activation=act)
+        out, pre = torch.ops.fastattn.conv2d_fwd(x.float(), w.float(), b.float() if bias else None, [1, 1], list(pad),
+                                                 [1, 1], groups, code, act == "gelu")
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+        if act == "gelu":
+            torch.testing.assert_close(pre.double(), F.conv2d(xpad, w, b, groups=groups), atol=1e-4, rtol=1e-4)
+    # Gradients through the op (symmetric padding only there); grad-input runs the same tiles.
+    if pad[0] == pad[1] == pad[2] == pad[3]:
+        xs, ws, bs = leaves(x.float(), w.float(), b.float() if bias else None)
+        xr, wr, br = leaves(x, w, b)
+        out = conv2d(xs, ws, bs, padding=pad[0], groups=groups, activation="relu", backend="cpu")
+        ref = torch_conv(xr, wr, br, padding=pad[0], groups=groups, activation="relu")
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+        g = torch.randn_like(ref)
+        assert_close_all([t.double() for t in grads(out, [xs, ws, bs], g.float())],
+                         grads(ref, [xr, wr, br], g), atol=1e-3, rtol=1e-4)
+
+
+# Outputs of 16 MiB or more: the fixed depthwise tiles write them with non-temporal stores
+# (57 wide: runs off the 64-byte line, whose head and tail go through plain stores), relu applied
+# on the way out; the few-channel direct tiles (plain stores) at the same size for comparison.
+@needs_native
+@pytest.mark.parametrize("shape", [
+    (33, 3, 66, 61, 32, 3, 1, 1, 1, 1, True),     # the seed layer's kind, 61 wide: 17 MB out
+    (26, 48, 60, 57, 48, 7, 1, 3, 1, 48, True),   # depthwise 7x7, 57 wide: 17 MB out
+], ids=["direct", "depthwise"])
+def test_streamed_big_output(shape):
+    x, w, b, kw = make(shape, dtype=torch.float32, seed=7)
+    out = conv2d(x, w, b, **kw, activation="relu", backend="cpu")
+    assert out.numel() * 4 >= 16 << 20
+    ref = torch_conv(x.double(), w.double(), b.double(), **kw, activation="relu")
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+# grad-input with stride > 1 and no dilation runs by phase: sh*sw stride-1 convs of dY with the
+# kernel's taps of one phase, flipped, on the forward kernels (wide, depthwise, few-channel and
+# 1x1 GEMM tiles), interleaved into dX. Strides 2 and 3 and mixed, odd sizes (phases of unequal
+# length, input rows no output reads), asymmetric padding, groups, depthwise, a phase with one
+# tap (1x1 sub-kernel), and the fallbacks: kernel smaller than the stride (a phase without taps),
+# padding >= kernel (negative phase padding), dilation.
+# (N, C, H, W, K, kernel, stride, padding (top, bottom, left, right), dilation, groups)
+STRIDED_GRAD_INPUT = [
+    (2, 4, 11, 9, 6, 3, 2, (1, 1, 1, 1), 1, 1),           # few channels, odd sizes
+    (1, 40, 13, 10, 64, 3, 2, (1, 0, 1, 2), 1, 1),        # wide (32+ channels), asymmetric padding
+    (2, 6, 14, 17, 6, 5, 3, (2, 2, 1, 3), 1, 6),          # depthwise 5x5 stride 3
+    (2, 8, 12, 11, 12, (3, 4), (2, 3), (0, 1, 2, 0), 1, 2),  # groups 2, rectangular kernel, mixed stride
+    (1, 5, 10, 10, 3, 2, 2, (0, 0, 0, 0), 1, 1),          # 2x2 stride 2: every phase a 1x1 GEMM
+    (2, 3, 9, 9, 4, 7, 2, (3, 3, 3, 3), 1, 1),            # 7x7 stride 2 (the stem kind)
+    (1, 4, 9, 8, 4, 1, 2, (0, 0, 0, 0), 1, 1),            # 1x1 stride 2: phases without taps (fallback)
+    (1, 4, 9, 8, 4, 3, 2, (3, 0, 0, 3), 1, 1),            # padding 3 >= kernel 3 (fallback)
+    (2, 4, 12, 11, 6, 3, 2, (2, 2, 2, 2), 2, 1),          # dilation 2 (fallback)
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", STRIDED_GRAD_INPUT, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}-p{s[7]}")
+def test_strided_grad_input(shape):
+    N, C, H, W, K, k, stride, pad, dilation, groups = shape
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(K, C // groups, kh, kw, generator=gen, dtype=torch.float64)
+    xr, wr = leaves(x, w)
+    ref = F.conv2d(F.pad(xr, (pad[2], pad[3], pad[0], pad[1])), wr, None, stride, 0, dilation, groups)
+    g = torch.randn_like(ref)
+    dx_ref, dw_ref = torch.autograd.grad(ref, [xr, wr], g)
+    st = [stride] * 2 if isinstance(stride, int) else list(stride)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        dx, dw, _ = torch.ops.fastattn.conv2d_bwd(g.to(dtype), x.to(dtype), w.to(dtype), None, st, list(pad),
+                                                  [dilation] * 2, groups, 0, [True, True, False])
+        torch.testing.assert_close(dx.double(), dx_ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(dw.double(), dw_ref, atol=tol * 10, rtol=tol)
+
+
 # Wide layers (>= 8 input channels and >= 32 float / 16 double output channels per group): the
 # channel-vector tiles of 14 pixels x 2 vectors of channels. Widths below, at and off 14 (the
 # last tile overlaps), channel counts off the vector (padded), stride 2, 1x1 stride 2 (not the

@@ -12,17 +12,23 @@
 //               pixels x 2 vectors of output channels, input values broadcast from the buffer,
 //               weights packed [Kg/32][C*R*S][32] (no im2col, no BLAS);
 //             - depthwise: NR output rows x NC vectors of columns; each input-row vector load
-//               feeds every output row of the tile that reads it;
+//               feeds every output row of the tile that reads it (float 3x3/5x5/7x7 stride 1
+//               on AVX-512: the same with the kernel and tile fixed at compile time, 4 rows x 4
+//               vectors, no branches in the tile);
 //             - otherwise (few channels, e.g. the RGB stem): 8 output channels x 2 vectors of
 //               output columns (or x 2 rows for narrow maps) with broadcast weights.
 //  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
 //             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
 // Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
-// still in cache. Work is split over (image, group, block of output rows).
+// still in cache. Work is split over (image, group, block of output rows). Outputs of 16 MiB or
+// more leave the fixed depthwise tiles by non-temporal stores (no read-for-ownership; tried on
+// the few-channel tiles for the seed layer too: slower there, so not used).
 //
 // Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
-// and runs on the direct kernels; with stride > 1 it accumulates directly into a padded buffer (few
-// channels) or is W^T * dY + col2im (wide). grad-weight of a wide 3x3 layer runs its own tiles
+// and runs on the direct kernels; with stride > 1 and no dilation it splits into sh*sw such convs,
+// one per phase of the input rows/columns (each with the kernel taps of that phase), interleaved
+// into dX; otherwise it accumulates directly into a padded buffer (few channels) or is
+// W^T * dY + col2im (wide). grad-weight of a wide 3x3 layer runs its own tiles
 // (9 taps x 2 vectors of output channels over the pixels); other layers use a GEMM over the N*P*Q
 // output pixels (im2col tiles + BLAS), or, for depthwise-like layers, a vectorized per-output-
 // channel reduction. Reductions over images keep one partial sum per fixed chunk of images, added
@@ -35,12 +41,20 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
 
-#ifdef __linux__
-#include <sys/mman.h>
+// The fixed-size depthwise kernels are built for AVX-512 (x86-64-v4) only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTATTN_NO_CLONES)
+#define FASTATTN_DEPTHWISE_V4 1
+#else
+#define FASTATTN_DEPTHWISE_V4 0
+#endif
+
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
@@ -204,6 +218,13 @@ FASTATTN_INLINE void act_backward_body(const T* g, const T* saved, T* gz, int64_
 FASTATTN_SIMD void act_backward(const float* g, const float* s, float* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
 FASTATTN_SIMD void act_backward(const double* g, const double* s, double* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
 
+// After non-temporal stores: make them visible before the data is handed to another thread.
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 // ------------------------------------------------------------------------------------------
 // Problem geometry.
 // ------------------------------------------------------------------------------------------
@@ -213,6 +234,8 @@ struct Geom {
   bool direct;     // direct kernel, else (pointwise) GEMM
   bool pointwise;  // 1x1, stride 1, no padding: the input is its own patch matrix
   int64_t TM;      // output pixels per im2col tile
+  bool stream_out;  // output too big to stay in cache: the fixed depthwise tiles use non-temporal stores
+  bool keep_cached; // the output is read again right away: never streamed
 };
 
 constexpr int KB = 8;  // output channels per register tile of the direct kernel
@@ -482,6 +505,141 @@ FASTATTN_INLINE void depthwise_rows_tiled(const Geom& g, const DirectLayout& l, 
   }
 }
 
+#if FASTATTN_DEPTHWISE_V4
+// Depthwise with stride 1, no dilation and a square 3x3, 5x5 or 7x7 kernel (float; the common
+// case): the same row reuse as above, with the kernel size and the tile (4 rows x NC vectors)
+// fixed at compile time. The tile's input rows go in three stretches: ramp-up (rows 0..2, read
+// by output rows 0..ii), steady (every output row reads the input row) and ramp-down, so which
+// output rows an input row feeds is known without a test per row; taps are unrolled and every
+// load is a displacement off one row pointer (tap s of vector b at row + s + 16 b).
+//
+// GCC, left alone, merges the loads of one weight from every input row into one value and keeps
+// the kernel's weights live across the tile (spilling the accumulators), and folds each input
+// load into every FMA that uses it; the empty asm statements below stop both.
+typedef float VecF __attribute__((vector_size(64)));
+
+template <int S, int NR, int NC>
+FASTATTN_INLINE void depthwise_fixed_row(VecF (&acc)[NR][NC], const float* row, const float* w, int ii, int jlo,
+                                         int jhi) {
+  asm("" : "+r"(w));  // weights reloaded for each input row
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+    VecF xv[NC];
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) {
+      std::memcpy(&xv[b], row + s + b * 16, sizeof(VecF));
+      asm("" : "+v"(xv[b]));  // one load per vector and tap, used by every output row
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      if (j < jlo || j > jhi) continue;
+      const float wv = w[((ii - j) * S + s) * KB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NC; ++b) acc[j][b] += xv[b] * wv;
+    }
+  }
+}
+
+// Output rows [0, NR) x NC vectors from the tile's NR + R - 1 input rows (xrow: the first, at the
+// tile's first column); w: the channel's taps with stride KB; out: [NR][NC * 16]. Not inlined:
+// on its own the tile gets all 32 registers (inlined into the loops below, next to the
+// epilogue's code, GCC spilled accumulators: 160 -> 110 GFLOP/s on one core).
+template <int R, int NR, int NC>
+__attribute__((noinline, target("arch=x86-64-v4"))) void depthwise_fixed_tile(const float* xrow, int64_t ld_row, const float* w, float* out) {
+  VecF acc[NR][NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) acc[j][b] = VecF{};
+#pragma GCC unroll 8
+  for (int ii = 0; ii < NR - 1; ++ii)  // ramp-up: output rows j <= ii (kernel row ii - j < R)
+    depthwise_fixed_row<R, NR, NC>(acc, xrow + ii * ld_row, w, ii, std::max(0, ii - R + 1), ii);
+  for (int ii = NR - 1; ii < R; ++ii)  // steady: all NR output rows
+    depthwise_fixed_row<R, NR, NC>(acc, xrow + ii * ld_row, w, ii, 0, NR - 1);
+  constexpr int down = R > NR - 1 ? R : NR - 1;
+#pragma GCC unroll 8
+  for (int ii = down; ii < NR + R - 1; ++ii)  // ramp-down: output rows j >= ii - R + 1
+    depthwise_fixed_row<R, NR, NC>(acc, xrow + ii * ld_row, w, ii, ii - R + 1, std::min(ii, NR - 1));
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NC; ++b) std::memcpy(out + (j * NC + b) * 16, &acc[j][b], sizeof(VecF));
+}
+
+// d[i] = src[i], whole 64-byte lines with non-temporal stores (no read-for-ownership).
+__attribute__((target("arch=x86-64-v4"))) inline void stream_copy_v4(const float* src, float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(d + i) & 63); ++i) d[i] = src[i];  // up to a cache line
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(d + i, _mm512_loadu_ps(src + i));
+  for (; i < n; ++i) d[i] = src[i];
+}
+
+// Rows [p0, p1) of every channel of the block. Tiles of NR rows; the last tile overlaps the one
+// before it (recomputing a few rows) rather than running a narrower tile; fewer than NR rows in all
+// run 1-row tiles. With g.stream_out (and no pre-activation), when one tile spans the row its NR
+// output rows are one contiguous run, streamed out in one go (measured on the 56x56 layers, one
+// core: 7x7 8.3 vs 8.9 ms, 3x3 5.6 vs 7.2 ms; 16-byte streaming stores gave the 7x7 gain back).
+template <int R, int NR, int NC>
+FASTATTN_INLINE void depthwise_fixed_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* wpack,
+                                          int64_t p0, int64_t p1, float* dst, int64_t ldk, float* pre,
+                                          const float* bias, int64_t act) {
+  constexpr int QT = NC * 16;
+  alignas(64) float tile[NR * QT];
+  alignas(64) float run[NR * QT];
+  const bool stream = g.stream_out && !pre && g.Q <= QT;
+  for (int64_t k = 0; k < g.Kg; ++k) {
+    const float bk = bias ? bias[k] : 0.0f;
+    for (int64_t p = p0; p < p1; p += NR) {
+      const int nr = p1 - p0 >= NR ? NR : 1;
+      const int64_t ps = nr == NR ? std::min(p, p1 - NR) : p;  // the last tile overlaps
+      const float* xrow = xp + (ps - p0) * l.ld_row;
+      for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
+        if (nr == NR) depthwise_fixed_tile<R, NR, NC>(xrow + q0, l.ld_row, wpack + k, tile);
+        else depthwise_fixed_tile<R, 1, NC>(xrow + q0, l.ld_row, wpack + k, tile);
+        const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
+        if (stream) {
+          for (int j = 0; j < nr; ++j) epilogue_copy_body(tile + j * QT, run + j * g.Q, (float*)nullptr, g.Q, bk, act);
+          stream_copy_v4(run, dst + k * ldk + (ps - p0) * g.Q, nr * g.Q);
+          continue;
+        }
+        for (int j = 0; j < nr; ++j) {
+          float* d = dst + k * ldk + (ps + j - p0) * g.Q + q0;
+          epilogue_copy_body(tile + j * QT, d, pre ? pre + (d - dst) : (float*)nullptr, qn, bk, act);
+        }
+      }
+      if (nr == 1) p += 1 - NR;
+    }
+  }
+}
+
+// The entry point, compiled for AVX-512 only (the asm statements above pin 512-bit registers);
+// other CPUs run the general depthwise tiles.
+__attribute__((target("arch=x86-64-v4"))) void depthwise_fixed(const Geom& g, const DirectLayout& l, const float* xp,
+                                                            const float* w, int64_t p0, int64_t p1, float* d,
+                                                            int64_t ldk, float* pre, const float* b, int64_t act) {
+  if (g.Q > 32) {
+    if (g.R == 7) depthwise_fixed_rows<7, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else if (g.R == 5) depthwise_fixed_rows<5, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else depthwise_fixed_rows<3, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+  } else {
+    if (g.R == 7) depthwise_fixed_rows<7, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else if (g.R == 5) depthwise_fixed_rows<5, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else depthwise_fixed_rows<3, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+  }
+}
+#endif  // FASTATTN_DEPTHWISE_V4
+
+template <typename T>
+bool use_depthwise_fixed(const Geom& g) {
+#if FASTATTN_DEPTHWISE_V4
+  static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
+  return avx512 && std::is_same_v<T, float> && g.Cg == 1 && g.Kg < 4 && g.sh == 1 && g.sw == 1 && g.dh == 1 &&
+         g.dw == 1 && g.R == g.S && (g.R == 3 || g.R == 5 || g.R == 7) && g.Q > 16;
+#else
+  return false;
+#endif
+}
+
 // Wide layers (>= 8 input and >= 2 vectors of output channels per group, e.g. ResNet's 3x3s):
 // vectors along the output channels instead of the columns. A tile is NQ = 14 output pixels of
 // one row x 2 vectors of channels (28 accumulators); per tap (c, r, s) it loads the 2 weight
@@ -624,7 +782,24 @@ struct Forward {
       scratch.resize(g.Cg * l.HR * l.ld_row);
       pad_rows(g, l, xg, p0 * g.sh - g.pt, scratch.data());
       const int64_t group_pack = use_wide<T>(g) ? ceil_div(g.Kg, wide_kw<T>()) * wide_kw<T>() : ceil_div(g.Kg, KB) * KB;
-      direct_rows(g, l, scratch.data(), wpack + grp * group_pack * g.CRS, p0, p1, dst, ldk, pre, bg, act);
+      const T* wg = wpack + grp * group_pack * g.CRS;
+#if FASTATTN_DEPTHWISE_V4
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_depthwise_fixed<T>(g)) {
+          // The next group's input rows (likely this thread's next unit) start coming from
+          // memory while this one computes: the copy above otherwise waits on every line.
+          if (grp + 1 < g.G) {
+            const int64_t ih0 = std::max<int64_t>(p0 * g.sh - g.pt, 0);
+            const int64_t ih1 = std::min<int64_t>(g.H, ih0 + l.HR);
+            const char* next = reinterpret_cast<const char*>(xg + g.Cg * g.H * g.W + ih0 * g.W);
+            const int64_t bytes = (ih1 - ih0) * g.W * int64_t(sizeof(T));
+            for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(next + i, 0, 3);
+          }
+          return depthwise_fixed(g, l, scratch.data(), wg, p0, p1, dst, ldk, pre, bg, act);
+        }
+      }
+#endif
+      direct_rows(g, l, scratch.data(), wg, p0, p1, dst, ldk, pre, bg, act);
       return;
     }
     const T* wg = w + grp * g.Kg * g.CRS;
@@ -687,22 +862,11 @@ int64_t rows_per_unit(const Geom& g) {
   return rb;
 }
 
-// A fresh output tensor. Large CPU allocations are fresh mmap()s, and faulting them in 4 KB pages
-// costs more than the seed layer's whole convolution (15 ms for its 33 MB output here), so ask
-// for transparent huge pages (2 MB) on the buffer before the kernel first touches it.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
-  }
-#endif
-  return t;
-}
+// A fresh output tensor. (An madvise(MADV_HUGEPAGE) on big outputs was tried and removed:
+// measured on the seed layer's forward, 3 x 60 calls, 2 threads, glibc's default allocator: median
+// 11-17 ms with the hint vs 24-31 ms without, but with it 2-9 calls in 60 took over 80 ms (max
+// 110-134 ms; without it max 37-52 ms, none over 80), and with the heap reused it changed nothing.)
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
 
 bool low_precision(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
@@ -727,8 +891,13 @@ void check_common(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 // ------------------------------------------------------------------------------------------
 // Forward ops.
 // ------------------------------------------------------------------------------------------
+// Outputs at least this big are streamed past the cache where a kernel supports it.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
 template <typename T>
-void forward_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t act, T* out, T* pre) {
+void forward_impl(const Geom& geom, const T* x, const T* w, const T* b, int64_t act, T* out, T* pre) {
+  Geom g = geom;
+  g.stream_out = !pre && !g.keep_cached && g.N * g.K * g.P * g.Q * int64_t(sizeof(T)) >= kStreamBytes;
   std::vector<T> wpack;
   if (g.direct) wpack = pack_weight(g, w);
   Forward<T> fw{g, x, w, wpack.data(), b, act};
@@ -741,6 +910,7 @@ void forward_impl(const Geom& g, const T* x, const T* w, const T* b, int64_t act
       const int64_t off = ((n * g.K + grp * g.Kg) * g.P + p0) * g.Q;
       fw.rows(n, grp, p0, p1, out + off, g.P * g.Q, pre ? pre + off : nullptr, scratch);
     }
+    if (g.stream_out) stream_fence();  // streamed stores visible before the thread reports done
   });
 }
 
@@ -930,9 +1100,82 @@ bool grad_input_as_conv(const Geom& g, const T* gz, const T* w, T* dx) {
   return true;
 }
 
+// With stride > 1 (no dilation), grad-input splits by phase: the input rows h with
+// (h + pt) % sh == a only receive kernel rows r = a, a + sh, a + 2 sh, ... (Ra of them), and
+// dx[row m*sh + a of the padded input] = sum_i gz[m - i] * w[a + i*sh]: a stride-1 conv of gz with
+// that sub-kernel flipped, padded by Ra - 1 - m0 on top (m0: the phase's first row). The same
+// for columns. Each of the sh*sw phases runs on the forward kernels into a buffer, then its rows
+// and columns are interleaved into dx. Not taken (false) if a phase has no taps (kernel smaller
+// than the stride) or would need negative padding (padding > kernel - 1).
+struct Phase {
+  int64_t a, n, first, pad_lo, pad_hi, out;  // offset, taps, first output index, padding, outputs
+};
+inline bool make_phase(int64_t a, int64_t R, int64_t sh, int64_t pt, int64_t H, int64_t P, Phase& ph) {
+  ph.a = a;
+  ph.n = (R - a + sh - 1) / sh;                     // taps a, a + sh, ... < R
+  ph.first = ceil_div(pt - a, sh);                  // first m with m*sh + a >= pt
+  const int64_t last = (pt + H - 1 - a) >= 0 ? (pt + H - 1 - a) / sh : -1;  // last m with m*sh + a < pt + H
+  ph.pad_lo = ph.n - 1 - ph.first;
+  const int64_t rows = last - ph.first + 1;         // input rows h of this phase
+  // Output rows of the stride-1 conv over gz's P rows: P + pad_lo + pad_hi - n + 1 >= rows.
+  ph.pad_hi = std::max<int64_t>(0, rows - 1 + ph.n - P - ph.pad_lo);
+  ph.out = std::max<int64_t>(rows, 0);
+  return ph.n > 0 && ph.pad_lo >= 0;
+}
+
+template <typename T>
+bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
+  if ((g.sh == 1 && g.sw == 1) || g.dh != 1 || g.dw != 1) return false;
+  std::vector<Phase> rows(g.sh), cols(g.sw);
+  for (int64_t a = 0; a < g.sh; ++a)
+    if (!make_phase(a, g.R, g.sh, g.pt, g.H, g.P, rows[a])) return false;
+  for (int64_t b = 0; b < g.sw; ++b)
+    if (!make_phase(b, g.S, g.sw, g.pl, g.W, g.Q, cols[b])) return false;
+  std::vector<T> wf, buf;
+  for (const Phase& pr : rows)
+    for (const Phase& pc : cols) {
+      if (pr.out == 0 || pc.out == 0) continue;
+      Geom t = g;  // conv of gz (K channels, P x Q) to C channels with the flipped sub-kernel
+      t.C = g.K; t.H = g.P; t.W = g.Q; t.K = g.C; t.Cg = g.Kg; t.Kg = g.Cg;
+      t.R = pr.n; t.S = pc.n; t.CRS = t.Cg * t.R * t.S;
+      t.sh = t.sw = 1;
+      t.pt = pr.pad_lo; t.pb = pr.pad_hi; t.pl = pc.pad_lo; t.pr = pc.pad_hi;
+      t.P = g.P + t.pt + t.pb - t.R + 1; t.Q = g.Q + t.pl + t.pr - t.S + 1;
+      t.pointwise = t.R == 1 && t.S == 1 && t.pt == 0 && t.pb == 0 && t.pl == 0 && t.pr == 0;
+      t.direct = !t.pointwise;
+      t.TM = std::min(t.P * t.Q, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(t.CRS, 1)));
+      t.keep_cached = true;
+      wf.resize(t.K * t.CRS);  // [G][Cg][Kg][R'][S'], taps flipped
+      for (int64_t grp = 0; grp < g.G; ++grp)
+        for (int64_t c = 0; c < g.Cg; ++c)
+          for (int64_t k = 0; k < g.Kg; ++k)
+            for (int64_t i = 0; i < t.R; ++i)
+              for (int64_t j = 0; j < t.S; ++j)
+                wf[(((grp * g.Cg + c) * g.Kg + k) * t.R + i) * t.S + j] =
+                    w[(((grp * g.Kg + k) * g.Cg + c) * g.R + pr.a + (t.R - 1 - i) * g.sh) * g.S + pc.a +
+                      (t.S - 1 - j) * g.sw];
+      buf.resize(g.N * g.C * t.P * t.Q);
+      forward_impl<T>(t, gz, wf.data(), nullptr, kNone, buf.data(), nullptr);
+      // Row m (>= first) of the phase is padded input row m*sh + a, input row m*sh + a - pt.
+      at::parallel_for(0, g.N * g.C, grain(pr.out * pc.out), [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const T* src = buf.data() + plane * t.P * t.Q;
+          T* d = dx + plane * g.H * g.W + (pc.first * g.sw + pc.a - g.pl);
+          for (int64_t m = 0; m < pr.out; ++m) {
+            const T* sr = src + m * t.Q;
+            T* dr = d + ((pr.first + m) * g.sh + pr.a - g.pt) * g.W;
+            for (int64_t n = 0; n < pc.out; ++n) dr[n * g.sw] = sr[n];
+          }
+        }
+      });
+    }
+  return true;
+}
+
 template <typename T>
 void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
   if (grad_input_as_conv(g, gz, w, dx)) return;
+  if (grad_input_by_phases(g, gz, w, dx)) return;
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
   const bool few = g.Cg <= 4;  // few input channels per group: accumulate directly, else W^T * dY + col2im
   std::vector<T> wt;
