@@ -170,6 +170,128 @@ __attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, flo
   }
 }
 
+// Decoding (<= kFewRows query rows) on AVX-512: the two tile products as streaming loops over the
+// keys, bound by reading K and V once. Both prefetch kDecodePrefetch keys ahead: the hardware
+// prefetcher stops at 4 KiB pages, the software one keeps the stream going (measured: without it
+// the decode ran ~25% below a plain read of K and V; with it, level with one).
+constexpr int64_t kDecodePrefetch = 16;
+inline void prefetch_floats(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(x + i);
+}
+
+// Q·Kᵀ: 16 keys a step, each key's E products summed into one vector of 16 lane sums, then the 16
+// vectors reduced to one vector of 16 scores (a transpose-add tree, ~3 shuffles + adds a key
+// instead of a full horizontal sum per key).
+__attribute__((target("avx512f"))) inline __m512 sum_lanes_x16(__m512 v[16]) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of keys 2i, 2i+1
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's partial sums of keys 4i..4i+3
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Fold the four 128-bit lanes: y0 = [x0(L0+L1), x0(L2+L3), x1(L0+L1), x1(L2+L3)], then whole sums.
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, 0x88), _mm512_shuffle_f32x4(y0, y1, 0xDD));
+}
+
+// s[r][j] = alpha · q_r·k_j for keys [0, n - n % 16) (the caller does the rest); E any size.
+__attribute__((target("avx512f,fma"))) void scores_few_rows_avx512(float* s, int64_t ld, const float* q, int64_t ldq,
+                                                                   int64_t rows, const float* k, int64_t ldk,
+                                                                   int64_t n, int64_t E, float alpha) {
+  const int64_t e_full = E / 16 * 16;
+  const __mmask16 e_tail = static_cast<__mmask16>((1u << (E % 16)) - 1);
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int64_t j0 = 0; j0 + 16 <= n; j0 += 16) {
+    const float* kb = k + j0 * ldk;
+    if (j0 + kDecodePrefetch + 16 <= n)
+      for (int j = 0; j < 16; ++j) prefetch_floats(kb + (kDecodePrefetch + j) * ldk, E);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * ldq;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < e_full; e += 16) {
+        const __m512 qe = _mm512_loadu_ps(qr + e);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(kb + j * ldk + e), acc[j]);
+      }
+      if (e_tail) {
+        const __m512 qe = _mm512_maskz_loadu_ps(e_tail, qr + e_full);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(e_tail, kb + j * ldk + e_full), acc[j]);
+      }
+      _mm512_storeu_ps(s + r * ld + j0, _mm512_mul_ps(al, sum_lanes_x16(acc)));
+    }
+  }
+}
+
+// acc[r][:] += Σ_j p[r][j] · v_j for R rows. Keys in chunks of 64 (in L1); per chunk, 64 output
+// columns a pass (4 vectors a row, masked at the edge). With 1 or 2 rows the keys go in pairs into
+// two sets of accumulators (two FMA chains a vector); with 3 or 4 the rows give enough chains.
+template <int R>
+__attribute__((target("avx512f,fma"))) void pv_rows_avx512(float* acc, int64_t ld_acc, const float* p, int64_t ld,
+                                                            const float* v, int64_t ldv, int64_t n, int64_t Ev) {
+  constexpr int KS = R <= 2 ? 2 : 1;  // keys a step = accumulator sets
+  constexpr int64_t kChunk = 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t j1 = std::min(n, j0 + kChunk);
+    for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
+      __mmask16 mask[4];
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = Ev - c0 - 16 * u;
+        mask[u] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+      }
+      __m512 a[KS][R][4];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          a[0][r][u] = _mm512_maskz_loadu_ps(mask[u], acc + r * ld_acc + c0 + 16 * u);
+          if constexpr (KS == 2) a[1][r][u] = _mm512_setzero_ps();
+        }
+      for (int64_t j = j0; j < j1; j += KS) {
+        if (c0 == 0 && j + kDecodePrefetch + KS <= n)
+          for (int set = 0; set < KS; ++set) prefetch_floats(v + (j + kDecodePrefetch + set) * ldv, Ev);
+#pragma GCC unroll 2
+        for (int set = 0; set < KS; ++set) {
+          if (KS > 1 && j + set >= j1) break;
+          const float* vj = v + (j + set) * ldv + c0;
+          __m512 x[4];
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) x[u] = _mm512_maskz_loadu_ps(mask[u], vj + 16 * u);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const __m512 pj = _mm512_set1_ps(p[r * ld + j + set]);
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; ++u) a[set][r][u] = _mm512_fmadd_ps(pj, x[u], a[set][r][u]);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          __m512 x = a[0][r][u];
+          if constexpr (KS == 2) x = _mm512_add_ps(x, a[1][r][u]);
+          _mm512_mask_storeu_ps(acc + r * ld_acc + c0 + 16 * u, mask[u], x);
+        }
+    }
+  }
+}
+
+void pv_few_rows_avx512(float* acc, int64_t ld_acc, const float* p, int64_t ld, int64_t rows, const float* v,
+                        int64_t ldv, int64_t n, int64_t Ev) {
+  switch (rows) {
+    case 1: return pv_rows_avx512<1>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+    case 2: return pv_rows_avx512<2>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+    case 3: return pv_rows_avx512<3>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+    default: return pv_rows_avx512<4>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+  }
+}
+
 // Whether the forward uses it: an AVX-512 CPU, unless FASTATTN_ATTN_GEMM=blas (tests compare both).
 bool use_avx512_tiles() {
   static const bool cpu_has = [] {
@@ -182,6 +304,10 @@ bool use_avx512_tiles() {
 #else
 bool use_avx512_tiles() { return false; }
 void gemm_avx512(int, int, int, float, const float*, int, const float*, int, bool, float*, int) {}
+void scores_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+                            int64_t, float) {}
+void pv_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+                        int64_t) {}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -479,6 +605,7 @@ struct Problem {
   // and its offset is the row number the dropout hash takes; dq, dk, dv: the gradients (contiguous).
   RowMap q, k, v, out, stat, dq, dk, dv;
   RowMap bias;  // dense op only, plus the stride between keys
+  bool own_gemm = false;  // fp32 tile products on our AVX-512 micro-kernels (use_avx512_tiles())
   int64_t bias_col = 0;
   bool has_bias = false;
 
@@ -523,19 +650,21 @@ struct Tile {
   const acc_t* ptr;
   int ld;
 };
+// `buf` grows on first use: fp32 inputs with ordinary strides never need it.
 template <typename scalar_t, typename acc_t>
-Tile<acc_t> load_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t width, acc_t* buf) {
+Tile<acc_t> load_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t width, std::vector<acc_t>& buf) {
   const int dense_ld = static_cast<int>(std::max<int64_t>(width, 1));
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (n == 1) return {src, dense_ld};
     if (stride >= width && stride >= 1 && stride <= INT32_MAX) return {src, static_cast<int>(stride)};
   }
+  if (static_cast<int64_t>(buf.size()) < n * width) buf.resize(n * width);
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* x = src + r * stride;
-    acc_t* y = buf + r * width;
+    acc_t* y = buf.data() + r * width;
     for (int64_t c = 0; c < width; ++c) y[c] = static_cast<acc_t>(x[c]);
   }
-  return {buf, dense_ld};
+  return {buf.data(), dense_ld};
 }
 
 // s[r][j] += bias[r * s_row + j * s_col] (any strides, 0 included)
@@ -585,7 +714,15 @@ void tile_scores(const Problem& p, const Seq& sq, acc_t* s, acc_t* t, int ld, in
                  Tile<acc_t> k, const scalar_t* bias, int64_t h, int64_t i0, int64_t j0, const acc_t* k_t) {
   bool done = false;
   if (rows <= kFewRows) {
-    scores_few_rows(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<acc_t>(p.scale));
+    int64_t j = 0;  // keys done by the AVX-512 loop (whole groups of 16)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (p.own_gemm) {
+        scores_few_rows_avx512(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<float>(p.scale));
+        j = n / 16 * 16;
+      }
+    }
+    if (j < n)
+      scores_few_rows(s + j, ld, q.ptr, q.ld, rows, k.ptr + j * k.ld, k.ld, n - j, p.E, static_cast<acc_t>(p.scale));
     done = true;
   }
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -710,10 +847,9 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
     std::vector<uint32_t> row_hash;
     std::vector<acc_t> k_t;  // Kᵀ of one key block (E x BN), for the AVX-512 tile products
   };
-  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();
+  const bool own_gemm = std::is_same_v<acc_t, float> && p.own_gemm;
   run_tasks(ntasks, [&]() {
-    Scratch sc{std::vector<acc_t>(BM * E), std::vector<acc_t>(BN * E), std::vector<acc_t>(BN * Ev),
-               std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
+    Scratch sc{{}, {}, {}, std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
                std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<uint32_t>(BM),
                std::vector<acc_t>(own_gemm ? E * BN : 0)};
     return [&, sc = std::move(sc)](int64_t task) mutable {
@@ -731,7 +867,7 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
         kb_end = std::min(it.kb_end, kb_begin + per);
       }
 
-      const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf.data());
+      const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf);
       std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
       std::fill(l, l + rows, acc_t(0));
       std::fill(acc, acc + rows * Ev, acc_t(0));
@@ -740,8 +876,8 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
 
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, sq.S - j0);
-        const Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
-        const Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
+        const Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf);
+        const Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf);
         const bool transposed = own_gemm && rows > kFewRows;
         if (transposed) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
         tile_scores<scalar_t, acc_t>(p, sq, s, nullptr, BN, rows, n, qt, kt, bias, h, i0, j0,
@@ -753,9 +889,15 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
                        inv_keep);
           mul_tile(s, s, sc.keep.data(), BN, rows, n);
         }
-        if (rows <= kFewRows)
+        if (rows <= kFewRows) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (own_gemm) {
+              pv_few_rows_avx512(acc, Ev, s, BN, rows, vt.ptr, vt.ld, n, Ev);
+              continue;
+            }
+          }
           pv_few_rows(acc, Ev, s, BN, rows, vt.ptr, vt.ld, n, Ev);
-        else if constexpr (std::is_same_v<acc_t, float>) {
+        } else if constexpr (std::is_same_v<acc_t, float>) {
           if (own_gemm)
             gemm_avx512(rows, Ev, n, 1.0f, s, BN, vt.ptr, vt.ld, true, acc, Ev);
           else
@@ -879,7 +1021,7 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   const int ld_dq = static_cast<int>(p.dq.row);
 
   // Per-thread scratch for one tile and the dK/dV accumulators of one key block.
-  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();  // QKᵀ as in the forward
+  const bool own_gemm = std::is_same_v<acc_t, float> && p.own_gemm;  // QKᵀ as in the forward
   struct Scratch {
     std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t;
     std::vector<uint32_t> row_hash;
@@ -887,10 +1029,6 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   auto make_scratch = [&]() {
     Scratch sc;
     if (own_gemm) sc.k_t.resize(E * BN);
-    sc.qbuf.resize(BM * E);
-    sc.dobuf.resize(BM * Ev);
-    sc.kbuf.resize(BN * E);
-    sc.vbuf.resize(BN * Ev);
     sc.s.resize(BM * BN);
     sc.dp.resize(BM * BN);
     if (p.softcap > 0) sc.t.resize(BM * BN);
@@ -909,8 +1047,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   auto tile = [&](Scratch& sc, const Seq& sq, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n,
                   Tile<acc_t> kt, Tile<acc_t> vt, bool want_dkdv, bool want_dq) {
     const int64_t row0 = p.stat.at(sq.qi, h, i0);  // lse and delta of the block's first row
-    const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf.data());
-    const Tile<acc_t> dot = load_rows(dout + p.out.at(sq.qi, h, i0), p.out.row, rows, Ev, sc.dobuf.data());
+    const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf);
+    const Tile<acc_t> dot = load_rows(dout + p.out.at(sq.qi, h, i0), p.out.row, rows, Ev, sc.dobuf);
     acc_t* s = sc.s.data();
     acc_t* t = p.softcap > 0 ? sc.t.data() : nullptr;
     tile_scores<scalar_t, acc_t>(p, sq, s, t, BN, rows, n, qt, kt, bias, h, i0, j0,
@@ -937,8 +1075,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   };
 
   auto load_kv = [&](Scratch& sc, const Seq& sq, int64_t hk, int64_t j0, int64_t n) {
-    Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
-    Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
+    Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf);
+    Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf);
     if (own_gemm) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
     return std::make_pair(kt, vt);
   };
@@ -1065,6 +1203,7 @@ Problem make_params(int64_t Hq, int64_t Hkv, int64_t E, int64_t Ev, double dropo
   p.Hq = Hq; p.Hkv = Hkv; p.E = E; p.Ev = Ev; p.group = Hq / Hkv;
   p.scale = scale; p.softcap = softcap; p.dropout_p = dropout_p;
   p.window_left = window_left; p.window_right = window_right;
+  p.own_gemm = use_avx512_tiles();
   p.seed_hash = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed)));
   p.threshold = static_cast<uint32_t>(std::min<uint64_t>(static_cast<uint64_t>(dropout_p * 4294967296.0), 0xFFFFFFFFull));
   return p;
