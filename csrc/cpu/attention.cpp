@@ -118,38 +118,51 @@ void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int
 // once per key block), P·V takes B = V as it is.
 // ---------------------------------------------------------------------------------------------
 #if defined(FASTATTN_AVX512_TILES)
-template <int MR>
+// NV: the vectors of the 64 columns that lie inside C (1..4): narrow tiles (S ~ 13) skip the rest.
+template <int MR, int NV>
 __attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int lda,
                                                                     const float* B, int ldb, bool accumulate,
                                                                     float* C, int ldc, const __mmask16* mask) {
-  __m512 acc[MR][4];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int k = 0; k < K; ++k) {
     const float* b = B + static_cast<int64_t>(k) * ldb;
-    const __m512 b0 = _mm512_maskz_loadu_ps(mask[0], b), b1 = _mm512_maskz_loadu_ps(mask[1], b + 16);
-    const __m512 b2 = _mm512_maskz_loadu_ps(mask[2], b + 32), b3 = _mm512_maskz_loadu_ps(mask[3], b + 48);
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(A[static_cast<int64_t>(r) * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, bv[v], acc[r][v]);
     }
   }
   const __m512 al = _mm512_set1_ps(alpha);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {  // masked: columns past the edge are neither read nor written
+    for (int v = 0; v < NV; ++v) {  // masked: columns past the edge are neither read nor written
       float* c = C + static_cast<int64_t>(r) * ldc + 16 * v;
       __m512 x = _mm512_mul_ps(al, acc[r][v]);
       if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c));
       _mm512_mask_storeu_ps(c, mask[v], x);
     }
+}
+
+template <int NV>
+__attribute__((target("avx512f,fma"))) void rows_block_avx512(int M, int K, float alpha, const float* A, int lda,
+                                                               const float* B, int ldb, bool accumulate, float* C,
+                                                               int ldc, const __mmask16* mask) {
+  int i = 0;
+  for (; i + 6 <= M; i += 6)
+    rows_x64_avx512<6, NV>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B, ldb, accumulate,
+                           C + static_cast<int64_t>(i) * ldc, ldc, mask);
+  for (; i < M; ++i)
+    rows_x64_avx512<1, NV>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B, ldb, accumulate,
+                           C + static_cast<int64_t>(i) * ldc, ldc, mask);
 }
 
 __attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda,
@@ -160,13 +173,15 @@ __attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, flo
       const int c = N - j - 16 * v;
       mask[v] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
     }
-    int i = 0;
-    for (; i + 6 <= M; i += 6)
-      rows_x64_avx512<6>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
-                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
-    for (; i < M; ++i)
-      rows_x64_avx512<1>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
-                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
+    const int nv = std::min(4, (N - j + 15) / 16);
+    const float* b = B + j;
+    float* c = C + j;
+    switch (nv) {
+      case 1: rows_block_avx512<1>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
+      case 2: rows_block_avx512<2>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
+      case 3: rows_block_avx512<3>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
+      default: rows_block_avx512<4>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
+    }
   }
 }
 
@@ -292,6 +307,77 @@ void pv_few_rows_avx512(float* acc, int64_t ld_acc, const float* p, int64_t ld, 
   }
 }
 
+// Softmax rows on AVX-512: 16 scores a vector, the row's tail under a mask. The compiler's
+// vectorized loops (online_softmax below) run their tail one element at a time, which is the whole
+// row when rows are short (S ~ 13: most of a small problem's time went there).
+// exp as simd::exp_f32 (same range reduction and polynomial), 16 lanes at once.
+__attribute__((target("avx512f,fma"))) inline __m512 exp_avx512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-87.3365447504f);
+  const __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return it)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+}
+
+inline __mmask16 first_lanes(int64_t count) {  // lanes [0, count) of a 16-lane vector (count >= 0)
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// online_softmax (below) on AVX-512.
+__attribute__((target("avx512f,fma"))) void online_softmax_avx512(float* s, int64_t ld, int64_t rows, int64_t n,
+                                                                  float* m, float* l, float* alpha) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * ld;
+    __m512 mx = _mm512_set1_ps(-inf);
+    for (int64_t j = 0; j < n; j += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-inf), first_lanes(n - j), x + j));
+    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+    const float base = m_new == -inf ? 0.0f : m_new;  // nothing visible yet: exp(-inf - 0) = 0
+    const float a = m[r] == -inf ? 0.0f : simd::exp_f32(m[r] - m_new);
+    const __m512 b = _mm512_set1_ps(base);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = first_lanes(n - j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
+      _mm512_mask_storeu_ps(x + j, k, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    l[r] = a * l[r] + _mm512_reduce_add_ps(sum);
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+// probs_from_lse (below) on AVX-512.
+__attribute__((target("avx512f,fma"))) void probs_from_lse_avx512(float* s, int64_t ld, int64_t rows, int64_t n,
+                                                                  const float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * ld;
+    if (lse[r] == std::numeric_limits<float>::infinity()) {
+      std::fill(x, x + n, 0.0f);
+      continue;
+    }
+    const __m512 b = _mm512_set1_ps(lse[r]);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = first_lanes(n - j);
+      _mm512_mask_storeu_ps(x + j, k, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
+    }
+  }
+}
+
 // Whether the forward uses it: an AVX-512 CPU, unless FASTATTN_ATTN_GEMM=blas (tests compare both).
 bool use_avx512_tiles() {
   static const bool cpu_has = [] {
@@ -304,6 +390,8 @@ bool use_avx512_tiles() {
 #else
 bool use_avx512_tiles() { return false; }
 void gemm_avx512(int, int, int, float, const float*, int, const float*, int, bool, float*, int) {}
+void online_softmax_avx512(float*, int64_t, int64_t, int64_t, float*, float*, float*) {}
+void probs_from_lse_avx512(float*, int64_t, int64_t, int64_t, const float*) {}
 void scores_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
                             int64_t, float) {}
 void pv_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
@@ -882,7 +970,14 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
         if (transposed) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
         tile_scores<scalar_t, acc_t>(p, sq, s, nullptr, BN, rows, n, qt, kt, bias, h, i0, j0,
                                      transposed ? sc.k_t.data() : nullptr);
-        online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (own_gemm)
+            online_softmax_avx512(s, BN, rows, n, m, l, sc.alpha.data());
+          else
+            online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        } else {
+          online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        }
         scale_rows(acc, Ev, rows, Ev, sc.alpha.data());
         if (dropout) {
           dropout_keep(sc.keep.data(), BN, rows, n, sc.row_hash.data(), static_cast<uint32_t>(j0), p.threshold,
@@ -1053,7 +1148,14 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
     acc_t* t = p.softcap > 0 ? sc.t.data() : nullptr;
     tile_scores<scalar_t, acc_t>(p, sq, s, t, BN, rows, n, qt, kt, bias, h, i0, j0,
                                  own_gemm && rows > kFewRows ? sc.k_t.data() : nullptr);
-    probs_from_lse(s, BN, rows, n, lse + row0);  // s is now P
+    if constexpr (std::is_same_v<acc_t, float>) {  // s is now P
+      if (own_gemm)
+        probs_from_lse_avx512(s, BN, rows, n, lse + row0);
+      else
+        probs_from_lse(s, BN, rows, n, lse + row0);
+    } else {
+      probs_from_lse(s, BN, rows, n, lse + row0);
+    }
     const acc_t* keep = nullptr;
     const acc_t* pd = s;  // the probabilities after dropout
     if (dropout) {
