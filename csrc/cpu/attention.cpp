@@ -11,9 +11,10 @@
 // Blocking. The scores of one (sequence, head) are cut into BLOCK_M query rows x BLOCK_N keys
 // tiles; the L x S matrix never exists. Tile products (Q Kᵀ, P V, and the four of the backward) are
 // BLAS sgemm_/dgemm_ calls on raw pointers (fp16/bf16 tiles are converted to fp32 in per-thread
-// scratch first), except on AVX-512 CPUs, where Q Kᵀ (forward and backward) and the forward's P V
-// run on our own fp32 micro-kernel (gemm_avx512; FASTATTN_ATTN_GEMM=blas turns it off); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
-// FASTATTN_SIMD functions, compiled per ISA.
+// scratch first), except on AVX-512 CPUs, where every fp32 tile product runs on our own micro-kernel
+// (gemm_avx512; FASTATTN_ATTN_GEMM=blas turns it off), and so do the softmax rows (masked vectors:
+// short rows, S ~ 13, cost one vector, not a scalar loop); the other element-wise work on a tile
+// (softcap, dropout, the score gradient) is in the FASTATTN_SIMD functions, compiled per ISA.
 //
 // Forward: one task = one query block of one (sequence, head): online softmax over its visible key
 // blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)); key blocks that the
@@ -22,7 +23,7 @@
 // (decoding, L <= 16) a task is additionally one slice of the key blocks (split-KV) when the query
 // blocks alone are too little work: each slice writes its partial (acc, m, l) and a reduce pass
 // combines them. Tiles of <= 4 query rows replace the two GEMMs by prefetching streaming loops
-// (memory-bound: K and V read once).
+// (memory-bound: K and V read once; on AVX-512, 16 keys a step for Q·Kᵀ).
 // Backward: delta = rowsum(dO * O); P is recomputed from the saved lse. "fused" mode: one task =
 // one (sequence, kv head), walking key blocks outer and (query head of the group, query block)
 // inner, so dK/dV of a key block and dQ of the task's heads are owned by the task (no atomics; 5
@@ -110,8 +111,9 @@ void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// The forward's fp32 tile products on AVX-512 (our own micro-kernel). The BLAS this torch ships
-// (MKL) runs its AVX2 code on non-Intel CPUs; with 512-bit FMAs the two tile products go faster.
+// The fp32 tile products on AVX-512 (our own micro-kernel). The BLAS this torch ships (MKL) runs
+// its AVX2 code on non-Intel CPUs, and on small tiles its packing costs more than the product; with
+// 512-bit FMAs and no packing the tile products go faster (the backward ~1.6x at L = 1024).
 // C[M×N] = alpha·A[M×K]·B[K×N] (+ C when accumulate): blocks of 6 rows x 64 columns of C stay in 24
 // zmm registers while k runs; each step broadcasts A[r][k] and multiplies it with the 64 floats of
 // row k of B (masked loads/stores at the right edge). QKᵀ takes B = Kᵀ (transposed into scratch
@@ -120,9 +122,10 @@ void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int
 #if defined(FASTATTN_AVX512_TILES)
 // NV: the vectors of the 64 columns that lie inside C (1..4): narrow tiles (S ~ 13) skip the rest.
 template <int MR, int NV>
-__attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int lda,
-                                                                    const float* B, int ldb, bool accumulate,
-                                                                    float* C, int ldc, const __mmask16* mask) {
+__attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int64_t a_rs,
+                                                                    int64_t a_cs, const float* B, int ldb,
+                                                                    bool accumulate, float* C, int ldc,
+                                                                    const __mmask16* mask) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -133,9 +136,10 @@ __attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float 
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + 16 * v);
+    const float* a_k = A + k * a_cs;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[static_cast<int64_t>(r) * lda + k]);
+      const __m512 a = _mm512_set1_ps(a_k[r * a_rs]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, bv[v], acc[r][v]);
     }
@@ -153,20 +157,22 @@ __attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float 
 }
 
 template <int NV>
-__attribute__((target("avx512f,fma"))) void rows_block_avx512(int M, int K, float alpha, const float* A, int lda,
-                                                               const float* B, int ldb, bool accumulate, float* C,
-                                                               int ldc, const __mmask16* mask) {
+__attribute__((target("avx512f,fma"))) void rows_block_avx512(int M, int K, float alpha, const float* A, int64_t a_rs,
+                                                               int64_t a_cs, const float* B, int ldb, bool accumulate,
+                                                               float* C, int ldc, const __mmask16* mask) {
   int i = 0;
   for (; i + 6 <= M; i += 6)
-    rows_x64_avx512<6, NV>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B, ldb, accumulate,
-                           C + static_cast<int64_t>(i) * ldc, ldc, mask);
+    rows_x64_avx512<6, NV>(K, alpha, A + i * a_rs, a_rs, a_cs, B, ldb, accumulate, C + static_cast<int64_t>(i) * ldc,
+                           ldc, mask);
   for (; i < M; ++i)
-    rows_x64_avx512<1, NV>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B, ldb, accumulate,
-                           C + static_cast<int64_t>(i) * ldc, ldc, mask);
+    rows_x64_avx512<1, NV>(K, alpha, A + i * a_rs, a_rs, a_cs, B, ldb, accumulate, C + static_cast<int64_t>(i) * ldc,
+                           ldc, mask);
 }
 
-__attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda,
-                                                        const float* B, int ldb, bool accumulate, float* C, int ldc) {
+// A is read as A[r·a_rs + k·a_cs]: (lda, 1) for A itself, (1, lda) for the transpose of a K x M matrix.
+__attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int64_t a_rs,
+                                                        int64_t a_cs, const float* B, int ldb, bool accumulate, float* C,
+                                                        int ldc) {
   for (int j = 0; j < N; j += 64) {
     __mmask16 mask[4];
     for (int v = 0; v < 4; ++v) {
@@ -177,12 +183,16 @@ __attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, flo
     const float* b = B + j;
     float* c = C + j;
     switch (nv) {
-      case 1: rows_block_avx512<1>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
-      case 2: rows_block_avx512<2>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
-      case 3: rows_block_avx512<3>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
-      default: rows_block_avx512<4>(M, K, alpha, A, lda, b, ldb, accumulate, c, ldc, mask); break;
+      case 1: rows_block_avx512<1>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+      case 2: rows_block_avx512<2>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+      case 3: rows_block_avx512<3>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+      default: rows_block_avx512<4>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
     }
   }
+}
+void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, bool accumulate,
+                 float* C, int ldc) {
+  gemm_avx512(M, N, K, alpha, A, lda, 1, B, ldb, accumulate, C, ldc);
 }
 
 // Decoding (<= kFewRows query rows) on AVX-512: the two tile products as streaming loops over the
@@ -381,6 +391,11 @@ __attribute__((target("avx512f,fma"))) void probs_from_lse_avx512(float* s, int6
   }
 }
 
+// (fp64 tiles always take BLAS: this overload only lets the callers' fp32/fp64 code read alike.)
+void gemm_avx512(int, int, int, double, const double*, int64_t, int64_t, const double*, int, bool, double*, int) {
+  TORCH_CHECK(false, "attention: the AVX-512 tile products are fp32 only");
+}
+
 // Whether the forward uses it: an AVX-512 CPU, unless FASTATTN_ATTN_GEMM=blas (tests compare both).
 bool use_avx512_tiles() {
   static const bool cpu_has = [] {
@@ -393,6 +408,8 @@ bool use_avx512_tiles() {
 #else
 bool use_avx512_tiles() { return false; }
 void gemm_avx512(int, int, int, float, const float*, int, const float*, int, bool, float*, int) {}
+void gemm_avx512(int, int, int, float, const float*, int64_t, int64_t, const float*, int, bool, float*, int) {}
+void gemm_avx512(int, int, int, double, const double*, int64_t, int64_t, const double*, int, bool, double*, int) {}
 void online_softmax_avx512(float*, int64_t, int64_t, int64_t, float*, float*, float*) {}
 void probs_from_lse_avx512(float*, int64_t, int64_t, int64_t, const float*) {}
 void scores_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
@@ -1121,12 +1138,15 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   // Per-thread scratch for one tile and the dK/dV accumulators of one key block.
   const bool own_gemm = std::is_same_v<acc_t, float> && p.own_gemm;  // QKᵀ as in the forward
   struct Scratch {
-    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t;
+    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t, v_t;
     std::vector<uint32_t> row_hash;
   };
   auto make_scratch = [&]() {
     Scratch sc;
-    if (own_gemm) sc.k_t.resize(E * BN);
+    if (own_gemm) {
+      sc.k_t.resize(E * BN);
+      sc.v_t.resize(Ev * BN);
+    }
     sc.s.resize(BM * BN);
     sc.dp.resize(BM * BN);
     if (p.softcap > 0) sc.t.resize(BM * BN);
@@ -1168,21 +1188,41 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
       keep = sc.keep.data();
       pd = sc.pd.data();
     }
-    if (want_dkdv)  // dV += Pdᵀ·dO
-      gemm_atb<acc_t>(n, Ev, rows, acc_t(1), pd, BN, dot.ptr, dot.ld, acc_t(1), sc.dv_acc.data(), Ev);
+    // The four products: BLAS, or (fp32 on AVX-512) the forward's micro-kernel, which reads a
+    // transposed A through its strides (1, BN) and Vᵀ from the key block's transposed copy.
     acc_t* dp = sc.dp.data();  // dP = dO·Vᵀ, then dS in place
-    gemm_abt<acc_t>(rows, n, Ev, acc_t(1), dot.ptr, dot.ld, vt.ptr, vt.ld, acc_t(0), dp, BN);
+    acc_t* dq_rows = dq_acc + p.dq.at(sq.qi, h, i0);
+    const int nn = static_cast<int>(n), r = static_cast<int>(rows), e = static_cast<int>(E), ev = static_cast<int>(Ev);
+    if (own_gemm) {
+      if (want_dkdv)  // dV += Pdᵀ·dO
+        gemm_avx512(nn, ev, r, acc_t(1), pd, 1, BN, dot.ptr, dot.ld, true, sc.dv_acc.data(), ev);
+      gemm_avx512(r, nn, ev, acc_t(1), dot.ptr, dot.ld, 1, sc.v_t.data(), nn, false, dp, static_cast<int>(BN));
+    } else {
+      if (want_dkdv)
+        gemm_atb<acc_t>(n, Ev, rows, acc_t(1), pd, BN, dot.ptr, dot.ld, acc_t(1), sc.dv_acc.data(), Ev);
+      gemm_abt<acc_t>(rows, n, Ev, acc_t(1), dot.ptr, dot.ld, vt.ptr, vt.ld, acc_t(0), dp, BN);
+    }
     score_grad(dp, s, keep, t, BN, rows, n, delta.data() + row0);
-    if (want_dkdv)  // dK += scale·dSᵀ·Q
-      gemm_atb<acc_t>(n, E, rows, scale, dp, BN, qt.ptr, qt.ld, acc_t(1), sc.dk_acc.data(), E);
-    if (want_dq)  // dQ += scale·dS·K
-      gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_acc + p.dq.at(sq.qi, h, i0), ld_dq);
+    if (own_gemm) {
+      if (want_dkdv)  // dK += scale·dSᵀ·Q
+        gemm_avx512(nn, e, r, scale, dp, 1, BN, qt.ptr, qt.ld, true, sc.dk_acc.data(), e);
+      if (want_dq)  // dQ += scale·dS·K
+        gemm_avx512(r, e, nn, scale, dp, BN, 1, kt.ptr, kt.ld, true, dq_rows, ld_dq);
+    } else {
+      if (want_dkdv)
+        gemm_atb<acc_t>(n, E, rows, scale, dp, BN, qt.ptr, qt.ld, acc_t(1), sc.dk_acc.data(), E);
+      if (want_dq)
+        gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_rows, ld_dq);
+    }
   };
 
   auto load_kv = [&](Scratch& sc, const Seq& sq, int64_t hk, int64_t j0, int64_t n) {
     Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf);
     Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf);
-    if (own_gemm) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
+    if (own_gemm) {
+      transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
+      transpose_keys(vt.ptr, vt.ld, n, Ev, sc.v_t.data());
+    }
     return std::make_pair(kt, vt);
   };
 
