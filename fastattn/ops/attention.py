@@ -388,9 +388,10 @@ def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
     into one stride (e.g. a mask that varies along the first batch dim but not the second); then only
     the batch dims are materialised, the head, query and key dims keep their broadcast.
     """
-    if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=q4.dtype, device=q4.device)
-        bias.masked_fill_(~attn_mask, float("-inf"))
+    if attn_mask.dtype == torch.bool:  # one op (in fp32): where() with scalars takes the default float dtype
+        bias = torch.where(attn_mask, 0.0, float("-inf"))
+        if bias.dtype != q4.dtype:
+            bias = bias.to(q4.dtype)
     else:
         bias = attn_mask.to(q4.dtype)
     B, Hq, L, _ = q4.shape
