@@ -273,18 +273,27 @@ def make_attention_varlen_autograd(bwd_op):
 
 def _register(fwd_name: str, bwd_name: str, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
               make_autograd=make_attention_autograd):
+    """Fake kernels of both ops; the forward's autograd in Python (make_autograd), unless the extension
+    has one in C++ already (attention_fwd: csrc/cpu/attention.cpp)."""
     fwd = getattr(torch.ops.fastattn, fwd_name)
     bwd = getattr(torch.ops.fastattn, bwd_name)
     torch.library.register_fake(f"fastattn::{fwd_name}")(fwd_fake)
     torch.library.register_fake(f"fastattn::{bwd_name}")(bwd_fake)
-    setup_context, backward = make_autograd(bwd)
-    torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
+    if make_autograd is not None:
+        setup_context, backward = make_autograd(bwd)
+        torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
     return fwd
+
+
+def _has_cpp_autograd(op_name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op_name}", "Autograd")
 
 
 _native_fwd = None
 if _ext.available() and hasattr(torch.ops.fastattn, "attention_fwd"):
-    _native_fwd = _register("attention_fwd", "attention_bwd")
+    # attention_fwd's autograd is in C++ in this build (a Python autograd kernel cost tens of µs per call)
+    _native_fwd = _register("attention_fwd", "attention_bwd",
+                            make_autograd=None if _has_cpp_autograd("attention_fwd") else make_attention_autograd)
 _native_varlen_fwd = None
 if _ext.available() and hasattr(torch.ops.fastattn, "attention_varlen_fwd"):
     _native_varlen_fwd = _register("attention_varlen_fwd", "attention_varlen_bwd", _varlen_fwd_fake,
