@@ -883,6 +883,7 @@ constexpr int64_t kFwdBlockM = 128, kFwdBlockN = 256;  // forward tile: query ro
 constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 256;   // backward tile
 constexpr int64_t kDecodeBlockN = 4096;                // forward key block for <= kFewRows query rows
 constexpr int64_t kDecodeMaxRows = 16;                // L <= this: split the keys across tasks
+inline int64_t round_up16(int64_t n) { return std::max<int64_t>(16, (n + 15) / 16 * 16); }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -917,6 +918,7 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
     }
     n_split = std::max<int64_t>(1, std::min((p.max_S + BN - 1) / BN, splits));
   }
+  BN = std::min(BN, round_up16(p.max_S));  // short keys: per-thread scratch sized to them (same blocks)
 
   // Work items: every query block of every sequence with the key blocks it sees. A task is one
   // (query block, query head) x one key slice; listed by sequence (longest first), then head, then
@@ -1103,7 +1105,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
                      const scalar_t* v, const scalar_t* out, const void* lse_in, const scalar_t* bias,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t n_stat, int64_t n_dq) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  // Tiles no larger than the problem: the per-thread scratch (5+ tiles) is sized and zeroed per call.
+  const int64_t BM = std::clamp<int64_t>(p.max_L, 1, kBwdBlockM), BN = std::min(kBwdBlockN, round_up16(p.max_S));
   const int64_t E = p.E, Ev = p.Ev, G = p.group, n_seq = static_cast<int64_t>(p.seqs.size());
   const acc_t* lse = static_cast<const acc_t*>(lse_in);
   const bool dropout = p.dropout_p > 0;
