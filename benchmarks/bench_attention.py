@@ -10,7 +10,9 @@ saved forward), forward+backward; causal and not; sequence lengths 128..8192 (20
 ``--max-seq``) at a fixed number of tokens (B = tokens / L), head size 64 and 128; fp32 on CPU,
 fp16 and bf16 on GPU; plus decoding (L = 1, S = 4096, B = 8, H = 32); plus packed variable-length
 batches ("varlen": uneven lengths 1..L, one fused ``attention_varlen`` call vs a Python loop of torch's
-SDPA over the sequences, and vs a loop of our dense op).
+SDPA over the sequences, and vs a loop of our dense op); plus the seq2seq model's small problems
+("small": B = 128, H = 4, L = S = 12..13, E = 16: plain, causal, and a (B, 1, 1, S) key-padding bool
+mask), where the per-call cost matters more than the arithmetic.
 
 GFLOP/s count 4·B·H·L·S·E for the forward (half when causal), 2.5x that for the backward, 3.5x for
 forward+backward. "vs torch" = the fastest torch backend's time / ours (> 1: ours is faster).
@@ -145,6 +147,46 @@ def run_varlen_cases(args, device, ours, timeit, table):
                 table.add(**row)
 
 
+def run_small_cases(args, device, ours, timeit, table):
+    """The seq2seq model's attention calls: many tiny (batch, head) problems per call."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    B, H, E = 128, 4, 16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lens = torch.randint(7, 14, (B,), generator=g)
+    for L, S, kind in ((13, 13, "plain"), (12, 12, "causal"), (13, 13, "key-padding mask"), (12, 13, "key-padding mask")):
+        name = f"small B{B} H{H} L{L} S{S} E{E} {kind}"
+        if args.only and args.only not in name:
+            continue
+        q, k, v = (torch.randn(B, H, n, E, generator=g).to(device, dtype) for n in (L, S, S))
+        mask = (torch.arange(S)[None, :] < lens[:, None]).view(B, 1, 1, S).to(device) if "mask" in kind else None
+        causal = kind == "causal"
+        fwd_flops = 4.0 * B * H * L * S * E * (0.5 if causal else 1.0)
+        impls = [(f"fastattn {b}", lambda qq, kk, vv, b=b: fastattn.scaled_dot_product_attention(
+            qq, kk, vv, attn_mask=mask, is_causal=causal, backend=b)) for b in ours]
+        impls += [("torch sdpa", lambda qq, kk, vv: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask,
+                                                                                    is_causal=causal))]
+        for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            times = {}
+            for label, fn in impls:
+                qq, kk, vv = (t.detach().requires_grad_(mode != "fwd") for t in (q, k, v))
+                try:
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            times[label] = timeit(lambda: fn(qq, kk, vv))
+                    else:
+                        go = torch.randn(B, H, L, E, device=device, dtype=dtype)
+                        times[label] = timeit(lambda: torch.autograd.grad(fn(qq, kk, vv), (qq, kk, vv), go))
+                except (RuntimeError, NotImplementedError) as e:
+                    print(f"  {label} {mode} {name}: skipped ({str(e).splitlines()[0][:100]})")
+            torch_t = times.get("torch sdpa")
+            for label, t in times.items():
+                row = dict(case=name, mode=mode, impl=label, ms=t * 1e3, **{"GFLOP/s": fwd_flops * mult / t / 1e9})
+                row["plot"] = f"{mode} {name}"
+                if torch_t is not None:
+                    row["vs torch"] = torch_t / t
+                table.add(**row)
+
+
 def main():
     p = common.parser("attention")
     p.add_argument("--max-seq", type=int, default=0, help="longest sequence (default 2048 on CPU, 8192 on GPU)")
@@ -153,6 +195,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (CPU)")
     p.add_argument("--only", default="", help="run only cases whose name contains this")
     p.add_argument("--no-varlen", action="store_true", help="skip the packed variable-length cases")
+    p.add_argument("--no-small", action="store_true", help="skip the small-problem (seq2seq) cases")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -216,6 +259,8 @@ def main():
 
     if not args.no_varlen:
         run_varlen_cases(args, device, ours, timeit, table)
+    if not args.no_small:
+        run_small_cases(args, device, ours, timeit, table)
 
     note = ("GFLOP/s: 4·B·H·L·S·E forward (half when causal), 2.5x backward, 3.5x forward+backward. "
             "'vs torch': the fastest torch SDPA backend's time / this row's time."

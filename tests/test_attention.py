@@ -316,6 +316,21 @@ def test_cpu_split_kv_decoding(L):
     run_case("cpu", 1, 1, 1, L, 2000, 16, 16, dropout_p=0.3, seed=5)
 
 
+@needs_native
+@pytest.mark.parametrize("gemm", ["default", "blas"])
+@pytest.mark.parametrize("L", [1, 2, 3, 4])
+def test_cpu_decode_streaming_loops(monkeypatch, gemm, L):
+    """<= 4 query rows: the streaming Q·Kᵀ / P·V loops (AVX-512 ones by default: 16 keys a step,
+    64 value columns a pass) on edges: keys not a multiple of 16, head sizes not multiples of 16,
+    value heads wider than one 64-column pass, strided heads, causal and a mask."""
+    if gemm == "blas":
+        monkeypatch.setenv("FASTATTN_ATTN_GEMM", "blas")
+    run_case("cpu", 1, 2, 2, L, 15, 8, 8)
+    run_case("cpu", 2, 2, 1, L, 47, 24, 130, layout="blhe")
+    run_case("cpu", 1, 3, 3, L, 100, 72, 64, causal=True, align="bottom_right", mask=torch.randn(L, 100))
+    run_case("cpu", 1, 1, 1, L, 4100, 64, 64, grad=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------------

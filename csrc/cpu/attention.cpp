@@ -11,9 +11,10 @@
 // Blocking. The scores of one (sequence, head) are cut into BLOCK_M query rows x BLOCK_N keys
 // tiles; the L x S matrix never exists. Tile products (Q Kᵀ, P V, and the four of the backward) are
 // BLAS sgemm_/dgemm_ calls on raw pointers (fp16/bf16 tiles are converted to fp32 in per-thread
-// scratch first), except on AVX-512 CPUs, where Q Kᵀ (forward and backward) and the forward's P V
-// run on our own fp32 micro-kernel (gemm_avx512; FASTATTN_ATTN_GEMM=blas turns it off); the element-wise work on a tile (softcap, max, exp, sums, dropout) is in the
-// FASTATTN_SIMD functions, compiled per ISA.
+// scratch first), except on AVX-512 CPUs, where every fp32 tile product runs on our own micro-kernel
+// (gemm_avx512; FASTATTN_ATTN_GEMM=blas turns it off), and so do the softmax rows (masked vectors:
+// short rows, S ~ 13, cost one vector, not a scalar loop); the other element-wise work on a tile
+// (softcap, dropout, the score gradient) is in the FASTATTN_SIMD functions, compiled per ISA.
 //
 // Forward: one task = one query block of one (sequence, head): online softmax over its visible key
 // blocks (running max m, sum l, accumulator rescaled by exp(m_old - m_new)); key blocks that the
@@ -22,7 +23,7 @@
 // (decoding, L <= 16) a task is additionally one slice of the key blocks (split-KV) when the query
 // blocks alone are too little work: each slice writes its partial (acc, m, l) and a reduce pass
 // combines them. Tiles of <= 4 query rows replace the two GEMMs by prefetching streaming loops
-// (memory-bound: K and V read once).
+// (memory-bound: K and V read once; on AVX-512, 16 keys a step for Q·Kᵀ).
 // Backward: delta = rowsum(dO * O); P is recomputed from the saved lse. "fused" mode: one task =
 // one (sequence, kv head), walking key blocks outer and (query head of the group, query block)
 // inner, so dK/dV of a key block and dQ of the task's heads are owned by the task (no atomics; 5
@@ -31,6 +32,7 @@
 // Tasks are handed out dynamically, but each result is summed in a fixed order: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -110,41 +112,44 @@ void gemm_atb(int M, int N, int K, T alpha, const T* A, int lda, const T* B, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// The forward's fp32 tile products on AVX-512 (our own micro-kernel). The BLAS this torch ships
-// (MKL) runs its AVX2 code on non-Intel CPUs; with 512-bit FMAs the two tile products go faster.
+// The fp32 tile products on AVX-512 (our own micro-kernel). The BLAS this torch ships (MKL) runs
+// its AVX2 code on non-Intel CPUs, and on small tiles its packing costs more than the product; with
+// 512-bit FMAs and no packing the tile products go faster (the backward ~1.6x at L = 1024).
 // C[M×N] = alpha·A[M×K]·B[K×N] (+ C when accumulate): blocks of 6 rows x 64 columns of C stay in 24
 // zmm registers while k runs; each step broadcasts A[r][k] and multiplies it with the 64 floats of
 // row k of B (masked loads/stores at the right edge). QKᵀ takes B = Kᵀ (transposed into scratch
 // once per key block), P·V takes B = V as it is.
 // ---------------------------------------------------------------------------------------------
 #if defined(FASTATTN_AVX512_TILES)
-template <int MR>
-__attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int lda,
-                                                                    const float* B, int ldb, bool accumulate,
-                                                                    float* C, int ldc, const __mmask16* mask) {
-  __m512 acc[MR][4];
+// NV: the vectors of the 64 columns that lie inside C (1..4): narrow tiles (S ~ 13) skip the rest.
+template <int MR, int NV>
+__attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float alpha, const float* A, int64_t a_rs,
+                                                                    int64_t a_cs, const float* B, int ldb,
+                                                                    bool accumulate, float* C, int ldc,
+                                                                    const __mmask16* mask) {
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int k = 0; k < K; ++k) {
     const float* b = B + static_cast<int64_t>(k) * ldb;
-    const __m512 b0 = _mm512_maskz_loadu_ps(mask[0], b), b1 = _mm512_maskz_loadu_ps(mask[1], b + 16);
-    const __m512 b2 = _mm512_maskz_loadu_ps(mask[2], b + 32), b3 = _mm512_maskz_loadu_ps(mask[3], b + 48);
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + 16 * v);
+    const float* a_k = A + k * a_cs;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(A[static_cast<int64_t>(r) * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
+      const __m512 a = _mm512_set1_ps(a_k[r * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, bv[v], acc[r][v]);
     }
   }
   const __m512 al = _mm512_set1_ps(alpha);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {  // masked: columns past the edge are neither read nor written
+    for (int v = 0; v < NV; ++v) {  // masked: columns past the edge are neither read nor written
       float* c = C + static_cast<int64_t>(r) * ldc + 16 * v;
       __m512 x = _mm512_mul_ps(al, acc[r][v]);
       if (accumulate) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask[v], c));
@@ -152,22 +157,244 @@ __attribute__((target("avx512f,fma"))) inline void rows_x64_avx512(int K, float 
     }
 }
 
-__attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda,
-                                                        const float* B, int ldb, bool accumulate, float* C, int ldc) {
+template <int NV>
+__attribute__((target("avx512f,fma"))) void rows_block_avx512(int M, int K, float alpha, const float* A, int64_t a_rs,
+                                                               int64_t a_cs, const float* B, int ldb, bool accumulate,
+                                                               float* C, int ldc, const __mmask16* mask) {
+  int i = 0;
+  for (; i + 6 <= M; i += 6)
+    rows_x64_avx512<6, NV>(K, alpha, A + i * a_rs, a_rs, a_cs, B, ldb, accumulate, C + static_cast<int64_t>(i) * ldc,
+                           ldc, mask);
+  for (; i < M; ++i)
+    rows_x64_avx512<1, NV>(K, alpha, A + i * a_rs, a_rs, a_cs, B, ldb, accumulate, C + static_cast<int64_t>(i) * ldc,
+                           ldc, mask);
+}
+
+// A is read as A[r·a_rs + k·a_cs]: (lda, 1) for A itself, (1, lda) for the transpose of a K x M matrix.
+__attribute__((target("avx512f,fma"))) void gemm_avx512(int M, int N, int K, float alpha, const float* A, int64_t a_rs,
+                                                        int64_t a_cs, const float* B, int ldb, bool accumulate, float* C,
+                                                        int ldc) {
   for (int j = 0; j < N; j += 64) {
     __mmask16 mask[4];
     for (int v = 0; v < 4; ++v) {
       const int c = N - j - 16 * v;
       mask[v] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
     }
-    int i = 0;
-    for (; i + 6 <= M; i += 6)
-      rows_x64_avx512<6>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
-                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
-    for (; i < M; ++i)
-      rows_x64_avx512<1>(K, alpha, A + static_cast<int64_t>(i) * lda, lda, B + j, ldb, accumulate,
-                         C + static_cast<int64_t>(i) * ldc + j, ldc, mask);
+    const int nv = std::min(4, (N - j + 15) / 16);
+    const float* b = B + j;
+    float* c = C + j;
+    switch (nv) {
+      case 1: rows_block_avx512<1>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+      case 2: rows_block_avx512<2>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+      case 3: rows_block_avx512<3>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+      default: rows_block_avx512<4>(M, K, alpha, A, a_rs, a_cs, b, ldb, accumulate, c, ldc, mask); break;
+    }
   }
+}
+void gemm_avx512(int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb, bool accumulate,
+                 float* C, int ldc) {
+  gemm_avx512(M, N, K, alpha, A, lda, 1, B, ldb, accumulate, C, ldc);
+}
+
+// Decoding (<= kFewRows query rows) on AVX-512: the two tile products as streaming loops over the
+// keys, bound by reading K and V once. Both prefetch kDecodePrefetch keys ahead: the hardware
+// prefetcher stops at 4 KiB pages, the software one keeps the stream going (measured: without it
+// the decode ran ~25% below a plain read of K and V; with it, level with one).
+constexpr int64_t kDecodePrefetch = 16;
+inline void prefetch_floats(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(x + i);
+}
+
+// Q·Kᵀ: 16 keys a step, each key's E products summed into one vector of 16 lane sums, then the 16
+// vectors reduced to one vector of 16 scores (a transpose-add tree, ~3 shuffles + adds a key
+// instead of a full horizontal sum per key).
+__attribute__((target("avx512f"))) inline __m512 sum_lanes_x16(__m512 v[16]) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of keys 2i, 2i+1
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's partial sums of keys 4i..4i+3
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Fold the four 128-bit lanes: y0 = [x0(L0+L1), x0(L2+L3), x1(L0+L1), x1(L2+L3)], then whole sums.
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, 0x88), _mm512_shuffle_f32x4(y0, y1, 0xDD));
+}
+
+// s[r][j] = alpha · q_r·k_j for keys [0, n - n % 16) (the caller does the rest); E any size.
+__attribute__((target("avx512f,fma"))) void scores_few_rows_avx512(float* s, int64_t ld, const float* q, int64_t ldq,
+                                                                   int64_t rows, const float* k, int64_t ldk,
+                                                                   int64_t n, int64_t E, float alpha) {
+  const int64_t e_full = E / 16 * 16;
+  const __mmask16 e_tail = static_cast<__mmask16>((1u << (E % 16)) - 1);
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int64_t j0 = 0; j0 + 16 <= n; j0 += 16) {
+    const float* kb = k + j0 * ldk;
+    if (j0 + kDecodePrefetch + 16 <= n)
+      for (int j = 0; j < 16; ++j) prefetch_floats(kb + (kDecodePrefetch + j) * ldk, E);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q + r * ldq;
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < e_full; e += 16) {
+        const __m512 qe = _mm512_loadu_ps(qr + e);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(kb + j * ldk + e), acc[j]);
+      }
+      if (e_tail) {
+        const __m512 qe = _mm512_maskz_loadu_ps(e_tail, qr + e_full);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_fmadd_ps(qe, _mm512_maskz_loadu_ps(e_tail, kb + j * ldk + e_full), acc[j]);
+      }
+      _mm512_storeu_ps(s + r * ld + j0, _mm512_mul_ps(al, sum_lanes_x16(acc)));
+    }
+  }
+}
+
+// acc[r][:] += Σ_j p[r][j] · v_j for R rows. Keys in chunks of 64 (in L1); per chunk, 64 output
+// columns a pass (4 vectors a row, masked at the edge). With 1 or 2 rows the keys go in pairs into
+// two sets of accumulators (two FMA chains a vector); with 3 or 4 the rows give enough chains.
+template <int R>
+__attribute__((target("avx512f,fma"))) void pv_rows_avx512(float* acc, int64_t ld_acc, const float* p, int64_t ld,
+                                                            const float* v, int64_t ldv, int64_t n, int64_t Ev) {
+  constexpr int KS = R <= 2 ? 2 : 1;  // keys a step = accumulator sets
+  constexpr int64_t kChunk = 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t j1 = std::min(n, j0 + kChunk);
+    for (int64_t c0 = 0; c0 < Ev; c0 += 64) {
+      __mmask16 mask[4];
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = Ev - c0 - 16 * u;
+        mask[u] = c >= 16 ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+      }
+      __m512 a[KS][R][4];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          a[0][r][u] = _mm512_maskz_loadu_ps(mask[u], acc + r * ld_acc + c0 + 16 * u);
+          if constexpr (KS == 2) a[1][r][u] = _mm512_setzero_ps();
+        }
+      for (int64_t j = j0; j < j1; j += KS) {
+        if (c0 == 0 && j + kDecodePrefetch + KS <= n)
+          for (int set = 0; set < KS; ++set) prefetch_floats(v + (j + kDecodePrefetch + set) * ldv, Ev);
+#pragma GCC unroll 2
+        for (int set = 0; set < KS; ++set) {
+          if (KS > 1 && j + set >= j1) break;
+          const float* vj = v + (j + set) * ldv + c0;
+          __m512 x[4];
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) x[u] = _mm512_maskz_loadu_ps(mask[u], vj + 16 * u);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const __m512 pj = _mm512_set1_ps(p[r * ld + j + set]);
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; ++u) a[set][r][u] = _mm512_fmadd_ps(pj, x[u], a[set][r][u]);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          __m512 x = a[0][r][u];
+          if constexpr (KS == 2) x = _mm512_add_ps(x, a[1][r][u]);
+          _mm512_mask_storeu_ps(acc + r * ld_acc + c0 + 16 * u, mask[u], x);
+        }
+    }
+  }
+}
+
+void pv_few_rows_avx512(float* acc, int64_t ld_acc, const float* p, int64_t ld, int64_t rows, const float* v,
+                        int64_t ldv, int64_t n, int64_t Ev) {
+  switch (rows) {
+    case 1: return pv_rows_avx512<1>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+    case 2: return pv_rows_avx512<2>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+    case 3: return pv_rows_avx512<3>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+    default: return pv_rows_avx512<4>(acc, ld_acc, p, ld, v, ldv, n, Ev);
+  }
+}
+
+// Softmax rows on AVX-512: 16 scores a vector, the row's tail under a mask. The compiler's
+// vectorized loops (online_softmax below) run their tail one element at a time, which is the whole
+// row when rows are short (S ~ 13: most of a small problem's time went there).
+// exp as simd::exp_f32 (same range reduction and polynomial), 16 lanes at once, except that it is
+// 0 below -86 (not -87.34): near -87 the scaling step makes denormals, which cost a microcode
+// assist each, and every masked (-inf) score went through there (e^-86 ~ 4e-38 is 0 next to the
+// row's largest term, 1).
+__attribute__((target("avx512f,fma"))) inline __m512 exp_avx512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-86.0f);
+  const __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return it)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+}
+
+inline __mmask16 first_lanes(int64_t count) {  // lanes [0, count) of a 16-lane vector (count >= 0)
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// online_softmax (below) on AVX-512.
+__attribute__((target("avx512f,fma"))) void online_softmax_avx512(float* s, int64_t ld, int64_t rows, int64_t n,
+                                                                  float* m, float* l, float* alpha) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * ld;
+    __m512 mx = _mm512_set1_ps(-inf);
+    for (int64_t j = 0; j < n; j += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-inf), first_lanes(n - j), x + j));
+    const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+    const float base = m_new == -inf ? 0.0f : m_new;  // nothing visible yet: exp(-inf - 0) = 0
+    const float a = m[r] == -inf ? 0.0f : simd::exp_f32(m[r] - m_new);
+    const __m512 b = _mm512_set1_ps(base);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = first_lanes(n - j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
+      _mm512_mask_storeu_ps(x + j, k, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    l[r] = a * l[r] + _mm512_reduce_add_ps(sum);
+    m[r] = m_new;
+    alpha[r] = a;
+  }
+}
+
+// probs_from_lse (below) on AVX-512.
+__attribute__((target("avx512f,fma"))) void probs_from_lse_avx512(float* s, int64_t ld, int64_t rows, int64_t n,
+                                                                  const float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * ld;
+    if (lse[r] == std::numeric_limits<float>::infinity()) {
+      std::fill(x, x + n, 0.0f);
+      continue;
+    }
+    const __m512 b = _mm512_set1_ps(lse[r]);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = first_lanes(n - j);
+      _mm512_mask_storeu_ps(x + j, k, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
+    }
+  }
+}
+
+// (fp64 tiles always take BLAS: this overload only lets the callers' fp32/fp64 code read alike.)
+void gemm_avx512(int, int, int, double, const double*, int64_t, int64_t, const double*, int, bool, double*, int) {
+  TORCH_CHECK(false, "attention: the AVX-512 tile products are fp32 only");
 }
 
 // Whether the forward uses it: an AVX-512 CPU, unless FASTATTN_ATTN_GEMM=blas (tests compare both).
@@ -182,6 +409,14 @@ bool use_avx512_tiles() {
 #else
 bool use_avx512_tiles() { return false; }
 void gemm_avx512(int, int, int, float, const float*, int, const float*, int, bool, float*, int) {}
+void gemm_avx512(int, int, int, float, const float*, int64_t, int64_t, const float*, int, bool, float*, int) {}
+void gemm_avx512(int, int, int, double, const double*, int64_t, int64_t, const double*, int, bool, double*, int) {}
+void online_softmax_avx512(float*, int64_t, int64_t, int64_t, float*, float*, float*) {}
+void probs_from_lse_avx512(float*, int64_t, int64_t, int64_t, const float*) {}
+void scores_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+                            int64_t, float) {}
+void pv_few_rows_avx512(float*, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+                        int64_t) {}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -479,6 +714,7 @@ struct Problem {
   // and its offset is the row number the dropout hash takes; dq, dk, dv: the gradients (contiguous).
   RowMap q, k, v, out, stat, dq, dk, dv;
   RowMap bias;  // dense op only, plus the stride between keys
+  bool own_gemm = false;  // fp32 tile products on our AVX-512 micro-kernels (use_avx512_tiles())
   int64_t bias_col = 0;
   bool has_bias = false;
 
@@ -523,19 +759,21 @@ struct Tile {
   const acc_t* ptr;
   int ld;
 };
+// `buf` grows on first use: fp32 inputs with ordinary strides never need it.
 template <typename scalar_t, typename acc_t>
-Tile<acc_t> load_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t width, acc_t* buf) {
+Tile<acc_t> load_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t width, std::vector<acc_t>& buf) {
   const int dense_ld = static_cast<int>(std::max<int64_t>(width, 1));
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (n == 1) return {src, dense_ld};
     if (stride >= width && stride >= 1 && stride <= INT32_MAX) return {src, static_cast<int>(stride)};
   }
+  if (static_cast<int64_t>(buf.size()) < n * width) buf.resize(n * width);
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* x = src + r * stride;
-    acc_t* y = buf + r * width;
+    acc_t* y = buf.data() + r * width;
     for (int64_t c = 0; c < width; ++c) y[c] = static_cast<acc_t>(x[c]);
   }
-  return {buf, dense_ld};
+  return {buf.data(), dense_ld};
 }
 
 // s[r][j] += bias[r * s_row + j * s_col] (any strides, 0 included)
@@ -585,7 +823,15 @@ void tile_scores(const Problem& p, const Seq& sq, acc_t* s, acc_t* t, int ld, in
                  Tile<acc_t> k, const scalar_t* bias, int64_t h, int64_t i0, int64_t j0, const acc_t* k_t) {
   bool done = false;
   if (rows <= kFewRows) {
-    scores_few_rows(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<acc_t>(p.scale));
+    int64_t j = 0;  // keys done by the AVX-512 loop (whole groups of 16)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (p.own_gemm) {
+        scores_few_rows_avx512(s, ld, q.ptr, q.ld, rows, k.ptr, k.ld, n, p.E, static_cast<float>(p.scale));
+        j = n / 16 * 16;
+      }
+    }
+    if (j < n)
+      scores_few_rows(s + j, ld, q.ptr, q.ld, rows, k.ptr + j * k.ld, k.ld, n - j, p.E, static_cast<acc_t>(p.scale));
     done = true;
   }
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -637,6 +883,7 @@ constexpr int64_t kFwdBlockM = 128, kFwdBlockN = 256;  // forward tile: query ro
 constexpr int64_t kBwdBlockM = 64, kBwdBlockN = 256;   // backward tile
 constexpr int64_t kDecodeBlockN = 4096;                // forward key block for <= kFewRows query rows
 constexpr int64_t kDecodeMaxRows = 16;                // L <= this: split the keys across tasks
+inline int64_t round_up16(int64_t n) { return std::max<int64_t>(16, (n + 15) / 16 * 16); }
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -671,6 +918,7 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
     }
     n_split = std::max<int64_t>(1, std::min((p.max_S + BN - 1) / BN, splits));
   }
+  BN = std::min(BN, round_up16(p.max_S));  // short keys: per-thread scratch sized to them (same blocks)
 
   // Work items: every query block of every sequence with the key blocks it sees. A task is one
   // (query block, query head) x one key slice; listed by sequence (longest first), then head, then
@@ -710,10 +958,9 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
     std::vector<uint32_t> row_hash;
     std::vector<acc_t> k_t;  // Kᵀ of one key block (E x BN), for the AVX-512 tile products
   };
-  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();
+  const bool own_gemm = std::is_same_v<acc_t, float> && p.own_gemm;
   run_tasks(ntasks, [&]() {
-    Scratch sc{std::vector<acc_t>(BM * E), std::vector<acc_t>(BN * E), std::vector<acc_t>(BN * Ev),
-               std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
+    Scratch sc{{}, {}, {}, std::vector<acc_t>(BM * BN), std::vector<acc_t>(dropout ? BM * BN : 0), std::vector<acc_t>(BM * Ev),
                std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<acc_t>(BM), std::vector<uint32_t>(BM),
                std::vector<acc_t>(own_gemm ? E * BN : 0)};
     return [&, sc = std::move(sc)](int64_t task) mutable {
@@ -731,7 +978,7 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
         kb_end = std::min(it.kb_end, kb_begin + per);
       }
 
-      const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf.data());
+      const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf);
       std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
       std::fill(l, l + rows, acc_t(0));
       std::fill(acc, acc + rows * Ev, acc_t(0));
@@ -740,22 +987,35 @@ void forward_kernel(const Problem& p, const scalar_t* q, const scalar_t* k, cons
 
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * BN, n = std::min(BN, sq.S - j0);
-        const Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
-        const Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
+        const Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf);
+        const Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf);
         const bool transposed = own_gemm && rows > kFewRows;
         if (transposed) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
         tile_scores<scalar_t, acc_t>(p, sq, s, nullptr, BN, rows, n, qt, kt, bias, h, i0, j0,
                                      transposed ? sc.k_t.data() : nullptr);
-        online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (own_gemm)
+            online_softmax_avx512(s, BN, rows, n, m, l, sc.alpha.data());
+          else
+            online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        } else {
+          online_softmax(s, BN, rows, n, m, l, sc.alpha.data());
+        }
         scale_rows(acc, Ev, rows, Ev, sc.alpha.data());
         if (dropout) {
           dropout_keep(sc.keep.data(), BN, rows, n, sc.row_hash.data(), static_cast<uint32_t>(j0), p.threshold,
                        inv_keep);
           mul_tile(s, s, sc.keep.data(), BN, rows, n);
         }
-        if (rows <= kFewRows)
+        if (rows <= kFewRows) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (own_gemm) {
+              pv_few_rows_avx512(acc, Ev, s, BN, rows, vt.ptr, vt.ld, n, Ev);
+              continue;
+            }
+          }
           pv_few_rows(acc, Ev, s, BN, rows, vt.ptr, vt.ld, n, Ev);
-        else if constexpr (std::is_same_v<acc_t, float>) {
+        } else if constexpr (std::is_same_v<acc_t, float>) {
           if (own_gemm)
             gemm_avx512(rows, Ev, n, 1.0f, s, BN, vt.ptr, vt.ld, true, acc, Ev);
           else
@@ -845,7 +1105,8 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
                      const scalar_t* v, const scalar_t* out, const void* lse_in, const scalar_t* bias,
                      scalar_t* dq, scalar_t* dk, scalar_t* dv, int64_t n_stat, int64_t n_dq) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  // Tiles no larger than the problem: the per-thread scratch (5+ tiles) is sized and zeroed per call.
+  const int64_t BM = std::clamp<int64_t>(p.max_L, 1, kBwdBlockM), BN = std::min(kBwdBlockN, round_up16(p.max_S));
   const int64_t E = p.E, Ev = p.Ev, G = p.group, n_seq = static_cast<int64_t>(p.seqs.size());
   const acc_t* lse = static_cast<const acc_t*>(lse_in);
   const bool dropout = p.dropout_p > 0;
@@ -879,18 +1140,17 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   const int ld_dq = static_cast<int>(p.dq.row);
 
   // Per-thread scratch for one tile and the dK/dV accumulators of one key block.
-  const bool own_gemm = std::is_same_v<acc_t, float> && use_avx512_tiles();  // QKᵀ as in the forward
+  const bool own_gemm = std::is_same_v<acc_t, float> && p.own_gemm;  // QKᵀ as in the forward
   struct Scratch {
-    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t;
+    std::vector<acc_t> qbuf, kbuf, vbuf, dobuf, s, t, keep, pd, dp, dk_acc, dv_acc, k_t, v_t;
     std::vector<uint32_t> row_hash;
   };
   auto make_scratch = [&]() {
     Scratch sc;
-    if (own_gemm) sc.k_t.resize(E * BN);
-    sc.qbuf.resize(BM * E);
-    sc.dobuf.resize(BM * Ev);
-    sc.kbuf.resize(BN * E);
-    sc.vbuf.resize(BN * Ev);
+    if (own_gemm) {
+      sc.k_t.resize(E * BN);
+      sc.v_t.resize(Ev * BN);
+    }
     sc.s.resize(BM * BN);
     sc.dp.resize(BM * BN);
     if (p.softcap > 0) sc.t.resize(BM * BN);
@@ -909,13 +1169,20 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
   auto tile = [&](Scratch& sc, const Seq& sq, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t n,
                   Tile<acc_t> kt, Tile<acc_t> vt, bool want_dkdv, bool want_dq) {
     const int64_t row0 = p.stat.at(sq.qi, h, i0);  // lse and delta of the block's first row
-    const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf.data());
-    const Tile<acc_t> dot = load_rows(dout + p.out.at(sq.qi, h, i0), p.out.row, rows, Ev, sc.dobuf.data());
+    const Tile<acc_t> qt = load_rows(q + p.q.at(sq.qi, h, i0), p.q.row, rows, E, sc.qbuf);
+    const Tile<acc_t> dot = load_rows(dout + p.out.at(sq.qi, h, i0), p.out.row, rows, Ev, sc.dobuf);
     acc_t* s = sc.s.data();
     acc_t* t = p.softcap > 0 ? sc.t.data() : nullptr;
     tile_scores<scalar_t, acc_t>(p, sq, s, t, BN, rows, n, qt, kt, bias, h, i0, j0,
                                  own_gemm && rows > kFewRows ? sc.k_t.data() : nullptr);
-    probs_from_lse(s, BN, rows, n, lse + row0);  // s is now P
+    if constexpr (std::is_same_v<acc_t, float>) {  // s is now P
+      if (own_gemm)
+        probs_from_lse_avx512(s, BN, rows, n, lse + row0);
+      else
+        probs_from_lse(s, BN, rows, n, lse + row0);
+    } else {
+      probs_from_lse(s, BN, rows, n, lse + row0);
+    }
     const acc_t* keep = nullptr;
     const acc_t* pd = s;  // the probabilities after dropout
     if (dropout) {
@@ -925,21 +1192,41 @@ void backward_kernel(const Problem& p, const scalar_t* dout, const scalar_t* q, 
       keep = sc.keep.data();
       pd = sc.pd.data();
     }
-    if (want_dkdv)  // dV += Pdᵀ·dO
-      gemm_atb<acc_t>(n, Ev, rows, acc_t(1), pd, BN, dot.ptr, dot.ld, acc_t(1), sc.dv_acc.data(), Ev);
+    // The four products: BLAS, or (fp32 on AVX-512) the forward's micro-kernel, which reads a
+    // transposed A through its strides (1, BN) and Vᵀ from the key block's transposed copy.
     acc_t* dp = sc.dp.data();  // dP = dO·Vᵀ, then dS in place
-    gemm_abt<acc_t>(rows, n, Ev, acc_t(1), dot.ptr, dot.ld, vt.ptr, vt.ld, acc_t(0), dp, BN);
+    acc_t* dq_rows = dq_acc + p.dq.at(sq.qi, h, i0);
+    const int nn = static_cast<int>(n), r = static_cast<int>(rows), e = static_cast<int>(E), ev = static_cast<int>(Ev);
+    if (own_gemm) {
+      if (want_dkdv)  // dV += Pdᵀ·dO
+        gemm_avx512(nn, ev, r, acc_t(1), pd, 1, BN, dot.ptr, dot.ld, true, sc.dv_acc.data(), ev);
+      gemm_avx512(r, nn, ev, acc_t(1), dot.ptr, dot.ld, 1, sc.v_t.data(), nn, false, dp, static_cast<int>(BN));
+    } else {
+      if (want_dkdv)
+        gemm_atb<acc_t>(n, Ev, rows, acc_t(1), pd, BN, dot.ptr, dot.ld, acc_t(1), sc.dv_acc.data(), Ev);
+      gemm_abt<acc_t>(rows, n, Ev, acc_t(1), dot.ptr, dot.ld, vt.ptr, vt.ld, acc_t(0), dp, BN);
+    }
     score_grad(dp, s, keep, t, BN, rows, n, delta.data() + row0);
-    if (want_dkdv)  // dK += scale·dSᵀ·Q
-      gemm_atb<acc_t>(n, E, rows, scale, dp, BN, qt.ptr, qt.ld, acc_t(1), sc.dk_acc.data(), E);
-    if (want_dq)  // dQ += scale·dS·K
-      gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_acc + p.dq.at(sq.qi, h, i0), ld_dq);
+    if (own_gemm) {
+      if (want_dkdv)  // dK += scale·dSᵀ·Q
+        gemm_avx512(nn, e, r, scale, dp, 1, BN, qt.ptr, qt.ld, true, sc.dk_acc.data(), e);
+      if (want_dq)  // dQ += scale·dS·K
+        gemm_avx512(r, e, nn, scale, dp, BN, 1, kt.ptr, kt.ld, true, dq_rows, ld_dq);
+    } else {
+      if (want_dkdv)
+        gemm_atb<acc_t>(n, E, rows, scale, dp, BN, qt.ptr, qt.ld, acc_t(1), sc.dk_acc.data(), E);
+      if (want_dq)
+        gemm_ab<acc_t>(rows, E, n, scale, dp, BN, kt.ptr, kt.ld, acc_t(1), dq_rows, ld_dq);
+    }
   };
 
   auto load_kv = [&](Scratch& sc, const Seq& sq, int64_t hk, int64_t j0, int64_t n) {
-    Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf.data());
-    Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf.data());
-    if (own_gemm) transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
+    Tile<acc_t> kt = load_rows(k + p.k.at(sq.ki, hk, j0), p.k.row, n, E, sc.kbuf);
+    Tile<acc_t> vt = load_rows(v + p.v.at(sq.ki, hk, j0), p.v.row, n, Ev, sc.vbuf);
+    if (own_gemm) {
+      transpose_keys(kt.ptr, kt.ld, n, E, sc.k_t.data());
+      transpose_keys(vt.ptr, vt.ld, n, Ev, sc.v_t.data());
+    }
     return std::make_pair(kt, vt);
   };
 
@@ -1065,6 +1352,7 @@ Problem make_params(int64_t Hq, int64_t Hkv, int64_t E, int64_t Ev, double dropo
   p.Hq = Hq; p.Hkv = Hkv; p.E = E; p.Ev = Ev; p.group = Hq / Hkv;
   p.scale = scale; p.softcap = softcap; p.dropout_p = dropout_p;
   p.window_left = window_left; p.window_right = window_right;
+  p.own_gemm = use_avx512_tiles();
   p.seed_hash = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed)));
   p.threshold = static_cast<uint32_t>(std::min<uint64_t>(static_cast<uint64_t>(dropout_p * 4294967296.0), 0xFFFFFFFFull));
   return p;
@@ -1274,8 +1562,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
                       {p.Hq, Tq});
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd of the dense op, in C++: the seq2seq model's calls (B128 H4 L13 E16) are ~100-300 µs of
+// math, and torch.library's Python autograd wrapper cost tens of µs per call on top.
+// Device-generic: it redispatches to the CPU or CUDA kernels of attention_fwd / attention_bwd.
+// ---------------------------------------------------------------------------------------------
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& bias, double dropout_p, double scale,
+                               int64_t window_left, int64_t window_right, int64_t diag_offset, double softcap,
+                               int64_t seed) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::attention_fwd", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, double, double, int64_t, int64_t, int64_t, double,
+                             int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, lse] = op.call(q, k, v, bias, dropout_p, scale, window_left, window_right, diag_offset, softcap, seed);
+    ctx->save_for_backward({q, k, v, out, lse, bias ? *bias : at::Tensor()});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["diag_offset"] = diag_offset;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["seed"] = seed;
+    ctx->mark_non_differentiable({lse});  // handed to users detached
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastattn::attention_bwd", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
+                             int64_t, int64_t, int64_t, double, int64_t)>();
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
+    // Differentiating this backward (create_graph=True) would treat attention_bwd as a constant and
+    // give wrong second-order gradients: refuse, as the Python backends do.
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !(at::GradMode::is_enabled() &&
+          (grad_out.requires_grad() || q.requires_grad() || k.requires_grad() || v.requires_grad())),
+        "fastattn attention: double backward (create_graph=True) is not supported; use backend='reference' for "
+        "higher-order gradients");
+    std::optional<at::Tensor> bias;
+    if (s[5].defined()) bias = s[5];
+    auto& d = ctx->saved_data;
+    auto [dq, dk, dv] = op.call(grad_out, q, k, v, out, lse, bias, d["dropout_p"].toDouble(), d["scale"].toDouble(),
+                                d["window_left"].toInt(), d["window_right"].toInt(), d["diag_offset"].toInt(),
+                                d["softcap"].toDouble(), d["seed"].toInt());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                                          double dropout_p, double scale, int64_t window_left,
+                                                          int64_t window_right, int64_t diag_offset, double softcap,
+                                                          int64_t seed) {
+  auto o = AttentionFunction::apply(q, k, v, bias, dropout_p, scale, window_left, window_right, diag_offset, softcap,
+                                    seed);
+  return {o[0], o[1]};
+}
+
 }  // namespace attn_cpu
 }  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
+  m.impl("attention_fwd", &fastattn::attn_cpu::attention_fwd_autograd);
+}
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_fwd", &fastattn::attn_cpu::attention_fwd_cpu);

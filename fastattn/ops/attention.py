@@ -273,18 +273,27 @@ def make_attention_varlen_autograd(bwd_op):
 
 def _register(fwd_name: str, bwd_name: str, fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
               make_autograd=make_attention_autograd):
+    """Fake kernels of both ops; the forward's autograd in Python (make_autograd), unless the extension
+    has one in C++ already (attention_fwd: csrc/cpu/attention.cpp)."""
     fwd = getattr(torch.ops.fastattn, fwd_name)
     bwd = getattr(torch.ops.fastattn, bwd_name)
     torch.library.register_fake(f"fastattn::{fwd_name}")(fwd_fake)
     torch.library.register_fake(f"fastattn::{bwd_name}")(bwd_fake)
-    setup_context, backward = make_autograd(bwd)
-    torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
+    if make_autograd is not None:
+        setup_context, backward = make_autograd(bwd)
+        torch.library.register_autograd(f"fastattn::{fwd_name}", backward, setup_context=setup_context)
     return fwd
+
+
+def _has_cpp_autograd(op_name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op_name}", "Autograd")
 
 
 _native_fwd = None
 if _ext.available() and hasattr(torch.ops.fastattn, "attention_fwd"):
-    _native_fwd = _register("attention_fwd", "attention_bwd")
+    # attention_fwd's autograd is in C++ in this build (a Python autograd kernel cost tens of µs per call)
+    _native_fwd = _register("attention_fwd", "attention_bwd",
+                            make_autograd=None if _has_cpp_autograd("attention_fwd") else make_attention_autograd)
 _native_varlen_fwd = None
 if _ext.available() and hasattr(torch.ops.fastattn, "attention_varlen_fwd"):
     _native_varlen_fwd = _register("attention_varlen_fwd", "attention_varlen_bwd", _varlen_fwd_fake,
@@ -388,9 +397,10 @@ def _mask_to_bias(attn_mask: Tensor, q4: Tensor, target_shape) -> Tensor:
     into one stride (e.g. a mask that varies along the first batch dim but not the second); then only
     the batch dims are materialised, the head, query and key dims keep their broadcast.
     """
-    if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=q4.dtype, device=q4.device)
-        bias.masked_fill_(~attn_mask, float("-inf"))
+    if attn_mask.dtype == torch.bool:  # one op (in fp32): where() with scalars takes the default float dtype
+        bias = torch.where(attn_mask, 0.0, float("-inf"))
+        if bias.dtype != q4.dtype:
+            bias = bias.to(q4.dtype)
     else:
         bias = attn_mask.to(q4.dtype)
     B, Hq, L, _ = q4.shape
@@ -594,6 +604,19 @@ def _cu_seqlens(name: str, cu, total: int, device: torch.device) -> Tuple[Tensor
     return cu.to(device=device, dtype=torch.int32).contiguous(), offsets
 
 
+def _cu_seqlens_traced(name: str, cu, total: int, device: torch.device) -> Tensor:
+    """``_cu_seqlens`` without reading the values (under torch.compile): kind, dtype, rank and length
+    are checked here; the values (from 0, non-decreasing, to ``total``, each length <= max_seqlen)
+    by the kernel's own checks (TORCH_CHECK in C++)."""
+    if isinstance(cu, (list, tuple)):
+        cu = torch.tensor(cu, dtype=torch.int32, device=device)
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor (or list of ints) of batch+1 >= 2 offsets")
+    if total >= 2**31:
+        raise ValueError(f"{name}: packed length {total} does not fit int32")
+    return cu.to(device=device, dtype=torch.int32).contiguous()
+
+
 def _check_max_seqlen(name: str, given: Optional[int], lens: List[int]) -> int:
     longest = max(lens)
     if given is None:
@@ -605,15 +628,14 @@ def _check_max_seqlen(name: str, given: Optional[int], lens: List[int]) -> int:
     return given
 
 
-def _varlen_reasons(q: Tensor, v: Tensor):
-    E, Ev = q.shape[-1], v.shape[-1]
-
+def _varlen_reasons(dtype: torch.dtype, big_head: bool):
+    """What each backend lacks for a varlen input; ``big_head`` = a head size (E or Ev) above 256."""
     def gpu(kernel: str) -> List[str]:
         why = []
-        if q.dtype == torch.float64:
+        if dtype == torch.float64:
             why.append(f"float64 input (the {kernel} kernel takes float16, bfloat16, float32)")
-        if max(E, Ev) > 256:
-            why.append(f"head size {max(E, Ev)} > 256")
+        if big_head:
+            why.append("head size > 256")
         return why
 
     def triton() -> List[str]:
@@ -624,6 +646,14 @@ def _varlen_reasons(q: Tensor, v: Tensor):
         return gpu("Triton")
 
     return {"cpu": lambda: [], "cuda": lambda: gpu("CUDA"), "triton": triton, "reference": lambda: []}
+
+
+@torch.compiler.assume_constant_result
+def _select_varlen(backend: Optional[str], device: torch.device, dtype: torch.dtype, big_head: bool) -> str:
+    """The varlen backend for one call, from Python constants only (as ``_select``: torch.compile bakes
+    the answer into the graph)."""
+    return _backend.select("attention_varlen", backend, device, _varlen_reasons(dtype, big_head),
+                           native_op="attention_varlen_fwd")
 
 
 def _triton_varlen_op():
@@ -652,7 +682,10 @@ def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Te
     float32 (float64 for float64 input), row-aligned with the output (flash-attn returns ``(Hq, total_q)``;
     ``lse.t()`` gives that), ``-inf`` for a row with nothing to attend to, detached.
 
-    The offsets are read on the host for the checks (a sync for CUDA tensors).
+    Eagerly the offsets are read on the host for the checks (a sync for CUDA tensors). Under
+    ``torch.compile`` they are not (the call traces with ``fullgraph=True``): pass ``max_seqlen_q/k``
+    as ints, and the kernels check the offsets' values themselves; dropout then needs an explicit
+    ``seed``, and the ``reference`` backend (which loops over the sequences on the host) breaks the graph.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor) or t.dim() != 3:
@@ -676,13 +709,27 @@ def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Te
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     wl, wr = _window(window_size, causal, causal_align, softcap)
 
-    cu_q, oq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
-    cu_k, ok = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)
-    if len(oq) != len(ok):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {len(oq) - 1} and "
-                         f"{len(ok) - 1} sequences")
-    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, [b - a for a, b in zip(oq, oq[1:])])
-    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, [b - a for a, b in zip(ok, ok[1:])])
+    if torch.compiler.is_compiling():  # no host reads of the offsets (they would break the graph)
+        for name_, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if given is None or isinstance(given, bool) or not isinstance(given, int):
+                raise ValueError(f"under torch.compile, attention_varlen needs {name_} as an int (reading it "
+                                 f"from the offsets would break the graph), got {given!r}")
+        if dropout_p > 0 and seed is None:
+            raise ValueError("under torch.compile, attention_varlen with dropout needs an explicit seed")
+        cu_q = _cu_seqlens_traced("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
+        cu_k = _cu_seqlens_traced("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)
+        if cu_q.shape[0] != cu_k.shape[0]:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_q.shape[0] - 1} "
+                             f"and {cu_k.shape[0] - 1} sequences")
+        oq, ok, max_q, max_k = cu_q, cu_k, max_seqlen_q, max_seqlen_k
+    else:
+        cu_q, oq = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, query.shape[0], query.device)
+        cu_k, ok = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, key.shape[0], query.device)
+        if len(oq) != len(ok):
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {len(oq) - 1} and "
+                             f"{len(ok) - 1} sequences")
+        max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, [b - a for a, b in zip(oq, oq[1:])])
+        max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, [b - a for a, b in zip(ok, ok[1:])])
 
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
     E = q.shape[-1]
@@ -690,8 +737,8 @@ def attention_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens_q: Te
     seed = _draw_seed(dropout_p) if seed is None else int(seed)
     bottom_right = causal_align == "bottom_right"
 
-    name = _backend.select("attention_varlen", backend, q.device, _varlen_reasons(q, v),
-                           native_op="attention_varlen_fwd")
+    big_head = True if max(q.shape[-1], v.shape[-1]) > 256 else False  # a branch: a constant under torch.compile
+    name = _select_varlen(backend, q.device, q.dtype, big_head)
     args = (float(dropout_p), scale, wl, wr, bottom_right, float(softcap), seed)
     if name == "reference":
         out, lse = attention_varlen_reference(q, k, v, oq, ok, *args)
