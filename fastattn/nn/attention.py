@@ -37,7 +37,6 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from fastattn import backend as _backend
 from fastattn.backend import BACKENDS
 from fastattn.ops import attention as _attn_ops
-from fastattn.ops._autograd import refuse_double_backward
 from fastattn.ops.attention import attention, dropout_keep_mask
 
 __all__ = ["MultiheadAttention"]
@@ -113,50 +112,22 @@ def _select_backend(backend: Optional[str], q: Tensor, v: Tensor, bias: Optional
     return name
 
 
-class _NativeAttention(torch.autograd.Function):
-    """The native ``attention_fwd`` / ``attention_bwd`` ops (cpu, cuda) under a plain autograd.Function.
-
-    The ops' own autograd (``torch.library.register_autograd``) runs a generated Python wrapper
-    each call (argument defaults filled in, a redispatch); this module calls the same two ops
-    straight below autograd, which costs about half as much per call. Same kernels, same saved
-    tensors, same gradients; under ``torch.compile`` the registered path is used instead.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, params):
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = torch.ops.fastattn.attention_fwd.default(q, k, v, bias, *params)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.params = params
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, bias = ctx.saved_tensors
-        refuse_double_backward("attention", grad_out, q, k, v)
-        with torch._C._AutoDispatchBelowAutograd():
-            dq, dk, dv = torch.ops.fastattn.attention_bwd.default(grad_out.contiguous(), q, k, v, out, lse, bias,
-                                                                  *ctx.params)
-        return dq, dk, dv, None, None
-
-
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float, causal: bool, seed: int,
             backend: Optional[str]) -> Tensor:
     """Attention of (B, H, L, D) views (last dim contiguous, other strides free) with an additive bias
     broadcastable to (B, H, L, S) in q's dtype; returns (B, H, L, D) contiguous.
 
-    The cpu/cuda backends call the native ops directly (the module has checked its inputs
-    already; the bias never needs a gradient there, see ``_select_backend``); the others go
-    through ``fastattn.attention``.
+    The cpu/cuda backends call the native op directly (its autograd is in C++; the module has
+    checked its inputs already; the bias never needs a gradient there, see ``_select_backend``);
+    the others go through ``fastattn.attention``.
     """
     name = _select_backend(backend, q, v, bias)
     if name in ("cpu", "cuda") and _attn_ops._native_fwd is not None:
         if bias is not None:
             bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        params = (dropout_p, 1.0 / math.sqrt(q.shape[-1]), -1, 0 if causal else -1, 0, 0.0, seed)
-        if torch.compiler.is_compiling():
-            return _attn_ops._native_fwd(q, k, v, bias, *params)[0]
-        return _NativeAttention.apply(q, k, v, bias, params)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out, _ = _attn_ops._native_fwd(q, k, v, bias, dropout_p, scale, -1, 0 if causal else -1, 0, 0.0, seed)
+        return out
     return attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, causal=causal, seed=seed, backend=name)
 
 
