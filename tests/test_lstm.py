@@ -980,7 +980,10 @@ def test_bidir_one_thread_and_env(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     monkeypatch.delenv("FASTATTN_LSTM_BIDIR", raising=False)
     if prev >= 2:
-        assert L.bidir_mode() == "concurrent"
+        assert L.bidir_mode(32) == "concurrent"
+        assert L.bidir_mode(128) == "sequential"  # measured slower there (see fastattn/ops/lstm.py)
+    monkeypatch.setenv("FASTATTN_LSTM_BIDIR", "concurrent")
+    assert L.bidir_mode(128) == "concurrent"
     monkeypatch.setenv("FASTATTN_LSTM_BIDIR", "both")
     with pytest.raises(ValueError, match="FASTATTN_LSTM_BIDIR"):
         m(x)

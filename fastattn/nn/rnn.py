@@ -138,7 +138,7 @@ class LSTM(torch.nn.LSTM):
         bidir = (D == 2 and x.device.type == "cpu" and _ops._layer_op is not None
                  and hasattr(torch.ops.fastattn, "lstm_bidir_layer_fwd")
                  and _ops._select("lstm", "lstm_layer_fwd", self.backend, x) == "cpu"
-                 and _ops.bidir_mode() == "concurrent")
+                 and _ops.bidir_mode(B) == "concurrent")
         if bidir and lengths is not None:
             lengths = lengths.to(dtype=torch.int64)
         layer_input = x
