@@ -8,6 +8,8 @@
 
 The CPU rows "fastattn cpu unfused" run our layer with FASTATTN_LSTM_FUSED=0 (per step a GEMM, then a
 pointwise pass) against the default fused step (both products and the gate math in one kernel).
+Bidirectional cases add "fastattn cpu bidir sequential / concurrent" rows (FASTATTN_LSTM_BIDIR): the two
+directions one after the other (each on every thread) or side by side (one thread each).
 
 Cases: one LSTMCell step (batch 8, hidden 50; with grad enabled as a training loop has it, and under
 no_grad); the seed RNN (LSTM(8 -> 50), batch 64, 8 steps, then
@@ -61,9 +63,10 @@ def with_env(name, value, fn):
     return f
 
 
-def run_pair(table, args, case, flops, fn_torch, fn_ours, min_time, unfused=False):
+def run_pair(table, args, case, flops, fn_torch, fn_ours, min_time, unfused=False, bidir=False):
     """torch vs ours; unfused: also ours with FASTATTN_LSTM_FUSED=0 (the CPU layer's GEMM + pointwise-pass
-    step instead of the fused step), in the same run."""
+    step instead of the fused step), in the same run; bidir: also ours with FASTATTN_LSTM_BIDIR=sequential
+    (the two directions one after the other, each using every thread) and =concurrent (one thread each)."""
     timer = lambda fn: common.bench(fn, args.device, min_time, cpu_time=args.cpu_time)  # noqa: E731
     t_torch = timer(fn_torch)
     t_ours = timer(fn_ours)
@@ -74,6 +77,11 @@ def run_pair(table, args, case, flops, fn_torch, fn_ours, min_time, unfused=Fals
         t_unf = timer(with_env("FASTATTN_LSTM_FUSED", "0", fn_ours))
         table.add(case=case, impl="fastattn cpu unfused", ms=t_unf * 1e3,
                   **{"GFLOP/s": flops / t_unf / 1e9, "vs torch": t_torch / t_unf})
+    if bidir and args.device == "cpu":
+        for mode in ("sequential", "concurrent"):
+            t_m = timer(with_env("FASTATTN_LSTM_BIDIR", mode, fn_ours))
+            table.add(case=case, impl=f"fastattn cpu bidir {mode}", ms=t_m * 1e3,
+                      **{"GFLOP/s": flops / t_m / 1e9, "vs torch": t_torch / t_m})
 
 
 def bench_cell(table, args):
@@ -129,10 +137,11 @@ def bench_seq(table, args, H, B, layers, bidirectional, T=100):
                 m(x)
         return f
 
-    run_pair(table, args, name + " fwd", flops, fwd(ref), fwd(ours), min_time, unfused=True)
+    run_pair(table, args, name + " fwd", flops, fwd(ref), fwd(ours), min_time, unfused=True, bidir=bidirectional)
     xg = x.clone().requires_grad_()
     # forward with autograd recording (ours keeps the backward's workspace; the no_grad rows above do not)
-    run_pair(table, args, name + " fwd grad-on", flops, lambda: ref(xg), lambda: ours(xg), min_time)
+    run_pair(table, args, name + " fwd grad-on", flops, lambda: ref(xg), lambda: ours(xg), min_time,
+             bidir=bidirectional)
 
     def fwd_bwd(m):
         def f():
@@ -140,7 +149,8 @@ def bench_seq(table, args, H, B, layers, bidirectional, T=100):
             out.sum().backward()
         return f
 
-    run_pair(table, args, name + " fwd+bwd", 3 * flops, fwd_bwd(ref), fwd_bwd(ours), min_time, unfused=True)
+    run_pair(table, args, name + " fwd+bwd", 3 * flops, fwd_bwd(ref), fwd_bwd(ours), min_time, unfused=True,
+             bidir=bidirectional)
 
 
 def main():
@@ -152,7 +162,8 @@ def main():
     p.add_argument("--cpu-time", action="store_true",
                    help="CPU: time by process CPU time instead of wall clock (use with --threads 1 on a shared machine)")
     p.add_argument("--cases", default="",
-                   help="only these sequence cases, e.g. '256x32,256x1' (hidden x batch; 1 layer, one direction)")
+                   help="only these sequence cases, e.g. '256x32,256x1,256x32bi' (hidden x batch; 1 layer; "
+                        "'bi': bidirectional)")
     args = p.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -167,7 +178,8 @@ def main():
         seq = [(256, 32, 1, False), (256, 1, 1, False), (256, 128, 1, False), (512, 32, 1, False),
                (1024, 32, 1, False), (256, 32, 2, False), (256, 32, 1, True)]
     if args.cases:
-        seq = [(int(c.split("x")[0]), int(c.split("x")[1]), 1, False) for c in args.cases.split(",")]
+        seq = [(int(c.split("x")[0]), int(c.split("x")[1].removesuffix("bi")), 1, c.endswith("bi"))
+               for c in args.cases.split(",")]
     for H, B, layers, bi in seq:
         bench_seq(table, args, H, B, layers, bi)
     table.finish(args, plot=dict(x="case", y="vs torch", group="impl", title="LSTM: speed vs torch (>1 = faster)"),

@@ -887,3 +887,136 @@ def test_layer_backward_cat_and_split_paths(I, H, proj):
     _close(o2.data, o1.data)
     for a, b in zip(_grads(ref, (), (o1.data, h1, c1)), _grads(ours, (), (o2.data, h2, c2))):
         _close(b, a)
+
+
+# --------------------------------------------------------------------------------------------
+# Bidirectional layers: both directions in one call, side by side on two threads
+# (lstm_bidir_layer_fwd / _infer / _bwd), bit for bit what the two one-direction calls give.
+# --------------------------------------------------------------------------------------------
+needs_bidir = pytest.mark.skipif(not (_ext.available() and hasattr(torch.ops.fastattn, "lstm_bidir_layer_fwd")),
+                                 reason="the compiled extension has no lstm_bidir_layer_fwd")
+
+
+def _bidir_run(m, x, lengths, mode, monkeypatch, grad=True):
+    """Outputs, h_n, c_n and every gradient (input and parameters) with FASTATTN_LSTM_BIDIR=mode; the
+    other path is made to fail, so each mode is known to run the path it names."""
+    monkeypatch.setenv("FASTATTN_LSTM_BIDIR", mode)
+    with monkeypatch.context() as mp:
+        if mode == "concurrent":
+            mp.setattr(L, "lstm", lambda *a, **k: pytest.fail("one-direction path ran"))
+        else:
+            mp.setattr(L, "lstm_bidir", lambda *a, **k: pytest.fail("bidirectional op ran"))
+        x = x.detach().clone().requires_grad_(grad)
+        inp = pack_padded_sequence(x, lengths, batch_first=m.batch_first, enforce_sorted=False) \
+            if lengths is not None else x
+        m.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad):
+            o, (h, c) = m(inp)
+        o = o.data if lengths is not None else o
+        if not grad:
+            return [o, h, c]
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (o, h, c))
+        loss.backward()
+        return [o, h, c, x.grad] + [p.grad for p in m.parameters()]
+
+
+def _bidir_cases():
+    # (T, B, I, H, proj, layers, batch_first, packed, bias, dtype)
+    return [
+        (6, 5, 7, 9, 0, 2, False, True, True, torch.float64),
+        (6, 5, 7, 9, 3, 2, True, True, True, torch.float64),
+        (5, 4, 6, 8, 0, 2, True, False, False, torch.float32),
+        (7, 6, 5, 10, 4, 2, False, True, True, torch.float32),
+        (9, 32, 40, 48, 0, 2, False, True, True, torch.float32),   # fused step (fp32, AVX-512, batch >= 16)
+        (5, 17, 130, 24, 0, 1, True, False, True, torch.float32),  # split backward (I + P > 128)
+        (4, 3, 5, 6, 0, 1, False, False, True, torch.float64),     # one layer, plain
+    ]
+
+
+@needs_bidir
+@pytest.mark.parametrize("T,B,I,H,proj,layers,batch_first,packed,bias,dtype", _bidir_cases())
+@pytest.mark.parametrize("grad", [True, False])
+def test_bidir_concurrent_equals_sequential_bitwise(T, B, I, H, proj, layers, batch_first, packed, bias, dtype, grad,
+                                                    monkeypatch):
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 threads for the directions to run concurrently")
+    torch.manual_seed(0)
+    m = LSTM(I, H, layers, bias=bias, batch_first=batch_first, bidirectional=True, proj_size=proj, dtype=dtype)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+    lengths = None
+    if packed:
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0], lengths[-1] = T, 1
+    seq = _bidir_run(m, x, lengths, "sequential", monkeypatch, grad)
+    con = _bidir_run(m, x, lengths, "concurrent", monkeypatch, grad)
+    assert len(seq) == len(con)
+    for i, (a, b) in enumerate(zip(seq, con)):
+        assert a is not None and b is not None, i
+        assert torch.equal(a, b), (i, (a - b).abs().max())
+    if grad and dtype == torch.float64 and layers == 2:  # and the shared answer is torch's
+        ref = torch.nn.LSTM(I, H, layers, bias=bias, batch_first=batch_first, bidirectional=True, proj_size=proj,
+                            dtype=dtype)
+        ref.load_state_dict(m.state_dict())
+        want = _bidir_run(ref, x, lengths, "sequential", monkeypatch)
+        for a, b in zip(con, want):
+            _close(a, b)
+
+
+@needs_bidir
+def test_bidir_one_thread_and_env(monkeypatch):
+    torch.manual_seed(0)
+    m = LSTM(4, 5, bidirectional=True, dtype=DT)
+    x = torch.randn(3, 2, 4, dtype=DT)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.delenv("FASTATTN_LSTM_BIDIR", raising=False)
+        assert L.bidir_mode() == "sequential"
+        one = _bidir_run(m, x, None, "concurrent", monkeypatch)  # the op itself runs them one after the other
+    finally:
+        torch.set_num_threads(prev)
+    two = _bidir_run(m, x, None, "sequential", monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    monkeypatch.delenv("FASTATTN_LSTM_BIDIR", raising=False)
+    if prev >= 2:
+        assert L.bidir_mode(32) == "concurrent"
+        assert L.bidir_mode(128) == "sequential"  # measured slower there (see fastattn/ops/lstm.py)
+    monkeypatch.setenv("FASTATTN_LSTM_BIDIR", "concurrent")
+    assert L.bidir_mode(128) == "concurrent"
+    monkeypatch.setenv("FASTATTN_LSTM_BIDIR", "both")
+    with pytest.raises(ValueError, match="FASTATTN_LSTM_BIDIR"):
+        m(x)
+    monkeypatch.setenv("FASTATTN_LSTM_BIDIR", "concurrent")
+    with pytest.raises(RuntimeError, match="w_hh"):  # the native check of each direction still fires
+        torch.ops.fastattn.lstm_bidir_layer_fwd(x, x[0, :, :5].new_zeros(2, 5), x.new_zeros(2, 5),
+                                                x.new_zeros(2, 5), x.new_zeros(2, 5), m.weight_ih_l0.detach(),
+                                                m.weight_hh_l0.detach(), None, None, None, m.weight_ih_l0.detach(),
+                                                m.weight_ih_l0.detach(), None, None, None, None, True)
+
+
+@needs_bidir
+@pytest.mark.parametrize("proj,lengths,bias,concurrent", [(0, False, True, True), (2, True, False, True),
+                                                          (0, True, True, False)])
+def test_opcheck_bidir(proj, lengths, bias, concurrent):
+    f = _layer_args(proj, lengths, bias, dtype=torch.float32)
+    torch.manual_seed(3)
+    r = [torch.randn_like(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in f]
+    # input, h0, c0, h0_r, c0_r, w_ih, w_hh, b_ih, b_hh, w_hr, (reverse's five), lengths, concurrent
+    args = [f[0], f[1], f[2], r[1], r[2], *f[3:8], *r[3:8], f[9], concurrent]
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a.requires_grad_()
+    torch.library.opcheck(torch.ops.fastattn.lstm_bidir_layer_fwd.default, args)
+    a = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    torch.library.opcheck(torch.ops.fastattn.lstm_bidir_layer_infer.default, a)
+    out = torch.ops.fastattn.lstm_bidir_layer_fwd(*a)
+    grads = [torch.randn_like(t) for t in out[:6]]
+    bwd_args = [*grads, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[9], a[10], a[11], a[14],
+                out[0], out[6], out[7], out[8], out[3], out[9], out[10], out[11], a[15], concurrent]
+    torch.library.opcheck(torch.ops.fastattn.lstm_bidir_layer_bwd.default, bwd_args)
+    # and each direction is the one-direction op's, bit for bit
+    fwd = torch.ops.fastattn.lstm_layer_fwd(a[0], a[1], a[2], *a[5:10], False, a[15])
+    rev = torch.ops.fastattn.lstm_layer_fwd(a[0], a[3], a[4], *a[10:15], True, a[15])
+    for x, y in zip(out, list(fwd[:3]) + list(rev[:3]) + list(fwd[3:]) + list(rev[3:])):
+        assert torch.equal(x, y)

@@ -33,11 +33,13 @@
 // float64 runs in float64 (for gradcheck).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -78,6 +80,34 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor output, Tensor gates, Tensor cells, "
       "Tensor hidden, bool reverse, Tensor? lengths) -> (Tensor grad_input, Tensor grad_h0, "
       "Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr)");
+  // Both directions of one bidirectional layer in one call (the *_reverse arguments: the reverse
+  // direction's state and weights, as lstm_layer_fwd takes them). concurrent: each direction's time
+  // loop on its own thread when at::get_num_threads() >= 2, else one after the other; the results
+  // are those of two lstm_layer_fwd calls (reverse false, true) bit for bit either way.
+  m.def(
+      "lstm_bidir_layer_fwd(Tensor input, Tensor h0, Tensor c0, Tensor h0_reverse, Tensor c0_reverse, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor w_ih_reverse, "
+      "Tensor w_hh_reverse, Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, Tensor? lengths, "
+      "bool concurrent) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor output_reverse, Tensor h_n_reverse, "
+      "Tensor c_n_reverse, Tensor gates, Tensor cells, Tensor hidden, Tensor gates_reverse, "
+      "Tensor cells_reverse, Tensor hidden_reverse)");
+  // lstm_bidir_layer_fwd without the workspace (two lstm_layer_infer calls). CPU only; not differentiable.
+  m.def(
+      "lstm_bidir_layer_infer(Tensor input, Tensor h0, Tensor c0, Tensor h0_reverse, Tensor c0_reverse, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor w_ih_reverse, "
+      "Tensor w_hh_reverse, Tensor? b_ih_reverse, Tensor? b_hh_reverse, Tensor? w_hr_reverse, Tensor? lengths, "
+      "bool concurrent) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor output_reverse, Tensor h_n_reverse, "
+      "Tensor c_n_reverse)");
+  // Two lstm_layer_bwd calls; grad_input is the sum of both directions' (in the input's dtype).
+  m.def(
+      "lstm_bidir_layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor grad_output_reverse, "
+      "Tensor grad_h_n_reverse, Tensor grad_c_n_reverse, Tensor input, Tensor h0, Tensor c0, Tensor h0_reverse, "
+      "Tensor c0_reverse, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor w_ih_reverse, Tensor w_hh_reverse, "
+      "Tensor? w_hr_reverse, Tensor output, Tensor gates, Tensor cells, Tensor hidden, Tensor output_reverse, "
+      "Tensor gates_reverse, Tensor cells_reverse, Tensor hidden_reverse, Tensor? lengths, bool concurrent) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias, "
+      "Tensor grad_w_hr, Tensor grad_h0_reverse, Tensor grad_c0_reverse, Tensor grad_w_ih_reverse, "
+      "Tensor grad_w_hh_reverse, Tensor grad_bias_reverse, Tensor grad_w_hr_reverse)");
 }
 
 #include "blas.h"
@@ -1541,6 +1571,96 @@ LayerFwdOut lstm_layer_fwd_autograd(const at::Tensor& input, const at::Tensor& h
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bidirectional layer: both directions in one call. concurrent: the two directions' whole time
+// loops run side by side, one thread each (at::parallel_for over 2 tasks): a step's GEMM at batch
+// 32, hidden 256 splits poorly over threads (a barrier per step), two independent recurrences do
+// not. Inside the parallel region every inner at::parallel_for and every BLAS call runs on its
+// calling thread. The threads of the one-direction path only split rows / weight panels / tiles of
+// a product, never a sum, so each direction does the same arithmetic per element as
+// lstm_layer_fwd / lstm_layer_bwd: the same results bit for bit (tests/test_lstm.py checks it).
+// ---------------------------------------------------------------------------------------------
+using Opt = std::optional<at::Tensor>;
+
+template <typename F>
+void both_directions(bool concurrent, const F& run_direction) {
+  if (!concurrent || at::get_num_threads() < 2 || at::in_parallel_region()) {
+    run_direction(0);
+    run_direction(1);
+    return;
+  }
+  // the caller's thread-local state (dispatch keys excluded below autograd, grad mode) on both threads
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t d = d0; d < d1; ++d) run_direction(d);
+  });
+}
+
+using LayerOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::array<LayerOut, 2> bidir_forward(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                                      const at::Tensor& h0_r, const at::Tensor& c0_r, const at::Tensor& w_ih,
+                                      const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& w_hr,
+                                      const at::Tensor& w_ih_r, const at::Tensor& w_hh_r, const Opt& b_ih_r,
+                                      const Opt& b_hh_r, const Opt& w_hr_r, const Opt& lengths, bool concurrent,
+                                      bool workspace) {
+  std::array<LayerOut, 2> r;
+  both_directions(concurrent, [&](int64_t d) {
+    r[d] = d == 0 ? layer_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, false, lengths, workspace)
+                  : layer_forward(input, h0_r, c0_r, w_ih_r, w_hh_r, b_ih_r, b_hh_r, w_hr_r, true, lengths, workspace);
+  });
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor>
+lstm_bidir_layer_fwd_cpu(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& h0_r,
+                         const at::Tensor& c0_r, const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& b_ih,
+                         const Opt& b_hh, const Opt& w_hr, const at::Tensor& w_ih_r, const at::Tensor& w_hh_r,
+                         const Opt& b_ih_r, const Opt& b_hh_r, const Opt& w_hr_r, const Opt& lengths, bool concurrent) {
+  auto r = bidir_forward(input, h0, c0, h0_r, c0_r, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                         w_hr_r, lengths, concurrent, /*workspace=*/true);
+  auto& [o, h, c, g, cs, hid] = r[0];
+  auto& [o_r, h_r, c_r, g_r, cs_r, hid_r] = r[1];
+  return {o, h, c, o_r, h_r, c_r, g, cs, hid, g_r, cs_r, hid_r};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_bidir_layer_infer_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& h0_r, const at::Tensor& c0_r,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& b_ih, const Opt& b_hh, const Opt& w_hr,
+    const at::Tensor& w_ih_r, const at::Tensor& w_hh_r, const Opt& b_ih_r, const Opt& b_hh_r, const Opt& w_hr_r,
+    const Opt& lengths, bool concurrent) {
+  auto r = bidir_forward(input, h0, c0, h0_r, c0_r, w_ih, w_hh, b_ih, b_hh, w_hr, w_ih_r, w_hh_r, b_ih_r, b_hh_r,
+                         w_hr_r, lengths, concurrent, /*workspace=*/false);
+  return {std::get<0>(r[0]), std::get<1>(r[0]), std::get<2>(r[0]), std::get<0>(r[1]), std::get<1>(r[1]),
+          std::get<2>(r[1])};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_bidir_layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                         const at::Tensor& grad_output_r, const at::Tensor& grad_h_n_r, const at::Tensor& grad_c_n_r,
+                         const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& h0_r,
+                         const at::Tensor& c0_r, const at::Tensor& w_ih, const at::Tensor& w_hh, const Opt& w_hr,
+                         const at::Tensor& w_ih_r, const at::Tensor& w_hh_r, const Opt& w_hr_r,
+                         const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                         const at::Tensor& hidden, const at::Tensor& output_r, const at::Tensor& gates_r,
+                         const at::Tensor& cells_r, const at::Tensor& hidden_r, const Opt& lengths, bool concurrent) {
+  using BwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  std::array<BwdOut, 2> r;
+  both_directions(concurrent, [&](int64_t d) {
+    r[d] = d == 0 ? lstm_layer_bwd_cpu(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, output, gates,
+                                       cells, hidden, false, lengths)
+                  : lstm_layer_bwd_cpu(grad_output_r, grad_h_n_r, grad_c_n_r, input, h0_r, c0_r, w_ih_r, w_hh_r,
+                                       w_hr_r, output_r, gates_r, cells_r, hidden_r, true, lengths);
+  });
+  auto& [dx, dh, dc, dwi, dwh, db, dwr] = r[0];
+  auto& [dx_r, dh_r, dc_r, dwi_r, dwh_r, db_r, dwr_r] = r[1];
+  // what autograd does with the two directions' grad_input (each already in the input's dtype)
+  return {dx + dx_r, dh, dc, dwi, dwh, db, dwr, dh_r, dc_r, dwi_r, dwh_r, db_r, dwr_r};
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -1555,4 +1675,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_layer_fwd", &fastattn::lstm_layer_fwd_cpu);
   m.impl("lstm_layer_infer", &fastattn::lstm_layer_infer_cpu);
   m.impl("lstm_layer_bwd", &fastattn::lstm_layer_bwd_cpu);
+  m.impl("lstm_bidir_layer_fwd", &fastattn::lstm_bidir_layer_fwd_cpu);
+  m.impl("lstm_bidir_layer_infer", &fastattn::lstm_bidir_layer_infer_cpu);
+  m.impl("lstm_bidir_layer_bwd", &fastattn::lstm_bidir_layer_bwd_cpu);
 }

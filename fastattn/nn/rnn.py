@@ -133,11 +133,27 @@ class LSTM(torch.nn.LSTM):
             elif sorted_indices is not None:
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
 
+        # Bidirectional on the CPU kernel: both directions of a layer in one call, side by side on
+        # two threads (FASTATTN_LSTM_BIDIR, see fastattn.ops.lstm.bidir_mode).
+        bidir = (D == 2 and x.device.type == "cpu" and _ops._layer_op is not None
+                 and hasattr(torch.ops.fastattn, "lstm_bidir_layer_fwd")
+                 and _ops._select("lstm", "lstm_layer_fwd", self.backend, x) == "cpu"
+                 and _ops.bidir_mode(B) == "concurrent")
+        if bidir and lengths is not None:
+            lengths = lengths.to(dtype=torch.int64)
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outs = []
-            for d in range(D):
+            if bidir:
+                k = layer * D
+                zero = lambda: (x.new_zeros((B, P)), x.new_zeros((B, H)))  # noqa: E731
+                states = [zero(), zero()] if h0 is None else [(h0[k], c0[k]), (h0[k + 1], c0[k + 1])]
+                out, (h, c), out_r, (h_r, c_r) = _ops.lstm_bidir(layer_input, states[0], states[1],
+                                                                 self._weights(layer, 0), self._weights(layer, 1),
+                                                                 lengths=lengths)
+                outs, h_n, c_n = [out, out_r], h_n + [h, h_r], c_n + [c, c_r]
+            for d in range(0 if bidir else D):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, d)
                 state = (x.new_zeros((B, P)), x.new_zeros((B, H))) if h0 is None else (h0[k], c0[k])
