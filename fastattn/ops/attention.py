@@ -46,8 +46,6 @@ Packed variable-length batches (flash-attn's varlen convention), one kernel call
   +inf for rows with nothing visible (and for a sequence with Sb = 0); grads contiguous, shaped like
   q, k, v.
 """
-from __future__ import annotations
-
 import math
 from typing import List, Optional, Sequence, Tuple
 

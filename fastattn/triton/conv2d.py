@@ -14,8 +14,6 @@ steps; out-of-range taps are masked loads of 0. fp32 operands use IEEE dots (no 
 results match the CPU kernel; 16-bit operands use tensor cores with fp32 accumulation. The input
 may have any strides (channels_last included); outputs are contiguous NCHW.
 """
-from __future__ import annotations
-
 import os
 from typing import List, Optional, Tuple
 

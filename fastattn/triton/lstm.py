@@ -12,8 +12,6 @@ Ops (registered with ``torch.library.triton_op`` so torch.compile sees through t
 Each program handles one batch row and BLOCK hidden units; math in fp32 (loads are cast up, stores
 cast back), so bf16/fp16 inputs also run under TRITON_INTERPRET=1.
 """
-from __future__ import annotations
-
 from typing import List, Optional, Tuple
 
 import torch

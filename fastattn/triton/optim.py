@@ -29,8 +29,6 @@ result.
 The ops are ``torch.library.custom_op`` (opaque to torch.compile, with fake kernels), not
 ``triton_op``: the address table needs real data pointers, which traced (fake) tensors don't have.
 """
-from __future__ import annotations
-
 import math
 from typing import Dict, List, Optional, Tuple
 
