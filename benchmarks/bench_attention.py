@@ -138,13 +138,18 @@ def run_varlen_cases(args, device, ours, timeit, table):
                         times[label] = timeit(lambda: torch.autograd.grad(fn(qq, kk, vv), (qq, kk, vv), go))
                 except (RuntimeError, NotImplementedError) as e:
                     print(f"  {label} {mode} {name}: skipped ({str(e).splitlines()[0][:100]})")
-            torch_t = times.get("torch sdpa per-seq loop")
-            for label, t in times.items():
-                row = dict(case=name, mode=mode, impl=label, ms=t * 1e3, **{"GFLOP/s": fwd_flops * mult / t / 1e9})
-                row["plot"] = f"{mode} {name}"
-                if torch_t is not None:
-                    row["vs torch"] = torch_t / t
-                table.add(**row)
+            _add_rows(table, name, mode, times, "torch sdpa per-seq loop", fwd_flops * mult)
+
+
+def _add_rows(table, name: str, mode: str, times: dict, torch_label: str, flops: float) -> None:
+    """One table row per timed implementation; 'vs torch' against the row labelled ``torch_label``."""
+    torch_t = times.get(torch_label)
+    for label, t in times.items():
+        row = dict(case=name, mode=mode, impl=label, ms=t * 1e3, **{"GFLOP/s": flops / t / 1e9})
+        row["plot"] = f"{mode} {name}"
+        if torch_t is not None:
+            row["vs torch"] = torch_t / t
+        table.add(**row)
 
 
 def run_small_cases(args, device, ours, timeit, table):
@@ -178,13 +183,7 @@ def run_small_cases(args, device, ours, timeit, table):
                         times[label] = timeit(lambda: torch.autograd.grad(fn(qq, kk, vv), (qq, kk, vv), go))
                 except (RuntimeError, NotImplementedError) as e:
                     print(f"  {label} {mode} {name}: skipped ({str(e).splitlines()[0][:100]})")
-            torch_t = times.get("torch sdpa")
-            for label, t in times.items():
-                row = dict(case=name, mode=mode, impl=label, ms=t * 1e3, **{"GFLOP/s": fwd_flops * mult / t / 1e9})
-                row["plot"] = f"{mode} {name}"
-                if torch_t is not None:
-                    row["vs torch"] = torch_t / t
-                table.add(**row)
+            _add_rows(table, name, mode, times, "torch sdpa", fwd_flops * mult)
 
 
 def main():
