@@ -17,7 +17,6 @@ OPS = {
     "conv2d_relu_maxpool2d": "conv2d_relu_maxpool2d_fwd",
     "lstm_cell": "lstm_cell_fwd",
     "lstm": "lstm_layer_fwd",
-    "lstm_bidir": "lstm_bidir_layer_fwd",
     "sgd_step_": "sgd_step_",
     "adam_step_": "adam_step_",
 }
