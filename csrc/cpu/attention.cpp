@@ -50,6 +50,8 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+#include "cpu/avx512_exp.h"
 #define FASTATTN_AVX512_TILES 1  // the AVX-512 tile micro-kernel below (chosen at run time)
 #endif
 
@@ -321,29 +323,7 @@ void pv_few_rows_avx512(float* acc, int64_t ld_acc, const float* p, int64_t ld, 
 // Softmax rows on AVX-512: 16 scores a vector, the row's tail under a mask. The compiler's
 // vectorized loops (online_softmax below) run their tail one element at a time, which is the whole
 // row when rows are short (S ~ 13: most of a small problem's time went there).
-// exp as simd::exp_f32 (same range reduction and polynomial), 16 lanes at once, except that it is
-// 0 below -86 (not -87.34): near -87 the scaling step makes denormals, which cost a microcode
-// assist each, and every masked (-inf) score went through there (e^-86 ~ 4e-38 is 0 next to the
-// row's largest term, 1).
-__attribute__((target("avx512f,fma"))) inline __m512 exp_avx512(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-86.0f);
-  const __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return it)
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
-  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
-}
+using avx512::exp16;  // csrc/cpu/avx512_exp.h
 
 inline __mmask16 first_lanes(int64_t count) {  // lanes [0, count) of a 16-lane vector (count >= 0)
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
@@ -365,7 +345,7 @@ __attribute__((target("avx512f,fma"))) void online_softmax_avx512(float* s, int6
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 k = first_lanes(n - j);
-      const __m512 p = _mm512_maskz_mov_ps(k, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
+      const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
       _mm512_mask_storeu_ps(x + j, k, p);
       sum = _mm512_add_ps(sum, p);
     }
@@ -387,7 +367,7 @@ __attribute__((target("avx512f,fma"))) void probs_from_lse_avx512(float* s, int6
     const __m512 b = _mm512_set1_ps(lse[r]);
     for (int64_t j = 0; j < n; j += 16) {
       const __mmask16 k = first_lanes(n - j);
-      _mm512_mask_storeu_ps(x + j, k, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
+      _mm512_mask_storeu_ps(x + j, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), b)));
     }
   }
 }

@@ -221,6 +221,8 @@ bool cpu_has_avx512() {
 }  // namespace
 }  // namespace fastattn
 #include <immintrin.h>
+
+#include "cpu/avx512_exp.h"
 namespace fastattn {
 namespace {
 
@@ -775,22 +777,7 @@ using TileGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, 
 constexpr TileGemm kTileGemm[kFusedMR + 1] = {nullptr,      tile_gemm<1>, tile_gemm<2>, tile_gemm<3>,
                                               tile_gemm<4>, tile_gemm<5>, tile_gemm<6>};
 
-// exp on 16 floats: simd::exp_f32's range reduction and polynomial, the 2^n by scalef (which gives
-// 0 / inf at the ends by itself).
-__attribute__((target("avx512f"), always_inline)) inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+using avx512::exp16;  // csrc/cpu/avx512_exp.h
 // 1 / (1 + e) for e in [0, exp(88)]: rcp14 and one Newton step (~1 ulp; a division costs more than
 // the rest of a gate). e is kept finite by the callers' clamp (rcp14(inf) = 0 would turn NaN here).
 __attribute__((target("avx512f"), always_inline)) inline __m512 one_over_1p(__m512 e) {
