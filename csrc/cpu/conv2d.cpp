@@ -44,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "activation.h"
 #include "simd.h"
 
 // The fixed-size depthwise kernels are built for AVX-512 (x86-64-v4) only.
@@ -84,7 +85,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
 namespace fastattn {
 namespace conv2d_cpu {
 
-enum Activation : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
+using namespace act;  // activation codes, epilogue and act_backward (activation.h)
 
 // Column-major BLAS GEMM: C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
 inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
@@ -107,116 +108,6 @@ inline int64_t grain(int64_t work_per_unit) {
 inline int64_t ceil_div(int64_t a, int64_t b) {  // b > 0, a any sign
   return a >= 0 ? (a + b - 1) / b : -((-a) / b);
 }
-
-// ------------------------------------------------------------------------------------------
-// Activations (vectorizable float versions; double uses libm for exactness in gradcheck).
-// ------------------------------------------------------------------------------------------
-FASTATTN_INLINE float erf_f32(float x) {
-  // Abramowitz & Stegun 7.1.26, |error| < 1.5e-7.
-  float ax = std::fabs(x);
-  float t = 1.0f / (1.0f + 0.3275911f * ax);
-  float p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
-             0.254829592f) * t;
-  float y = 1.0f - p * simd::exp_f32(-ax * ax);
-  return x < 0 ? -y : y;
-}
-FASTATTN_INLINE float gelu(float z) { return 0.5f * z * (1.0f + erf_f32(z * 0.70710678118654752f)); }
-FASTATTN_INLINE double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752)); }
-FASTATTN_INLINE float silu(float z) { return z / (1.0f + simd::exp_f32(-z)); }
-FASTATTN_INLINE double silu(double z) { return z / (1.0 + std::exp(-z)); }
-FASTATTN_INLINE float gelu_grad(float z) {
-  float cdf = 0.5f * (1.0f + erf_f32(z * 0.70710678118654752f));
-  float pdf = 0.39894228040143268f * simd::exp_f32(-0.5f * z * z);
-  return cdf + z * pdf;
-}
-FASTATTN_INLINE double gelu_grad(double z) {
-  double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752));
-  return cdf + z * 0.39894228040143268 * std::exp(-0.5 * z * z);
-}
-FASTATTN_INLINE float silu_grad(float z) {
-  float s = 1.0f / (1.0f + simd::exp_f32(-z));
-  return s * (1.0f + z * (1.0f - s));
-}
-FASTATTN_INLINE double silu_grad(double z) {
-  double s = 1.0 / (1.0 + std::exp(-z));
-  return s * (1.0 + z * (1.0 - s));
-}
-
-// y[i] = act(y[i] + bias), keeping y[i] + bias in pre[i] when pre is given.
-template <typename T>
-FASTATTN_INLINE void epilogue_body(T* y, T* pre, int64_t n, T bias, int64_t act) {
-  if (pre) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) pre[i] = y[i] + bias;
-  }
-  switch (act) {
-    case kRelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) { T v = y[i] + bias; y[i] = v > T(0) ? v : T(0); }
-      break;
-    case kGelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = gelu(y[i] + bias);
-      break;
-    case kSilu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = silu(y[i] + bias);
-      break;
-    default:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] += bias;
-  }
-}
-// y[i] = act(src[i] + bias) (and pre[i] = src[i] + bias): the epilogue fused with the copy out of a tile.
-template <typename T>
-FASTATTN_INLINE void epilogue_copy_body(const T* src, T* y, T* pre, int64_t n, T bias, int64_t act) {
-  if (pre) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) pre[i] = src[i] + bias;
-  }
-  switch (act) {
-    case kRelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) { T v = src[i] + bias; y[i] = v > T(0) ? v : T(0); }
-      break;
-    case kGelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = gelu(src[i] + bias);
-      break;
-    case kSilu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = silu(src[i] + bias);
-      break;
-    default:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = src[i] + bias;
-  }
-}
-FASTATTN_SIMD void epilogue(float* y, float* pre, int64_t n, float bias, int64_t act) { epilogue_body(y, pre, n, bias, act); }
-FASTATTN_SIMD void epilogue(double* y, double* pre, int64_t n, double bias, int64_t act) { epilogue_body(y, pre, n, bias, act); }
-
-// gz[i] = g[i] * act'(saved[i]) (saved: output for relu, pre-activation for gelu/silu).
-template <typename T>
-FASTATTN_INLINE void act_backward_body(const T* g, const T* saved, T* gz, int64_t n, int64_t act) {
-  switch (act) {
-    case kRelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gz[i] = saved[i] > T(0) ? g[i] : T(0);
-      break;
-    case kGelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gz[i] = g[i] * gelu_grad(saved[i]);
-      break;
-    case kSilu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gz[i] = g[i] * silu_grad(saved[i]);
-      break;
-    default:
-      std::copy(g, g + n, gz);
-  }
-}
-FASTATTN_SIMD void act_backward(const float* g, const float* s, float* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
-FASTATTN_SIMD void act_backward(const double* g, const double* s, double* gz, int64_t n, int64_t act) { act_backward_body(g, s, gz, n, act); }
 
 // After non-temporal stores: make them visible before the data is handed to another thread.
 inline void stream_fence() {
