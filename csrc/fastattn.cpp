@@ -12,6 +12,7 @@
 
 #include <string>
 
+#include "cpu/gemm.h"
 #include "cpu/simd.h"
 
 #ifndef FASTATTN_VERSION
@@ -46,6 +47,43 @@ std::string compiler() {
 #endif
 }
 
+#ifndef FASTATTN_NO_PYTHON
+// Test / benchmark hook for csrc/cpu/gemm.h: c (M, N) = act(alpha op(a) op(b) + beta c + bias) in place,
+// on 2-D CPU float/double tensors with unit column stride (row strides are the leading dimensions).
+std::tuple<at::Tensor, at::Tensor> gemm_hook(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool trans_a,
+                                             bool trans_b, double alpha, double beta,
+                                             const c10::optional<at::Tensor>& bias, int64_t act, bool with_pre,
+                                             bool parallel) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  for (const at::Tensor* t : {&a, &b, (const at::Tensor*)&c}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 2, "gemm: a, b, c must be 2-D CPU tensors");
+    TORCH_CHECK(t->scalar_type() == c.scalar_type() && (c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble),
+                "gemm: a, b, c must all be float32 or all float64");
+    TORCH_CHECK(t->size(1) <= 1 || t->stride(1) == 1, "gemm: a, b, c need unit column stride (row-major rows)");
+  }
+  const int64_t M = c.size(0), N = c.size(1), K = trans_a ? a.size(0) : a.size(1);
+  TORCH_CHECK((trans_a ? a.size(1) : a.size(0)) == M, "gemm: op(a) must have c's row count ", M);
+  TORCH_CHECK((trans_b ? b.size(1) : b.size(0)) == K && (trans_b ? b.size(0) : b.size(1)) == N,
+              "gemm: op(b) must be (", K, ", ", N, ")");
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
+                            bias->scalar_type() == c.scalar_type()),
+              "gemm: bias must be a contiguous (N,) tensor of c's dtype");
+  TORCH_CHECK(act >= 0 && act <= 3, "gemm: act must be 0 (none), 1 (relu), 2 (gelu) or 3 (silu)");
+  auto ld = [](const at::Tensor& t) { return std::max<int64_t>({t.stride(0), t.size(1), 1}); };
+  at::Tensor pre_buf = with_pre ? at::empty({M, ld(c)}, c.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gemm_hook", [&] {
+    fastattn::cpu::GemmEpilogue<scalar_t> ep;
+    ep.bias = has_bias ? bias->data_ptr<scalar_t>() : nullptr;
+    ep.act = act;
+    ep.pre = with_pre ? pre_buf.data_ptr<scalar_t>() : nullptr;
+    fastattn::cpu::gemm<scalar_t>(trans_a, trans_b, M, N, K, (scalar_t)alpha, a.data_ptr<scalar_t>(), ld(a),
+                                  b.data_ptr<scalar_t>(), ld(b), (scalar_t)beta, c.data_ptr<scalar_t>(), ld(c), ep,
+                                  parallel);
+  });
+  return {c, with_pre ? pre_buf.narrow(1, 0, N) : at::empty({0}, c.options())};
+}
+#endif
+
 }  // namespace
 
 #ifndef FASTATTN_NO_PYTHON
@@ -59,6 +97,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiler", &compiler);
   m.def("cpu_isa", [] { return std::string(fastattn::simd::runtime_isa()); },
         "the ISA clone the CPU kernels run with on this machine");
+  m.def("gemm_kernel", [] { return std::string(fastattn::cpu::gemm_kernel_name()); },
+        "which kernel fastattn's CPU float GEMM (csrc/cpu/gemm.h) runs on this machine");
+  m.def("gemm", &gemm_hook, "test/benchmark hook for csrc/cpu/gemm.h (not API): gemm(a, b, c, trans_a, trans_b, "
+        "alpha, beta, bias, act, with_pre, parallel=True) -> (c, pre); c is written in place",
+        py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a"), py::arg("trans_b"), py::arg("alpha"),
+        py::arg("beta"), py::arg("bias"), py::arg("act"), py::arg("with_pre"), py::arg("parallel") = true);
 #ifdef _OPENMP
   m.def("openmp", [] { return true; });
 #else
