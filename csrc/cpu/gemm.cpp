@@ -79,14 +79,16 @@ namespace {
 // The AVX-512 float GEMM (BLIS's loop nest). C is cut into MR x NR micro-tiles, each computed by
 // one micro-kernel call per K block, entirely in registers:
 //
-//   for jc in N step NC:                      B block (KC x NC) packed once, shared by the threads
-//     for pc in K step KC:                      [pack op(B)[pc:pc+KC, jc:jc+NC] into KC x NR panels]
-//       parallel over (row block of <= MC rows) x (column chunk of NR panels):
-//         pack op(A)[rows, pc:pc+KC] into MR x KC panels          (per thread, stays in L2)
-//         for each NR panel of the chunk:     B panel (KC x NR, 32 KB) stays in L1 ...
-//           for each MR panel of the rows:    ... while the A panels stream from L2 through it
-//             C tile (MR x NR) = alpha * A panel x B panel + (first K block ? beta * C : C)
-//             last K block: bias + activation (+ the pre-activation copy) while the tile is in L1
+//   for jc in N step NC:
+//     for each group of K blocks (KC each; all of K while the packed B stays <= 4 MB):
+//       [threads pack op(B)[group, jc:jc+NC] into KC x NR panels, shared by all threads]
+//       parallel over units = (row block of <= MC rows) x (column chunk of NR panels):
+//         for pc in the group's K blocks:
+//           pack op(A)[rows, pc:pc+KC] into MR x KC panels        (per thread, stays in L2)
+//           for each NR panel of the chunk:   B panel (KC x NR, 32 KB) stays in L1 ...
+//             for each MR panel of the rows:  ... while the A panels stream from L2 through it
+//               C tile (MR x NR) = alpha * A panel x B panel + (first K block ? beta * C : C)
+//               last K block: bias + activation (+ the pre-activation copy) while the tile is in L1
 //
 // Micro-kernel 14 x 32: 28 zmm accumulators + 2 B vectors + 1 broadcast A value = 31 of the 32
 // zmm registers. Per k: 2 vector loads, 14 broadcasts, 28 FMAs (14 cycles on Zen 5's two 512-bit
@@ -96,12 +98,15 @@ namespace {
 // Blocking for Zen 5 (48 KB L1D, 1 MB L2 per core):
 //   KC = 256: a B panel is 256 x 32 x 4 B = 32 KB (L1) and an A panel 14 x 256 x 4 B = 14 KB;
 //   MC = 168 (12 A panels): the packed A block is 168 KB, in L2 next to the B block's panels;
-//   NC = 1024: the packed B block is <= 1 MB (L2/L3), shared by both threads.
+//   NC = 1024: a K block of packed B is <= 1 MB (L2/L3); packed B is shared by the threads.
+// Threads: two passes per group (pack B, then the units); most calls have one group.
 // Packing absorbs trans_a / trans_b and the leading dimensions, and zero-pads the edges (rows past
 // M, columns past N), so every tile runs the same kernel; the stores to C are masked at the edges.
 // ---------------------------------------------------------------------------------------------
 constexpr int kMR = 14, kNV = 2, kNR = 16 * kNV;
 constexpr int64_t kKC = 256, kMC = 12 * kMR, kNC = 1024;
+// packed B of several K blocks at once, up to this size (L3): one pass of the threads per group
+constexpr int64_t kBPackBytes = int64_t(4) << 20;
 // below this many multiply-adds one thread does the product (a thread wake-up costs microseconds)
 constexpr int64_t kParallelFmas = int64_t(1) << 18;
 
@@ -257,9 +262,7 @@ void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
                        M * N * K >= kParallelFmas;
   const int64_t nthreads = threads ? at::get_num_threads() : 1;
   const bool epilogue = has_epilogue(ep);
-  static thread_local Scratch b_scratch;
-  const int64_t kc_max = std::min(kKC, K), tiles = (M + kMR - 1) / kMR;
-  float* bpack = b_scratch.get(((std::min(kNC, N) + kNR - 1) / kNR) * kc_max * kNR);
+  const int64_t tiles = (M + kMR - 1) / kMR;
 
   // Work units: (row block) x (column chunk). Row blocks are runs of <= kMC / kMR tiles, as many as a
   // multiple of the threads; small M (one row block) splits the columns instead so all threads work.
@@ -270,36 +273,50 @@ void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
     const int64_t nc = std::min(kNC, N - jc), panels = (nc + kNR - 1) / kNR;
     const int64_t col_chunks = std::min(panels, std::max<int64_t>(1, (nthreads + row_blocks - 1) / row_blocks));
     const int64_t units = row_blocks * col_chunks;
-    for (int64_t pc = 0; pc < K; pc += kKC) {
-      const int64_t kc = std::min(kKC, K - pc);
-      const bool first = pc == 0, last = pc + kc == K;
+    // K blocks are packed in groups of up to kBPackBytes (often all of K), one pass of the threads per
+    // group: a thread wake-up per K block would cost ~10% at K = 4096, M = N = 128..384.
+    const int64_t block_bytes = panels * kKC * kNR * (int64_t)sizeof(float);
+    const int64_t group_k = std::max<int64_t>(1, kBPackBytes / block_bytes) * kKC;
+    static thread_local Scratch b_scratch;
+    float* bpack = b_scratch.get(((std::min(group_k, K) + kKC - 1) / kKC) * panels * kKC * kNR);
 
-      auto pack_b = [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p)
-          pack_b_panel(trans_b, B, ldb, pc, kc, jc + p * kNR, std::min<int64_t>(kNR, nc - p * kNR), bpack + p * kc * kNR);
+    for (int64_t kg = 0; kg < K; kg += group_k) {
+      const int64_t kg_end = std::min(K, kg + group_k), blocks = (kg_end - kg + kKC - 1) / kKC;
+      // B panel p of K block q: bpack + (q * panels + p) * kKC * kNR
+      auto pack_b = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t q = i / panels, p = i % panels, pc = kg + q * kKC;
+          pack_b_panel(trans_b, B, ldb, pc, std::min(kKC, K - pc), jc + p * kNR, std::min<int64_t>(kNR, nc - p * kNR),
+                       bpack + i * kKC * kNR);
+        }
       };
-      if (threads) at::parallel_for(0, panels, 1, pack_b);
-      else pack_b(0, panels);
+      if (threads) at::parallel_for(0, blocks * panels, 1, pack_b);
+      else pack_b(0, blocks * panels);
 
       auto run_units = [&](int64_t u0, int64_t u1) {
         static thread_local Scratch a_scratch;
-        float* apack = a_scratch.get(kMC * kc_max);
+        float* apack = a_scratch.get(kMC * kKC);
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t rb = u / col_chunks, cb = u % col_chunks;
           const int64_t m0 = (rb * tiles / row_blocks) * kMR, m1 = std::min(M, ((rb + 1) * tiles / row_blocks) * kMR);
           const int64_t p0 = cb * panels / col_chunks, p1 = (cb + 1) * panels / col_chunks;
-          for (int64_t m = m0; m < m1; m += kMR)
-            pack_a_panel(trans_a, A, lda, m, std::min<int64_t>(kMR, m1 - m), pc, kc, apack + (m - m0) * kc);
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t n = jc + p * kNR, nr = std::min<int64_t>(kNR, nc - p * kNR);
-            for (int64_t m = m0; m < m1; m += kMR) {
-              const int64_t mr = std::min<int64_t>(kMR, m1 - m);
-              float* c = C + m * ldc + n;
-              micro_kernel(kc, apack + (m - m0) * kc, bpack + p * kc * kNR, c, ldc, mr, nr, alpha,
-                           first ? beta : 1.0f, !first || beta != 0.0f);
-              if (last && epilogue)
-                epilogue_tile(c, ep.pre ? ep.pre + m * ldc + n : nullptr, ldc, mr, nr, ep.bias ? ep.bias + n : nullptr,
-                              ep.act);
+          for (int64_t q = 0; q < blocks; ++q) {
+            const int64_t pc = kg + q * kKC, kc = std::min(kKC, K - pc);
+            const bool first = pc == 0, last = pc + kc == K;
+            for (int64_t m = m0; m < m1; m += kMR)
+              pack_a_panel(trans_a, A, lda, m, std::min<int64_t>(kMR, m1 - m), pc, kc, apack + (m - m0) * kc);
+            for (int64_t p = p0; p < p1; ++p) {
+              const int64_t n = jc + p * kNR, nr = std::min<int64_t>(kNR, nc - p * kNR);
+              const float* bp = bpack + (q * panels + p) * kKC * kNR;
+              for (int64_t m = m0; m < m1; m += kMR) {
+                const int64_t mr = std::min<int64_t>(kMR, m1 - m);
+                float* c = C + m * ldc + n;
+                micro_kernel(kc, apack + (m - m0) * kc, bp, c, ldc, mr, nr, alpha, first ? beta : 1.0f,
+                             !first || beta != 0.0f);
+                if (last && epilogue)
+                  epilogue_tile(c, ep.pre ? ep.pre + m * ldc + n : nullptr, ldc, mr, nr,
+                                ep.bias ? ep.bias + n : nullptr, ep.act);
+              }
             }
           }
         }
