@@ -15,6 +15,7 @@ OPS = {
     "attention_varlen": "attention_varlen_fwd",
     "conv2d": "conv2d_fwd",
     "conv2d_relu_maxpool2d": "conv2d_relu_maxpool2d_fwd",
+    "linear": "linear_fwd",
     "lstm_cell": "lstm_cell_fwd",
     "lstm": "lstm_layer_fwd",
     "sgd_step_": "sgd_step_",
