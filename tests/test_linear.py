@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import _ext, backend as fa_backend
 from fastattn.nn import Linear
+from fastattn.ops import linear as linear_ops
 from fastattn.ops.linear import linear, linear_reference
 
 HAS_NATIVE = _ext.available() and hasattr(torch.ops.fastattn, "linear_fwd")
@@ -376,6 +377,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     an explicit backend='cpu' raises instead."""
     real = _ext.has_kernel
     monkeypatch.setattr(_ext, "has_kernel", lambda op, key: False if op == "linear_fwd" else real(op, key))
+    monkeypatch.setattr(linear_ops, "_SELECTED", {})  # forget the choices of earlier calls
     fa_backend._warned.clear()
     x, w, b = make((6, 8), 5)
     with warnings.catch_warnings(record=True) as caught:

@@ -19,7 +19,7 @@ IMPLS = ("fastattn", "torch")
 
 # Names the models may ask for, and where fastattn keeps them.
 NN_CLASSES = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
-              "TransformerDecoder", "Transformer", "Conv2d", "LSTM", "LSTMCell")
+              "TransformerDecoder", "Transformer", "Conv2d", "LSTM", "LSTMCell", "Linear")
 OPTIM_CLASSES = ("SGD", "Adam", "AdamW")
 
 

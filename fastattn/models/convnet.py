@@ -30,8 +30,8 @@ class ConvNet(nn.Module):
             if size < 1:
                 raise ValueError(f"image_size {image_size} is too small for {len(channels)} conv blocks")
             c_in = c_out
-        self.fc1 = nn.Linear(c_in * size * size, hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
+        self.fc1 = M.Linear(c_in * size * size, hidden)
+        self.fc2 = M.Linear(hidden, num_classes)
         self._fused = M.conv_relu_pool()
 
     def block(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ class LSTMClassifier(nn.Module):
         self.dirs = 2 if bidirectional else 1
         self.lstm = M.LSTM(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout,
                            bidirectional=bidirectional)
-        self.fc = nn.Linear(hidden_size * self.dirs, num_classes)
+        self.fc = M.Linear(hidden_size * self.dirs, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, steps, input_size) → logits (batch, classes)."""

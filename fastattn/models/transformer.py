@@ -42,7 +42,7 @@ class Seq2SeqTransformer(nn.Module):
         self.pos_embed = nn.Embedding(max_len, d_model)
         self.transformer = M.Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
                                          dropout, batch_first=True, norm_first=True)
-        self.generator = nn.Linear(d_model, vocab_size)
+        self.generator = M.Linear(d_model, vocab_size)
 
     def _embed(self, table: nn.Embedding, tokens: Tensor) -> Tensor:
         if tokens.shape[1] > self.max_len:
@@ -101,14 +101,23 @@ class KVCache:
         self.length = 0
 
 
+def feed_forward(M, d_model: int, dim_feedforward: int, dropout: float) -> nn.Sequential:
+    """Linear → GELU → Linear → Dropout, its weights ``mlp.0.*`` / ``mlp.2.*`` with either impl; with
+    impl="fastattn" the GELU runs in the first Linear's epilogue (then ``mlp.1`` is an Identity)."""
+    if M.impl == "fastattn":
+        return nn.Sequential(M.Linear(d_model, dim_feedforward, activation="gelu"), nn.Identity(),
+                             M.Linear(dim_feedforward, d_model), nn.Dropout(dropout))
+    return nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.GELU(), nn.Linear(dim_feedforward, d_model),
+                         nn.Dropout(dropout))
+
+
 class Block(nn.Module):
     def __init__(self, M, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = M.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.GELU(), nn.Linear(dim_feedforward, d_model),
-                                 nn.Dropout(dropout))
+        self.mlp = feed_forward(M, d_model, dim_feedforward, dropout)
         self.nhead = nhead
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,7 +157,7 @@ class TransformerLM(nn.Module):
         self.pos_embed = nn.Embedding(block_size, d_model)
         self.blocks = nn.ModuleList(Block(M, d_model, nhead, dim_feedforward, dropout) for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size)
+        self.head = M.Linear(d_model, vocab_size)
 
     def _embed(self, idx: Tensor, start: int = 0) -> Tensor:
         if start + idx.shape[1] > self.block_size:

@@ -4,7 +4,8 @@ Same constructor, forward signature, parameter names, shapes and initialisation 
 so a ``state_dict`` moves between the two both ways and the outputs agree. What differs:
 
 * the attention itself runs in ``fastattn.attention`` (our kernels, picked by ``backend``), never in
-  torch's SDPA; dropout in training is our kernel's dropout;
+  torch's SDPA; dropout in training is our kernel's dropout; the projections run in
+  ``fastattn.linear`` (see :func:`fastattn.nn.linear.dense`);
 * ``need_weights=True`` still computes the output with our kernel and returns the weights from
   plain softmax math next to it, with the very dropout mask the kernel used (same seed, same hash);
 * a query row with nothing to attend to gives output 0 and weights 0 (torch gives NaN on some paths);
@@ -36,6 +37,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fastattn import backend as _backend
 from fastattn.backend import BACKENDS
+from fastattn.nn.linear import dense
 from fastattn.ops import attention as _attn_ops
 from fastattn.ops.attention import attention, dropout_keep_mask
 
@@ -346,7 +348,7 @@ class MultiheadAttention(Module):
             out = out.permute(2, 0, 1, 3).reshape(L, B, E)
         else:
             out = out.transpose(1, 2).reshape(B, L, E)
-        out = self.out_proj(out)
+        out = self._linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)
         if not need_weights:
@@ -360,6 +362,10 @@ class MultiheadAttention(Module):
         return out, weights
 
     # ----------------------------------------------------------------------------------------
+    def _linear(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        """The projections: fastattn's GEMM (see :func:`fastattn.nn.linear.dense`), this module's backend."""
+        return dense(x, w, b, None, self.backend)
+
     def _fast_forward(self, query: Tensor, kv: Tensor, key_padding_mask: Optional[Tensor],
                       attn_mask: Optional[Tensor], causal: bool) -> Tensor:
         """The common case: batched, packed ``in_proj_weight``, key is value, no weights returned.
@@ -375,20 +381,20 @@ class MultiheadAttention(Module):
         # on a new leading axis and copied again into place.
         to_bhnd = (lambda t: t.transpose(1, 2)) if self.batch_first else (lambda t: t.permute(1, 2, 0, 3))
         if query is kv:
-            q, k, v = (to_bhnd(t) for t in F.linear(query, w, b).unflatten(-1, (3, H, D)).unbind(2))
+            q, k, v = (to_bhnd(t) for t in self._linear(query, w, b).unflatten(-1, (3, H, D)).unbind(2))
         else:
             # split (not slicing twice): its backward is one cat into the weight's gradient.
             w_q, w_kv = w.split([E, 2 * E])
             b_q, b_kv = (None, None) if b is None else b.split([E, 2 * E])
-            q = to_bhnd(F.linear(query, w_q, b_q).unflatten(-1, (H, D)))
-            k, v = (to_bhnd(t) for t in F.linear(kv, w_kv, b_kv).unflatten(-1, (2, H, D)).unbind(2))
+            q = to_bhnd(self._linear(query, w_q, b_q).unflatten(-1, (H, D)))
+            k, v = (to_bhnd(t) for t in self._linear(kv, w_kv, b_kv).unflatten(-1, (2, H, D)).unbind(2))
         B, L, S = q.shape[0], q.shape[2], k.shape[2]
         bias = self._merged_bias(attn_mask, key_padding_mask, B, L, S, 0)
         dropout_p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
         out = _attend(q, k, v, bias, dropout_p, causal, seed, self.backend)  # (B, H, L, D)
         out = out.transpose(1, 2) if self.batch_first else out.permute(2, 0, 1, 3)
-        return self.out_proj(out.reshape(out.shape[0], out.shape[1], E))
+        return self._linear(out.reshape(out.shape[0], out.shape[1], E), self.out_proj.weight, self.out_proj.bias)
 
     # ----------------------------------------------------------------------------------------
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, self_attn: bool, kv_same: bool):
@@ -397,17 +403,17 @@ class MultiheadAttention(Module):
         b = self.in_proj_bias
         b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
-            return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
-                    F.linear(value, self.v_proj_weight, b_v))
+            return (self._linear(query, self.q_proj_weight, b_q), self._linear(key, self.k_proj_weight, b_k),
+                    self._linear(value, self.v_proj_weight, b_v))
         w = self.in_proj_weight
         if self_attn:
-            return F.linear(query, w, b).chunk(3, dim=-1)
+            return self._linear(query, w, b).chunk(3, dim=-1)
         w_q, w_kv = w.split([E, 2 * E])
         if kv_same:
-            k, v = F.linear(key, w_kv, None if b is None else b[E:]).chunk(2, dim=-1)
-            return F.linear(query, w_q, b_q), k, v
+            k, v = self._linear(key, w_kv, None if b is None else b[E:]).chunk(2, dim=-1)
+            return self._linear(query, w_q, b_q), k, v
         w_k, w_v = w_kv.chunk(2)
-        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return self._linear(query, w_q, b_q), self._linear(key, w_k, b_k), self._linear(value, w_v, b_v)
 
     def _merged_bias(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                      B: int, L: int, S: int, extra: int) -> Optional[Tensor]:

@@ -1,8 +1,9 @@
 """Drop-in Transformer layers: torch's classes, with fastattn's :class:`MultiheadAttention` inside.
 
 Constructor and forward signatures, submodule names (so ``state_dict`` keys) and initialisation
-are torch's (``torch.nn.Transformer*``); the Linear, LayerNorm, Dropout and activation parts are
-torch's own modules. The attention runs in ``fastattn.attention``. Not carried over: torch's
+are torch's (``torch.nn.Transformer*``); the Linear, LayerNorm, Dropout and activation submodules are
+torch's own classes. The attention runs in ``fastattn.attention``, the feed-forward block's GEMMs in
+``fastattn.linear`` (ReLU/GELU in linear1's epilogue). Not carried over: torch's
 inference fast paths (``torch._transformer_encoder_layer_fwd`` and the NestedTensor conversion
 of ``TransformerEncoder``); ``enable_nested_tensor`` is accepted and ignored. One visible effect:
 in eval mode with a ``src_key_padding_mask``, torch's encoder returns ``norm(0)`` at padded
@@ -23,6 +24,8 @@ from torch.nn import Dropout, LayerNorm, Linear, Module, ModuleList
 from torch.nn.init import xavier_uniform_
 
 from fastattn.nn.attention import MultiheadAttention, _canonical_mask
+from fastattn.nn.linear import dense
+from fastattn.ops.linear import ACTIVATIONS, apply_activation
 
 __all__ = ["Transformer", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
            "TransformerDecoderLayer"]
@@ -41,13 +44,32 @@ def _get_activation_fn(activation: str) -> Callable[[Tensor], Tensor]:
     raise RuntimeError(f"activation should be relu/gelu, not {activation}")
 
 
-def _activate(activation: Callable[[Tensor], Tensor], h: Tensor, x: Tensor) -> Tensor:
-    """``activation(h)`` for the feed-forward block, ``h = linear1(x)``; ReLU runs in place when ``h``
-    is a fresh tensor (nothing else keeps it, and ReLU's backward reads its result, not its input)."""
-    if (activation is F.relu or type(activation) is torch.nn.ReLU) and h is not x and h._base is None \
-            and (h.grad_fn is not None or not h.requires_grad):
-        return torch.relu_(h)
-    return activation(h)
+def _fusable(activation: Callable[[Tensor], Tensor]) -> Optional[str]:
+    """'relu' / 'gelu' when ``activation`` is one that fastattn.linear applies in its epilogue."""
+    if activation is F.relu or type(activation) is torch.nn.ReLU:
+        return "relu"
+    if activation is F.gelu or (type(activation) is torch.nn.GELU and activation.approximate == "none"):
+        return "gelu"
+    return None
+
+
+def _apply_linear(m: Module, x: Tensor, activation: Optional[str], backend: Optional[str]) -> Tensor:
+    """``activation(m(x))``: a plain ``torch.nn.Linear`` (what the constructors and ``from_torch`` put here)
+    runs as ``fastattn.linear`` with the activation in its epilogue; any other module is called as it is."""
+    if type(m) is Linear:
+        return dense(x, m.weight, m.bias, activation, backend)
+    return apply_activation(m(x), ACTIVATIONS[activation])
+
+
+def _feed_forward(layer: Module, x: Tensor) -> Tensor:
+    """``linear2(dropout(activation(linear1(x))))`` on fastattn's GEMMs (the layer's backend), ReLU or
+    GELU fused into linear1's epilogue; any other activation runs as given between the two."""
+    backend = layer.self_attn.backend
+    act = _fusable(layer.activation)
+    h = _apply_linear(layer.linear1, x, act, backend)
+    if act is None:
+        h = layer.activation(h)
+    return _apply_linear(layer.linear2, layer.dropout(h), None, backend)
 
 
 def _get_seq_len(src: Tensor, batch_first: bool) -> int:
@@ -145,8 +167,7 @@ class TransformerEncoderLayer(Module):
         return self.dropout1(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.linear2(self.dropout(_activate(self.activation, self.linear1(x), x)))
-        return self.dropout2(x)
+        return self.dropout2(_feed_forward(self, x))
 
 
 class TransformerDecoderLayer(Module):
@@ -223,8 +244,7 @@ class TransformerDecoderLayer(Module):
         return self.dropout2(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.linear2(self.dropout(_activate(self.activation, self.linear1(x), x)))
-        return self.dropout3(x)
+        return self.dropout3(_feed_forward(self, x))
 
 
 # --------------------------------------------------------------------------------------------

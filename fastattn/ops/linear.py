@@ -168,12 +168,23 @@ def _reasons(dtype: torch.dtype):
     return {"cpu": cpu, "cuda": cuda, "triton": triton, "reference": lambda: []}
 
 
+# Which backend runs a configuration: `fastattn.backend.select` walks its rules (explicit backend, auto
+# order, warnings) once per key, as the modules call this for every projection; errors are never cached.
+_SELECTED: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def _select(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """The backend for one call, from Python constants only: torch.compile runs this while tracing and
     bakes the answer into the graph (the registry look-ups inside are not traceable; a later
     ``fastattn.set_backend`` does not reach graphs already compiled)."""
-    return _backend.select("linear", backend, device, _reasons(dtype), native_op="linear_fwd")
+    requested = backend if backend is not None else _backend.get_backend()
+    key = (requested, device, dtype, _backend.triton_interpret())
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _backend.select("linear", requested, device, _reasons(dtype), native_op="linear_fwd")
+        _SELECTED[key] = name
+    return name
 
 
 def _needs_grad(*ts) -> bool:
