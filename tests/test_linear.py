@@ -176,6 +176,24 @@ def test_noncontiguous(backend, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_noncontiguous_low_precision(dtype):
+    """16-bit views (widened to float keeping their strides where ATen does) equal the contiguous call
+    up to the summation order."""
+    for name, x, w in noncontiguous_inputs(dtype):
+        b = torch.randn(w.shape[0], dtype=dtype)
+        xs, ws, bs = leaves(x, w, b)
+        xc, wc, bc = leaves(x.contiguous(), w.contiguous(), b)
+        out = linear(xs, ws, bs, activation="relu", backend="cpu")
+        ref = linear(xc, wc, bc, activation="relu", backend="cpu")
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+        g = torch.randn(ref.shape, dtype=dtype)
+        for u, v in zip(grads(out, [xs, ws, bs], g), grads(ref, [xc, wc, bc], g)):
+            assert u.dtype == dtype
+            torch.testing.assert_close(u, v, atol=5e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@needs_native
 def test_native_backward_strided_grad_out():
     """linear_bwd reads grad_out in place when it can: transposed, row-sliced, expanded (copied)."""
     x, w, _ = make((9, 6), 5)
