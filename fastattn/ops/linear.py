@@ -24,6 +24,7 @@ Native contract (every backend; the tests hold them all to one oracle):
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import List, Optional
 
@@ -163,6 +164,8 @@ def _reasons(dtype: torch.dtype):
         return ["float64 input (the CUDA kernels take float16, bfloat16, float32)"] if dtype == torch.float64 else []
 
     def triton() -> List[str]:
+        if importlib.util.find_spec("fastattn.triton.linear") is None:
+            return ["this install has no fastattn/triton/linear.py"]
         return ["float64 input (the Triton kernels take float16, bfloat16, float32)"] if dtype == torch.float64 else []
 
     return {"cpu": cpu, "cuda": cuda, "triton": triton, "reference": lambda: []}
