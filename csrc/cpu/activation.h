@@ -16,13 +16,14 @@ namespace act {
 
 enum Activation : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
 
+// Abramowitz & Stegun 7.1.26: erf(a) = 1 - p(t) exp(-a^2), t = 1 / (1 + 0.3275911 a), a >= 0, |error| < 1.5e-7.
+FASTATTN_INLINE float erf_poly(float a) {
+  float t = 1.0f / (1.0f + 0.3275911f * a);
+  return ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+}
 FASTATTN_INLINE float erf_f32(float x) {
-  // Abramowitz & Stegun 7.1.26, |error| < 1.5e-7.
   float ax = std::fabs(x);
-  float t = 1.0f / (1.0f + 0.3275911f * ax);
-  float p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
-             0.254829592f) * t;
-  float y = 1.0f - p * simd::exp_f32(-ax * ax);
+  float y = 1.0f - erf_poly(ax) * simd::exp_f32(-ax * ax);
   return x < 0 ? -y : y;
 }
 FASTATTN_INLINE float gelu(float z) { return 0.5f * z * (1.0f + erf_f32(z * 0.70710678118654752f)); }
@@ -30,9 +31,10 @@ FASTATTN_INLINE double gelu(double z) { return 0.5 * z * (1.0 + std::erf(z * 0.7
 FASTATTN_INLINE float silu(float z) { return z / (1.0f + simd::exp_f32(-z)); }
 FASTATTN_INLINE double silu(double z) { return z / (1.0 + std::exp(-z)); }
 FASTATTN_INLINE float gelu_grad(float z) {
-  float cdf = 0.5f * (1.0f + erf_f32(z * 0.70710678118654752f));
-  float pdf = 0.39894228040143268f * simd::exp_f32(-0.5f * z * z);
-  return cdf + z * pdf;
+  // cdf(z) + z pdf(z); erf(z/sqrt2) needs exp(-z^2/2), which is the pdf's exp too: one exp, not two.
+  float e = simd::exp_f32(-0.5f * z * z);
+  float erf_abs = 1.0f - erf_poly(std::fabs(z) * 0.70710678118654752f) * e;
+  return 0.5f * (1.0f + (z < 0 ? -erf_abs : erf_abs)) + z * 0.39894228040143268f * e;
 }
 FASTATTN_INLINE double gelu_grad(double z) {
   double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752));

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import backend as _backend
-from fastattn.ops.linear import ACTIVATIONS, apply_activation, linear
+from fastattn.ops._activation import ACTIVATIONS, apply_activation
+from fastattn.ops.linear import linear
 
 __all__ = ["Linear", "dense"]
 

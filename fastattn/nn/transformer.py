@@ -25,7 +25,7 @@ from torch.nn.init import xavier_uniform_
 
 from fastattn.nn.attention import MultiheadAttention, _canonical_mask
 from fastattn.nn.linear import dense
-from fastattn.ops.linear import ACTIVATIONS, apply_activation
+from fastattn.ops._activation import ACTIVATIONS, apply_activation
 
 __all__ = ["Transformer", "TransformerEncoder", "TransformerDecoder", "TransformerEncoderLayer",
            "TransformerDecoderLayer"]

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
+from fastattn.ops._activation import ACTIVATIONS, apply_activation
 from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["conv2d", "conv2d_relu_maxpool2d", "conv2d_reference", "ACTIVATIONS"]
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntPair = Union[int, Sequence[int]]
 
@@ -45,16 +45,6 @@ IntPair = Union[int, Sequence[int]]
 # --------------------------------------------------------------------------------------------
 # The oracle: plain PyTorch math (pad, unfold, matmul), also the `reference` backend.
 # --------------------------------------------------------------------------------------------
-def apply_activation(z: Tensor, activation: int) -> Tensor:
-    if activation == 1:
-        return torch.relu(z)
-    if activation == 2:
-        return F.gelu(z)
-    if activation == 3:
-        return F.silu(z)
-    return z
-
-
 def conv2d_reference(x: Tensor, w: Tensor, b: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
                      dilation: Sequence[int], groups: int, activation: int = 0) -> Tensor:
     """The native contract on a 4-D input in plain math (differentiable by autograd)."""

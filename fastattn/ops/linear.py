@@ -29,31 +29,20 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
+from fastattn.ops._activation import ACTIVATIONS, apply_activation
 from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["linear", "linear_reference", "ACTIVATIONS"]
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
 # The oracle: plain PyTorch math, also the `reference` backend.
 # --------------------------------------------------------------------------------------------
-def apply_activation(z: Tensor, activation: int) -> Tensor:
-    if activation == 1:
-        return torch.relu(z)
-    if activation == 2:
-        return F.gelu(z)
-    if activation == 3:
-        return F.silu(z)
-    return z
-
-
 def linear_reference(x: Tensor, w: Tensor, b: Optional[Tensor], activation: int = 0) -> Tensor:
     """The native contract on a 2-D input in plain math (differentiable by autograd): float64 for
     float64 input, else float32 accumulation, rounded once to the input dtype."""
