@@ -13,12 +13,13 @@
 //
 // Blocking: a block of 4 warps computes a 64 x 64 tile of C and walks K in steps of 32. Each step the
 // block copies a 64 x 32 tile of A and a 32 x 64 tile of B into shared memory (A stored k-major,
-// As[k][m]); consecutive threads read consecutive addresses along whichever direction of the operand
-// is contiguous in memory, so the global reads coalesce for any of the three stride patterns. The
-// next step's tiles are read into registers while the current one is multiplied (register double
-// buffering). fp16/bf16: each warp owns a 32 x 32 quarter as 2 x 2 WMMA 16x16x16 fragments with fp32
-// accumulators (tensor cores); fp32: each thread owns a 4 x 8 block of FMA accumulators (exact fp32,
-// no TF32, matching the CPU). The accumulators go through shared memory so the epilogue (bias,
+// As[k][m]). Each thread reads 16-byte chunks along whichever direction of the operand is contiguous
+// in memory (one vector load where the strides and alignment allow, scalar loads at the edges), so
+// the global reads coalesce for any of the three stride patterns. The next step's tiles are read
+// into registers while the current one is multiplied (register double buffering). fp16/bf16: each
+// warp owns a 32 x 32 quarter as 2 x 2 WMMA 16x16x16 fragments with fp32 accumulators (tensor
+// cores); fp32: each thread owns a 4 x 8 block of FMA accumulators (exact fp32, no TF32, matching
+// the CPU). The accumulators go through shared memory so the epilogue (bias,
 // pre-activation store, activation, one rounding to the output dtype) writes whole rows, coalesced.
 // Blocks are ordered in groups of 8 row tiles (consecutive blocks share B's column tiles: L2 reuse).
 #include <ATen/ATen.h>
@@ -32,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 
@@ -46,7 +48,6 @@ enum Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
 
 constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128, GROUP_M = 8;
 constexpr int LDA = BM + 8, LDB = BN + 8, LDC = BN + 4;  // padded smem pitches (WMMA: multiples of 8 / 4)
-constexpr int A_PER_THREAD = BM * BK / THREADS, B_PER_THREAD = BK * BN / THREADS;
 
 // The same activations as conv2d's CUDA epilogue (csrc/cuda/conv2d.cu).
 __device__ __forceinline__ float activate(float z, int act) {
@@ -78,39 +79,69 @@ struct GemmArgs {
   T* c; T* pre; int64_t ldc;                     // C[m][n] = c[m * ldc + n]
   int64_t M, N, K;
   int act, grad_act;
+  bool a_vec, b_vec;  // 16-byte loads allowed (set by the host: see vec_ok)
 };
 
-// Element e of this thread's share of a ROWS x COLS tile: consecutive e walk along the columns when
-// they are contiguous in memory (col_stride == 1), else along the rows: coalesced reads either way.
-template <int ROWS, int COLS>
-__device__ __forceinline__ void tile_coord(int e, bool along_cols, int& r, int& c) {
-  if (along_cols) { r = e / COLS; c = e % COLS; }
-  else { r = e % ROWS; c = e / ROWS; }
-}
-
-template <typename T>
-__device__ __forceinline__ void load_tiles(const GemmArgs<T>& p, int64_t m0, int64_t n0, int64_t k0,
-                                           T (&ra)[A_PER_THREAD], T (&rb)[B_PER_THREAD]) {
-  const bool a_along_k = p.sak == 1, b_along_n = p.sbn == 1;
-#pragma unroll
-  for (int q = 0; q < A_PER_THREAD; ++q) {
-    int i, kk;
-    tile_coord<BM, BK>(threadIdx.x + q * THREADS, a_along_k, i, kk);
-    const int64_t m = m0 + i, k = k0 + kk;
-    float v = 0.f;
-    if (m < p.M && k < p.K) {
-      const int64_t off = m * p.sam + k * p.sak;
-      v = Dt<T>::to_float(p.a[off]);
-      if (p.saved) v *= activate_grad(Dt<T>::to_float(p.saved[off]), p.grad_act);
-    }
-    ra[q] = Dt<T>::from_float(v);
+// How a thread reads its share of a ROWS x COLS operand tile: in chunks of VEC elements (16 bytes)
+// along the operand's contiguous direction (along_cols: the columns are contiguous, else the rows),
+// consecutive threads taking consecutive chunks, so a warp reads whole 16-byte-aligned runs. A
+// chunk is one vector load when the operand allows it (vec) and the chunk is inside the matrix,
+// else VEC scalar loads with bounds checks (edges, odd strides); the tile is the same either way.
+template <typename T, int ROWS, int COLS>
+struct Chunks {
+  static constexpr int VEC = 16 / sizeof(T);
+  static constexpr int PER_THREAD = ROWS * COLS / VEC / THREADS;
+  static_assert(PER_THREAD * VEC * THREADS == ROWS * COLS && ROWS % VEC == 0 && COLS % VEC == 0, "tile shape");
+  // First element (r, c) of this thread's chunk q; element v of the chunk is (r, c + v) or (r + v, c).
+  static __device__ __forceinline__ void start(int q, bool along_cols, int& r, int& c) {
+    const int e = threadIdx.x + q * THREADS;
+    if (along_cols) { r = e / (COLS / VEC); c = e % (COLS / VEC) * VEC; }
+    else { c = e / (ROWS / VEC); r = e % (ROWS / VEC) * VEC; }
   }
+};
+
+// reg = the tile at (r0, c0) of an nrows x ncols matrix X[r][c] = x[r * rs + c * cs], times act'(saved)
+// elementwise when saved != nullptr (rounded once to T), zeros outside the matrix.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void load_tile(const T* x, const T* saved, int grad_act, int64_t rs, int64_t cs,
+                                          int64_t r0, int64_t c0, int64_t nrows, int64_t ncols, bool along_cols,
+                                          bool vec, T (&reg)[Chunks<T, ROWS, COLS>::PER_THREAD * (16 / sizeof(T))]) {
+  using C = Chunks<T, ROWS, COLS>;
+  constexpr int VEC = C::VEC;
 #pragma unroll
-  for (int q = 0; q < B_PER_THREAD; ++q) {
-    int kk, j;
-    tile_coord<BK, BN>(threadIdx.x + q * THREADS, b_along_n, kk, j);
-    const int64_t k = k0 + kk, n = n0 + j;
-    rb[q] = (k < p.K && n < p.N) ? p.b[k * p.sbk + n * p.sbn] : Dt<T>::from_float(0.f);
+  for (int q = 0; q < C::PER_THREAD; ++q) {
+    int r, c;
+    C::start(q, along_cols, r, c);
+    const int64_t gr = r0 + r, gc = c0 + c;
+    T* out = reg + q * VEC;
+    const bool inside = along_cols ? (gr < nrows && gc + VEC <= ncols) : (gc < ncols && gr + VEC <= nrows);
+    if (vec && inside) {
+      const int64_t off = gr * rs + gc * cs;
+      const uint4 xv = *reinterpret_cast<const uint4*>(x + off);
+      const T* xe = reinterpret_cast<const T*>(&xv);
+      if (saved) {
+        const uint4 sv = *reinterpret_cast<const uint4*>(saved + off);
+        const T* se = reinterpret_cast<const T*>(&sv);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          out[v] = Dt<T>::from_float(Dt<T>::to_float(xe[v]) * activate_grad(Dt<T>::to_float(se[v]), grad_act));
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) out[v] = xe[v];
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int64_t rr = along_cols ? gr : gr + v, cc = along_cols ? gc + v : gc;
+        float val = 0.f;
+        if (rr < nrows && cc < ncols) {
+          const int64_t off = rr * rs + cc * cs;
+          val = Dt<T>::to_float(x[off]);
+          if (saved) val *= activate_grad(Dt<T>::to_float(saved[off]), grad_act);
+        }
+        out[v] = Dt<T>::from_float(val);
+      }
+    }
   }
 }
 
@@ -146,25 +177,34 @@ __global__ void __launch_bounds__(THREADS) linear_gemm_kernel(const GemmArgs<T> 
       for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
   }
 
-  T ra[A_PER_THREAD], rb[B_PER_THREAD];
-  if (p.K > 0) load_tiles(p, m0, n0, 0, ra, rb);
+  using CA = Chunks<T, BM, BK>;  // A tile: rows m, columns k
+  using CB = Chunks<T, BK, BN>;  // B tile: rows k, columns n
+  constexpr int VEC = CA::VEC;
   const bool a_along_k = p.sak == 1, b_along_n = p.sbn == 1;
+  T ra[CA::PER_THREAD * VEC], rb[CB::PER_THREAD * VEC];
+  auto load_next = [&](int64_t k0) {
+    load_tile<T, BM, BK>(p.a, p.saved, p.grad_act, p.sam, p.sak, m0, k0, p.M, p.K, a_along_k, p.a_vec, ra);
+    load_tile<T, BK, BN>(p.b, nullptr, 0, p.sbk, p.sbn, k0, n0, p.K, p.N, b_along_n, p.b_vec, rb);
+  };
+  if (p.K > 0) load_next(0);
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
     __syncthreads();  // the previous step is done with As / Bs
 #pragma unroll
-    for (int q = 0; q < A_PER_THREAD; ++q) {
+    for (int q = 0; q < CA::PER_THREAD; ++q) {
       int i, kk;
-      tile_coord<BM, BK>(tid + q * THREADS, a_along_k, i, kk);
-      As[kk][i] = ra[q];
+      CA::start(q, a_along_k, i, kk);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) As[a_along_k ? kk + v : kk][a_along_k ? i : i + v] = ra[q * VEC + v];
     }
 #pragma unroll
-    for (int q = 0; q < B_PER_THREAD; ++q) {
+    for (int q = 0; q < CB::PER_THREAD; ++q) {
       int kk, j;
-      tile_coord<BK, BN>(tid + q * THREADS, b_along_n, kk, j);
-      Bs[kk][j] = rb[q];
+      CB::start(q, b_along_n, kk, j);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) Bs[b_along_n ? kk : kk + v][b_along_n ? j + v : j] = rb[q * VEC + v];
     }
     __syncthreads();
-    if (k0 + BK < p.K) load_tiles(p, m0, n0, k0 + BK, ra, rb);  // in flight while we multiply
+    if (k0 + BK < p.K) load_next(k0 + BK);  // in flight while we multiply
 
     if constexpr (kTensorCores) {
 #pragma unroll
@@ -280,8 +320,22 @@ void dispatch(at::ScalarType st, const char* name, F&& f) {
 
 template <typename T> T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
+// 16-byte chunk loads of an operand X[r][c] = x[r * rs + c * cs] (and of saved, laid out alike): its
+// contiguous direction (the one the kernel reads along: the columns when cs == 1) has stride 1, the
+// other stride is a multiple of the chunk, and the pointers are 16-byte aligned.
 template <typename T>
-void launch_gemm(const GemmArgs<T>& p, cudaStream_t stream) {
+bool vec_ok(const T* x, const T* saved, int64_t rs, int64_t cs) {
+  constexpr int64_t VEC = 16 / sizeof(T);
+  const bool along_cols = cs == 1;
+  const int64_t unit = along_cols ? cs : rs, other = along_cols ? rs : cs;
+  auto aligned = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return unit == 1 && other % VEC == 0 && aligned(x) && aligned(saved);
+}
+
+template <typename T>
+void launch_gemm(GemmArgs<T> p, cudaStream_t stream) {
+  p.a_vec = vec_ok(p.a, p.saved, p.sam, p.sak);
+  p.b_vec = vec_ok<T>(p.b, nullptr, p.sbk, p.sbn);
   const int64_t blocks = ((p.M + BM - 1) / BM) * ((p.N + BN - 1) / BN);
   TORCH_CHECK(blocks <= INT32_MAX, "linear (cuda): too many output tiles (", blocks, ")");
   linear_gemm_kernel<T><<<(unsigned)blocks, THREADS, 0, stream>>>(p);
@@ -343,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& input, const at:
                   ptr<T>(weight), weight.stride(1), weight.stride(0),
                   has_bias ? ptr<T>(b) : nullptr,
                   ptr<T>(out), keep_pre ? ptr<T>(pre) : nullptr, N,
-                  M, N, K, (int)activation, kNone};
+                  M, N, K, (int)activation, kNone, false, false};
     launch_gemm(p, stream);
   });
   return {out, pre};
@@ -381,12 +435,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad
     const int act = (int)activation;
     if (output_mask[0] && M > 0 && K > 0) {  // dx = gz @ w, reduction over N (N == 0: zeros)
       GemmArgs<T> p{g, s, N, 1, ptr<T>(weight), weight.stride(0), weight.stride(1), nullptr,
-                    ptr<T>(dx), nullptr, K, M, K, N, kNone, act};
+                    ptr<T>(dx), nullptr, K, M, K, N, kNone, act, false, false};
       launch_gemm(p, stream);
     }
     if (output_mask[1] && N > 0 && K > 0) {  // dw = gz^T @ x, reduction over M (M == 0: zeros)
       GemmArgs<T> p{g, s, 1, N, ptr<T>(input), input.stride(0), input.stride(1), nullptr,
-                    ptr<T>(dw), nullptr, K, N, K, M, kNone, act};
+                    ptr<T>(dw), nullptr, K, N, K, M, kNone, act, false, false};
       launch_gemm(p, stream);
     }
     if (output_mask[2] && N > 0) launch_colsum<T>(g, s, ptr<T>(db), M, N, act, go, stream);
