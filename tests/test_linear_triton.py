@@ -91,6 +91,20 @@ def test_forward_and_backward_op(shape, bias, act):
         assert db.numel() == 0
 
 
+def test_float16_plumbing():
+    """fp16 in, fp16 out, fp32 accumulation (the interpreter computes 16-bit tiles in fp32; its float->bf16
+    cast truncates instead of rounding, so bf16 is checked on the GPU only)."""
+    x, w, b, go = make(20, 33, 24, dtype=torch.float16, seed=2)
+    out, pre = FWD(x, w, b, 3, True)
+    assert out.dtype == pre.dtype == torch.float16
+    _, out_ref, _, _, _ = reference(x, w, b, 3, go)
+    close(out, out_ref, 2e-3)
+    grads = BWD(go, x, w, pre, 3, [True, True, True])
+    for g, ref in zip(grads, bwd_reference(go, x, w, pre, 3)):
+        assert g.dtype == torch.float16
+        close(g, ref, 5e-3)
+
+
 def test_no_preact_unless_asked():
     x, w, b, _ = make(5, 6, 7)
     out, pre = FWD(x, w, b, 2, False)
