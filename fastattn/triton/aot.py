@@ -1,6 +1,6 @@
 """Compile every Triton kernel for a GPU on a machine without one.
 
-    python -m fastattn.triton.aot [--arch 90] [--full | --first-config] [--ops attention,conv2d,lstm,optim]
+    python -m fastattn.triton.aot [--arch 90] [--full | --first-config] [--ops attention,conv2d,lstm,optim,linear]
 
 Under ``TRITON_INTERPRET=1`` the kernels run as numpy, which accepts code that the real compiler rejects
 (types, block shapes of ``tl.dot``, shared memory). This module runs our Triton ops on CPU tensors of GPU-sized
@@ -202,7 +202,19 @@ def _run_optim(full: bool) -> None:
                             1e-3, 0.9, 0.999, 1e-8, 0.01, False, False, True, None, None, None, ms)
 
 
-OPS = {"attention": _run_attention, "conv2d": _run_conv2d, "lstm": _run_lstm, "optim": _run_optim}
+def _run_linear(full: bool) -> None:
+    from fastattn.triton import linear as tl_
+    for dtype in ([torch.float16, torch.bfloat16, torch.float32] if full else [torch.float16, torch.float32]):
+        M, N, K = 8192, 256, 128  # M > 4096: the split column sum too
+        x, w, b = torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype)
+        for act in ([0, 1, 2, 3] if full else [0, 2]):
+            out, pre = tl_.triton_linear_fwd(x, w, b if act != 1 else None, act, act in (2, 3))
+            saved = out if act == 1 else pre if act else None
+            tl_.triton_linear_bwd(torch.empty_like(out), x, w, saved, act, [True, True, True])
+
+
+OPS = {"attention": _run_attention, "conv2d": _run_conv2d, "lstm": _run_lstm, "optim": _run_optim,
+       "linear": _run_linear}
 
 
 def compile_all(arch: int, full: bool = False, ops=None, all_configs: bool = True) -> List[dict]:
