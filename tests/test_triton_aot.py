@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not _named_signatures(), reason="Triton < 3.3: n
 def test_kernels_compile_for_gpu(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    ops = "attention,conv2d,lstm,optim" if arch == 90 else "attention"
+    ops = "attention,conv2d,lstm,optim,linear" if arch == 90 else "attention"
     r = subprocess.run([sys.executable, "-m", "fastattn.triton.aot", "--arch", str(arch), "--first-config",
                         "--ops", ops], env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -42,7 +42,8 @@ def test_kernels_compile_for_gpu(arch):
                 "_attn_decode_reduce"}
     if arch == 90:
         expected |= {"_conv2d_fwd_kernel", "_conv2d_bwd_data_kernel", "_conv2d_bwd_weight_kernel",
-                     "_gates_fwd_kernel", "_gates_bwd_kernel", "_sgd_kernel", "_adam_kernel"}
+                     "_gates_fwd_kernel", "_gates_bwd_kernel", "_sgd_kernel", "_adam_kernel",
+                     "_linear_gemm_kernel", "_linear_colsum_kernel"}
     assert expected <= kernels, f"not compiled: {sorted(expected - kernels)}"
 
 

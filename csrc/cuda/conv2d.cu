@@ -26,10 +26,12 @@
 
 #include <tuple>
 
+#include "activation.cuh"
+
 namespace fastattn {
 namespace conv2d_cuda {
 
-enum Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
+using namespace cuda_act;  // activation codes, activate, activate_grad (activation.cuh)
 
 constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128;
 constexpr int LDA = BK + 8, LDB = BN + 8, LDC = BN + 4;  // padded smem pitches (WMMA needs % 8 == 0)
@@ -41,24 +43,6 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float activate(float z, int act) {
-  switch (act) {
-    case kRelu: return fmaxf(z, 0.f);
-    case kGelu: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case kSilu: return z / (1.f + __expf(-z));
-    default: return z;
-  }
-}
-
-__device__ __forceinline__ float activate_grad(float z, int act) {  // z: pre-activation (relu: output)
-  switch (act) {
-    case kRelu: return z > 0.f ? 1.f : 0.f;
-    case kGelu: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * __expf(-0.5f * z * z);
-    case kSilu: { float s = 1.f / (1.f + __expf(-z)); return s * (1.f + z * (1.f - s)); }
-    default: return 1.f;
-  }
-}
 
 struct Geom {
   int64_t N, C, H, W, K, R, S, P, Q, G, Cg, Kg;

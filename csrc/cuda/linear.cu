@@ -37,6 +37,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "activation.cuh"
 #include "attention_common.cuh"  // Dt<T>: to_float / from_float for float, __half, __nv_bfloat16
 
 namespace fastattn {
@@ -44,30 +45,10 @@ namespace linear_cuda {
 
 using cuda_attn::Dt;
 
-enum Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
+using namespace cuda_act;  // activation codes, activate, activate_grad (activation.cuh)
 
 constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128, GROUP_M = 8;
 constexpr int LDA = BM + 8, LDB = BN + 8, LDC = BN + 4;  // padded smem pitches (WMMA: multiples of 8 / 4)
-
-// The same activations as conv2d's CUDA epilogue (csrc/cuda/conv2d.cu).
-__device__ __forceinline__ float activate(float z, int act) {
-  switch (act) {
-    case kRelu: return fmaxf(z, 0.f);
-    case kGelu: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case kSilu: return z / (1.f + __expf(-z));
-    default: return z;
-  }
-}
-
-// act'(z); z is the forward output for relu (out > 0 iff preact > 0), the pre-activation otherwise.
-__device__ __forceinline__ float activate_grad(float z, int act) {
-  switch (act) {
-    case kRelu: return z > 0.f ? 1.f : 0.f;
-    case kGelu: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * __expf(-0.5f * z * z);
-    case kSilu: { const float s = 1.f / (1.f + __expf(-z)); return s * (1.f + z * (1.f - s)); }
-    default: return 1.f;
-  }
-}
 
 // C = act(A @ B + bias); strides in elements. saved != nullptr: A is grad_out and the product uses
 // A * act'(saved) (saved laid out as A). pre != nullptr: the pre-activation is stored there too.

@@ -102,7 +102,7 @@ if _native:
     torch.library.register_fake("fastattn::linear_fwd")(_fwd_fake)
     torch.library.register_fake("fastattn::linear_bwd")(_bwd_fake)
     # linear_fwd's autograd is in C++ in this build (csrc/cpu/linear.cpp: the Python autograd kernel
-    # cost ~10-20 µs per call); the Python one is kept for a build without it.
+    # cost ~10-20 µs per call); the Python one serves the Triton op (fastattn/triton/linear.py).
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::linear_fwd", "Autograd"):
         _fwd_setup, _fwd_backward = make_linear_autograd(torch.ops.fastattn.linear_bwd, "linear")
         torch.library.register_autograd("fastattn::linear_fwd", _fwd_backward, setup_context=_fwd_setup)

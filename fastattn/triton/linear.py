@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastattn.ops._autograd import refuse_double_backward
+from fastattn.ops.linear import make_linear_autograd
 from fastattn.triton._compat import NEEDS_FAKE, gpu_target, triton_op, wrap_triton
 from fastattn.triton.conv2d import _activation, _dot
 
@@ -321,24 +321,5 @@ if NEEDS_FAKE:  # older torch: a custom_op, whose fake kernel is registered by h
 # Autograd on the forward op: saves x, w and what act' needs (the output for relu, the pre-activation for
 # gelu/silu), backward through triton_linear_bwd; no double backward.
 # --------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    x, w, b, activation, save_preact = inputs
-    out, pre = output
-    saved = out if activation == 1 else pre if activation in (2, 3) else None
-    ctx.save_for_backward(x, w, saved)
-    ctx.activation = activation
-    ctx.has_bias = b is not None
-
-
-def _backward(ctx, grad_out, grad_pre):
-    x, w, saved = ctx.saved_tensors
-    refuse_double_backward("linear (triton)", grad_out, x, w)
-    if ctx.activation in (2, 3) and saved.numel() == 0 and grad_out.numel() != 0:
-        raise RuntimeError("fastattn.linear (triton): backward through gelu/silu needs the forward run with "
-                           "save_preact=True")
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    dx, dw, db = triton_linear_bwd(grad_out.contiguous(), x, w, saved, ctx.activation, mask)
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None, None, None)
-
-
+_setup_context, _backward = make_linear_autograd(triton_linear_bwd, "linear (triton)")
 triton_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
