@@ -4,7 +4,7 @@
                                       [--threads N] [--no-backward] [--only SUBSTRING]
 
 Layers: the seed CNN's first conv (N=64, 3->32, 3x3, 64x64) and its fused conv+ReLU+maxpool block
-(vs torch's three ops), ResNet 3x3 layers (one stride 2), depthwise 3x3 and 7x7, a 1x1; forward and
+(vs torch's three ops), ResNet 3x3 layers (one stride 2), depthwise 3x3 (stride 1 and 2) and 7x7, a 1x1; forward and
 forward+backward (all three gradients). GFLOP/s count 2*N*K*P*Q*C/groups*R*S per forward and 3x
 that for forward+backward. Writes benchmarks/out/conv2d_<device>.md/.csv/.png.
 
@@ -34,6 +34,7 @@ LAYERS = [
     ("3x3 256->256 @14", 32, 256, 14, 256, 3, 1, 1, 1),
     ("3x3 s2 64->128 @56", 32, 64, 56, 128, 3, 2, 1, 1),
     ("dw 3x3 128 @56", 32, 128, 56, 128, 3, 1, 1, 128),
+    ("dw 3x3 s2 128 @56", 32, 128, 56, 128, 3, 2, 1, 128),
     ("dw 7x7 96 @56", 32, 96, 56, 96, 7, 1, 3, 96),
     ("1x1 64->256 @56", 32, 64, 56, 256, 1, 1, 0, 1),
 ]
