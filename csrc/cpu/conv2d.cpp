@@ -632,6 +632,21 @@ FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const doubl
   direct_rows_body(g, l, xp, wp, p0, p1, dst, ldk, pre, b, act);
 }
 
+// d[i] = src[i * stride], i < n (stride 2, the common case, with a constant stride so that it
+// vectorizes with shuffles instead of gathers).
+template <typename T>
+FASTATTN_INLINE void strided_copy_body(const T* src, int64_t stride, int64_t n, T* d) {
+  if (stride == 2) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = src[2 * i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = src[i * stride];
+  }
+}
+FASTATTN_SIMD void strided_copy(const float* s, int64_t stride, int64_t n, float* d) { strided_copy_body(s, stride, n, d); }
+FASTATTN_SIMD void strided_copy(const double* s, int64_t stride, int64_t n, double* d) { strided_copy_body(s, stride, n, d); }
+
 // Fill the phase-split padded buffer (see above) from input rows [ih0, ih0 + HR).
 template <typename T>
 void pad_rows(const Geom& g, const DirectLayout& l, const T* x, int64_t ih0, T* xp) {
@@ -646,9 +661,12 @@ void pad_rows(const Geom& g, const DirectLayout& l, const T* x, int64_t ih0, T* 
       if (g.sw == 1) {
         std::copy(src, src + std::max<int64_t>(jmax, 0), d + g.pl);
       } else {
-        for (int64_t iw = 0; iw < jmax; ++iw) {
-          const int64_t j = iw + g.pl;
-          d[(j % g.sw) * l.WPs + j / g.sw] = src[iw];
+        // Phase by phase: padded columns j = j0, j0 + sw, ... (j0 the first >= pl in phase ph)
+        // go to row[ph * WPs + j / sw], from input column j - pl: one strided read per phase.
+        for (int64_t ph = 0; ph < g.sw; ++ph) {
+          const int64_t j0 = g.pl + ((ph - g.pl) % g.sw + g.sw) % g.sw;
+          if (j0 >= g.pl + jmax) continue;
+          strided_copy(src + (j0 - g.pl), g.sw, ceil_div(g.pl + jmax - j0, g.sw), d + ph * l.WPs + j0 / g.sw);
         }
       }
     }
