@@ -113,46 +113,56 @@ def test_depthwise_tiles(dtype, shape):
                      grads(torch_conv(xr, wr, br, **kw, activation="relu"), [xr, wr, br], g), atol=tol * 10, rtol=tol)
 
 
-# float32 depthwise with stride 1, no dilation and a 3x3/5x5/7x7 kernel, more than 16 columns
-# out, runs fixed-size tiles (4 rows x 4 vectors when wider than 32 columns, else 4 x 2) on
+# float32 depthwise with stride 1 or 2, no dilation and a 3x3/5x5/7x7 kernel, more than 16
+# columns out, runs fixed-size tiles (4 rows x 4 vectors when wider than 32 columns, else 4 x 2) on
 # AVX-512 CPUs: widths just over 16 and 32 and off the vector, rows below 4 (1-row tiles) and
 # off 4 (the last tile overlaps the one before it), padding that differs per side (none, or more
 # than the kernel's half), channel multiplier 2, no bias, batch 1, gelu with the saved
-# pre-activation; grad-input of these convs runs the same tiles (the flipped kernel).
-# (N, C, H, W, K, kernel, groups, bias, padding (top, bottom, left, right))
+# pre-activation; grad-input of the stride-1 convs runs the same tiles (the flipped kernel).
+# Stride 2 (MobileNet's downsampling; the rows split by column phase): odd and even sizes,
+# padding 0, 1, 2 and lopsided, multiplier 2, 5x5 and 7x7, 1-row tiles.
+# (N, C, H, W, K, kernel, groups, bias, padding (top, bottom, left, right), stride)
 DEPTHWISE_FIXED_SHAPES = [
-    (2, 3, 12, 17, 3, 3, 3, True, (1, 1, 1, 1)),      # 17 wide: 4 x 2 tiles, 12 rows
-    (1, 2, 3, 40, 2, 3, 2, True, (1, 1, 0, 2)),       # 3 rows: 1-row tiles; 40 wide: 4 x 4
-    (2, 4, 9, 33, 8, 5, 4, False, (2, 1, 3, 0)),      # multiplier 2, 6 rows (overlap), 32 wide
-    (1, 3, 23, 61, 3, 7, 3, True, (3, 3, 3, 3)),      # 7x7, 61 wide (4 vectors), 23 rows
-    (2, 2, 14, 29, 2, 7, 2, True, (3, 3, 0, 6)),      # 7x7, lopsided columns: 29 wide
-    (1, 2, 5, 21, 2, 5, 2, True, (0, 0, 0, 0)),       # no padding: 1 row, 17 wide
+    (2, 3, 12, 17, 3, 3, 3, True, (1, 1, 1, 1), 1),      # 17 wide: 4 x 2 tiles, 12 rows
+    (1, 2, 3, 40, 2, 3, 2, True, (1, 1, 0, 2), 1),       # 3 rows: 1-row tiles; 40 wide: 4 x 4
+    (2, 4, 9, 33, 8, 5, 4, False, (2, 1, 3, 0), 1),      # multiplier 2, 6 rows (overlap), 32 wide
+    (1, 3, 23, 61, 3, 7, 3, True, (3, 3, 3, 3), 1),      # 7x7, 61 wide (4 vectors), 23 rows
+    (2, 2, 14, 29, 2, 7, 2, True, (3, 3, 0, 6), 1),      # 7x7, lopsided columns: 29 wide
+    (1, 2, 5, 21, 2, 5, 2, True, (0, 0, 0, 0), 1),       # no padding: 1 row, 17 wide
+    (2, 3, 56, 56, 3, 3, 3, True, (1, 1, 1, 1), 2),      # MobileNet's: 28 x 28 (4 x 2 tiles)
+    (1, 5, 23, 37, 5, 3, 5, False, (1, 1, 1, 1), 2),     # odd sizes: 12 x 19, 5 channels
+    (2, 2, 21, 70, 4, 3, 2, True, (0, 0, 0, 0), 2),      # multiplier 2, no padding: 10 x 34 (4 x 4)
+    (1, 3, 19, 75, 3, 5, 3, True, (2, 2, 2, 2), 2),      # 5x5 pad 2: 10 x 38, 2 rows overlap
+    (1, 2, 25, 41, 2, 7, 2, True, (3, 2, 0, 5), 2),      # 7x7, lopsided: 11 x 20
+    (2, 2, 5, 40, 2, 3, 2, True, (1, 0, 2, 1), 2),       # 2 rows: 1-row tiles, 20 wide
 ]
 
 
 @needs_native
-@pytest.mark.parametrize("shape", DEPTHWISE_FIXED_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"-p{s[8]}")
+@pytest.mark.parametrize("shape", DEPTHWISE_FIXED_SHAPES,
+                         ids=lambda s: "x".join(map(str, s[:6])) + f"-p{s[8]}-s{s[9]}")
 def test_depthwise_fixed_tiles(shape):
-    N, C, H, W, K, k, groups, bias, pad = shape
+    N, C, H, W, K, k, groups, bias, pad, stride = shape
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
     w = torch.randn(K, 1, k, k, generator=gen, dtype=torch.float64)
     b = torch.randn(K, generator=gen, dtype=torch.float64) if bias else None
     xpad = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
     for act, code in ((None, 0), ("gelu", 2)):
-        ref = torch_conv(xpad, w, b, groups=groups, activation=act)
-        out, pre = torch.ops.fastattn.conv2d_fwd(x.float(), w.float(), b.float() if bias else None, [1, 1], list(pad),
-                                                 [1, 1], groups, code, act == "gelu")
+        ref = torch_conv(xpad, w, b, stride=stride, groups=groups, activation=act)
+        assert ref.shape[-1] > 16
+        out, pre = torch.ops.fastattn.conv2d_fwd(x.float(), w.float(), b.float() if bias else None, [stride] * 2,
+                                                 list(pad), [1, 1], groups, code, act == "gelu")
         assert out.shape == ref.shape
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
         if act == "gelu":
-            torch.testing.assert_close(pre.double(), F.conv2d(xpad, w, b, groups=groups), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(pre.double(), F.conv2d(xpad, w, b, stride, groups=groups), atol=1e-4, rtol=1e-4)
     # Gradients through the op (symmetric padding only there); grad-input runs the same tiles.
     if pad[0] == pad[1] == pad[2] == pad[3]:
         xs, ws, bs = leaves(x.float(), w.float(), b.float() if bias else None)
         xr, wr, br = leaves(x, w, b)
-        out = conv2d(xs, ws, bs, padding=pad[0], groups=groups, activation="relu", backend="cpu")
-        ref = torch_conv(xr, wr, br, padding=pad[0], groups=groups, activation="relu")
+        out = conv2d(xs, ws, bs, stride=stride, padding=pad[0], groups=groups, activation="relu", backend="cpu")
+        ref = torch_conv(xr, wr, br, stride=stride, padding=pad[0], groups=groups, activation="relu")
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
         g = torch.randn_like(ref)
         assert_close_all([t.double() for t in grads(out, [xs, ws, bs], g.float())],

@@ -397,60 +397,75 @@ FASTATTN_INLINE void depthwise_rows_tiled(const Geom& g, const DirectLayout& l, 
 }
 
 #if FASTATTN_DEPTHWISE_V4
-// Depthwise with stride 1, no dilation and a square 3x3, 5x5 or 7x7 kernel (float; the common
-// case): the same row reuse as above, with the kernel size and the tile (4 rows x NC vectors)
-// fixed at compile time. The tile's input rows go in three stretches: ramp-up (rows 0..2, read
-// by output rows 0..ii), steady (every output row reads the input row) and ramp-down, so which
-// output rows an input row feeds is known without a test per row; taps are unrolled and every
-// load is a displacement off one row pointer (tap s of vector b at row + s + 16 b).
+// Depthwise with stride 1 or 2, no dilation and a square 3x3, 5x5 or 7x7 kernel (float; the
+// common cases, MobileNet's downsampling layers included): the same row reuse as above, with the
+// kernel size, the stride and the tile (4 rows x NC vectors) fixed at compile time. Stride 1:
+// the tile's input rows go in three stretches: ramp-up (rows 0..2, read by output rows 0..ii),
+// steady (every output row reads the input row) and ramp-down; stride 2: the 2 NR + R - 2 input
+// rows fully unrolled (each feeds at most ceil(R / 2) output rows). Either way which output
+// rows an input row feeds is known at compile time, without a test per row; taps are unrolled
+// and every load is a displacement off one row pointer (tap s of vector b at row + s + 16 b for
+// stride 1; with stride 2 the row is split by column phase, so tap s is at
+// row + (s % 2) * wps + s / 2 + 16 b: still whole-vector loads).
 //
 // GCC, left alone, merges the loads of one weight from every input row into one value and keeps
 // the kernel's weights live across the tile (spilling the accumulators), and folds each input
 // load into every FMA that uses it; the empty asm statements below stop both.
 typedef float VecF __attribute__((vector_size(64)));
 
-template <int S, int NR, int NC>
-FASTATTN_INLINE void depthwise_fixed_row(VecF (&acc)[NR][NC], const float* row, const float* w, int ii, int jlo,
-                                         int jhi) {
+// Input row ii of the tile into output rows [jlo, jhi] (kernel row ii - j * ST of output row j).
+template <int S, int ST, int NR, int NC>
+FASTATTN_INLINE void depthwise_fixed_row(VecF (&acc)[NR][NC], const float* row, int64_t wps, const float* w, int ii,
+                                         int jlo, int jhi) {
   asm("" : "+r"(w));  // weights reloaded for each input row
 #pragma GCC unroll 8
   for (int s = 0; s < S; ++s) {
     VecF xv[NC];
 #pragma GCC unroll 4
     for (int b = 0; b < NC; ++b) {
-      std::memcpy(&xv[b], row + s + b * 16, sizeof(VecF));
+      std::memcpy(&xv[b], row + (s % ST) * wps + s / ST + b * 16, sizeof(VecF));
       asm("" : "+v"(xv[b]));  // one load per vector and tap, used by every output row
     }
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       if (j < jlo || j > jhi) continue;
-      const float wv = w[((ii - j) * S + s) * KB];
+      const float wv = w[((ii - j * ST) * S + s) * KB];
 #pragma GCC unroll 4
       for (int b = 0; b < NC; ++b) acc[j][b] += xv[b] * wv;
     }
   }
 }
 
-// Output rows [0, NR) x NC vectors from the tile's NR + R - 1 input rows (xrow: the first, at the
-// tile's first column); w: the channel's taps with stride KB; out: [NR][NC * 16]. Not inlined:
-// on its own the tile gets all 32 registers (inlined into the loops below, next to the
-// epilogue's code, GCC spilled accumulators: 160 -> 110 GFLOP/s on one core).
-template <int R, int NR, int NC>
-__attribute__((noinline, target("arch=x86-64-v4"))) void depthwise_fixed_tile(const float* xrow, int64_t ld_row, const float* w, float* out) {
+// Output rows [0, NR) x NC vectors (stride ST) from the tile's (NR - 1) ST + R input rows (xrow:
+// the first, at the tile's first column; wps: the column phase width for stride 2); w: the
+// channel's taps with stride KB; out: [NR][NC * 16]. Not inlined: on its own the tile gets all 32
+// registers (inlined into the loops below, next to the epilogue's code, GCC spilled
+// accumulators: 160 -> 110 GFLOP/s on one core).
+template <int R, int ST, int NR, int NC>
+__attribute__((noinline, target("arch=x86-64-v4"))) void depthwise_fixed_tile(const float* xrow, int64_t ld_row,
+                                                                             int64_t wps, const float* w, float* out) {
   VecF acc[NR][NC];
 #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 4
     for (int b = 0; b < NC; ++b) acc[j][b] = VecF{};
+  if constexpr (ST == 1) {
 #pragma GCC unroll 8
-  for (int ii = 0; ii < NR - 1; ++ii)  // ramp-up: output rows j <= ii (kernel row ii - j < R)
-    depthwise_fixed_row<R, NR, NC>(acc, xrow + ii * ld_row, w, ii, std::max(0, ii - R + 1), ii);
-  for (int ii = NR - 1; ii < R; ++ii)  // steady: all NR output rows
-    depthwise_fixed_row<R, NR, NC>(acc, xrow + ii * ld_row, w, ii, 0, NR - 1);
-  constexpr int down = R > NR - 1 ? R : NR - 1;
+    for (int ii = 0; ii < NR - 1; ++ii)  // ramp-up: output rows j <= ii (kernel row ii - j < R)
+      depthwise_fixed_row<R, 1, NR, NC>(acc, xrow + ii * ld_row, wps, w, ii, std::max(0, ii - R + 1), ii);
+    for (int ii = NR - 1; ii < R; ++ii)  // steady: all NR output rows
+      depthwise_fixed_row<R, 1, NR, NC>(acc, xrow + ii * ld_row, wps, w, ii, 0, NR - 1);
+    constexpr int down = R > NR - 1 ? R : NR - 1;
 #pragma GCC unroll 8
-  for (int ii = down; ii < NR + R - 1; ++ii)  // ramp-down: output rows j >= ii - R + 1
-    depthwise_fixed_row<R, NR, NC>(acc, xrow + ii * ld_row, w, ii, ii - R + 1, std::min(ii, NR - 1));
+    for (int ii = down; ii < NR + R - 1; ++ii)  // ramp-down: output rows j >= ii - R + 1
+      depthwise_fixed_row<R, 1, NR, NC>(acc, xrow + ii * ld_row, wps, w, ii, ii - R + 1, std::min(ii, NR - 1));
+  } else {
+    // Input row ii feeds output rows j with 0 <= ii - j ST < R: j in [ceil((ii - R + 1) / ST), ii / ST].
+#pragma GCC unroll 16
+    for (int ii = 0; ii < (NR - 1) * ST + R; ++ii)
+      depthwise_fixed_row<R, ST, NR, NC>(acc, xrow + ii * ld_row, wps, w, ii,
+                                         std::max(0, (ii - R + ST) / ST), std::min(NR - 1, ii / ST));
+  }
 #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 4
@@ -470,7 +485,7 @@ __attribute__((target("arch=x86-64-v4"))) inline void stream_copy_v4(const float
 // run 1-row tiles. With g.stream_out (and no pre-activation), when one tile spans the row its NR
 // output rows are one contiguous run, streamed out in one go (measured on the 56x56 layers, one
 // core: 7x7 8.3 vs 8.9 ms, 3x3 5.6 vs 7.2 ms; 16-byte streaming stores gave the 7x7 gain back).
-template <int R, int NR, int NC>
+template <int R, int ST, int NR, int NC>
 FASTATTN_INLINE void depthwise_fixed_rows(const Geom& g, const DirectLayout& l, const float* xp, const float* wpack,
                                           int64_t p0, int64_t p1, float* dst, int64_t ldk, float* pre,
                                           const float* bias, int64_t act) {
@@ -483,10 +498,10 @@ FASTATTN_INLINE void depthwise_fixed_rows(const Geom& g, const DirectLayout& l, 
     for (int64_t p = p0; p < p1; p += NR) {
       const int nr = p1 - p0 >= NR ? NR : 1;
       const int64_t ps = nr == NR ? std::min(p, p1 - NR) : p;  // the last tile overlaps
-      const float* xrow = xp + (ps - p0) * l.ld_row;
+      const float* xrow = xp + (ps - p0) * ST * l.ld_row;
       for (int64_t q0 = 0; q0 < g.Q; q0 += QT) {
-        if (nr == NR) depthwise_fixed_tile<R, NR, NC>(xrow + q0, l.ld_row, wpack + k, tile);
-        else depthwise_fixed_tile<R, 1, NC>(xrow + q0, l.ld_row, wpack + k, tile);
+        if (nr == NR) depthwise_fixed_tile<R, ST, NR, NC>(xrow + q0, l.ld_row, l.WPs, wpack + k, tile);
+        else depthwise_fixed_tile<R, ST, 1, NC>(xrow + q0, l.ld_row, l.WPs, wpack + k, tile);
         const int64_t qn = std::min<int64_t>(QT, g.Q - q0);
         if (stream) {
           for (int j = 0; j < nr; ++j) epilogue_copy_body(tile + j * QT, run + j * g.Q, (float*)nullptr, g.Q, bk, act);
@@ -503,20 +518,30 @@ FASTATTN_INLINE void depthwise_fixed_rows(const Geom& g, const DirectLayout& l, 
   }
 }
 
+// The kernel size, stride and tile width picked at run time: 4 rows x 4 vectors when the output
+// is wider than 32 columns, else 4 x 2.
+template <int ST>
+FASTATTN_INLINE void depthwise_fixed_stride(const Geom& g, const DirectLayout& l, const float* xp, const float* w,
+                                            int64_t p0, int64_t p1, float* d, int64_t ldk, float* pre,
+                                            const float* b, int64_t act) {
+  if (g.Q > 32) {
+    if (g.R == 7) depthwise_fixed_rows<7, ST, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else if (g.R == 5) depthwise_fixed_rows<5, ST, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else depthwise_fixed_rows<3, ST, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+  } else {
+    if (g.R == 7) depthwise_fixed_rows<7, ST, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else if (g.R == 5) depthwise_fixed_rows<5, ST, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+    else depthwise_fixed_rows<3, ST, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+  }
+}
+
 // The entry point, compiled for AVX-512 only (the asm statements above pin 512-bit registers);
 // other CPUs run the general depthwise tiles.
 __attribute__((target("arch=x86-64-v4"))) void depthwise_fixed(const Geom& g, const DirectLayout& l, const float* xp,
                                                             const float* w, int64_t p0, int64_t p1, float* d,
                                                             int64_t ldk, float* pre, const float* b, int64_t act) {
-  if (g.Q > 32) {
-    if (g.R == 7) depthwise_fixed_rows<7, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
-    else if (g.R == 5) depthwise_fixed_rows<5, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
-    else depthwise_fixed_rows<3, 4, 4>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
-  } else {
-    if (g.R == 7) depthwise_fixed_rows<7, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
-    else if (g.R == 5) depthwise_fixed_rows<5, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
-    else depthwise_fixed_rows<3, 4, 2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
-  }
+  if (g.sh == 2) depthwise_fixed_stride<2>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
+  else depthwise_fixed_stride<1>(g, l, xp, w, p0, p1, d, ldk, pre, b, act);
 }
 #endif  // FASTATTN_DEPTHWISE_V4
 
@@ -524,7 +549,7 @@ template <typename T>
 bool use_depthwise_fixed(const Geom& g) {
 #if FASTATTN_DEPTHWISE_V4
   static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
-  return avx512 && std::is_same_v<T, float> && g.Cg == 1 && g.Kg < 4 && g.sh == 1 && g.sw == 1 && g.dh == 1 &&
+  return avx512 && std::is_same_v<T, float> && g.Cg == 1 && g.Kg < 4 && g.sh == g.sw && g.sh <= 2 && g.dh == 1 &&
          g.dw == 1 && g.R == g.S && (g.R == 3 || g.R == 5 || g.R == 7) && g.Q > 16;
 #else
   return false;
@@ -632,44 +657,47 @@ FASTATTN_SIMD void direct_rows(const Geom& g, const DirectLayout& l, const doubl
   direct_rows_body(g, l, xp, wp, p0, p1, dst, ldk, pre, b, act);
 }
 
-// d[i] = src[i * stride], i < n (stride 2, the common case, with a constant stride so that it
-// vectorizes with shuffles instead of gathers).
+// Fill the phase-split padded buffer (see above) from input rows [ih0, ih0 + HR). Each row is
+// written once: per column phase ph, the padded columns j = j0, j0 + sw, ... (j0 the first >= pl
+// in the phase) that hold input columns j - pl are copied by one strided read (stride 2 with a
+// constant stride, so it vectorizes with shuffles instead of gathers), and the rest of the phase
+// (left and right padding) is zeroed.
 template <typename T>
-FASTATTN_INLINE void strided_copy_body(const T* src, int64_t stride, int64_t n, T* d) {
-  if (stride == 2) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) d[i] = src[2 * i];
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) d[i] = src[i * stride];
-  }
-}
-FASTATTN_SIMD void strided_copy(const float* s, int64_t stride, int64_t n, float* d) { strided_copy_body(s, stride, n, d); }
-FASTATTN_SIMD void strided_copy(const double* s, int64_t stride, int64_t n, double* d) { strided_copy_body(s, stride, n, d); }
-
-// Fill the phase-split padded buffer (see above) from input rows [ih0, ih0 + HR).
-template <typename T>
-void pad_rows(const Geom& g, const DirectLayout& l, const T* x, int64_t ih0, T* xp) {
-  std::fill(xp, xp + g.Cg * l.HR * l.ld_row, T(0));
-  const int64_t jmax = std::min(g.W, l.ld_row - g.pl);  // input columns that fit
+FASTATTN_INLINE void pad_rows_body(const Geom& g, const DirectLayout& l, const T* x, int64_t ih0, T* xp) {
+  const int64_t jend = g.pl + std::max<int64_t>(0, std::min(g.W, l.ld_row - g.pl));  // past the last column that fits
   for (int64_t c = 0; c < g.Cg; ++c)
     for (int64_t i = 0; i < l.HR; ++i) {
       const int64_t ih = ih0 + i;
-      if (ih < 0 || ih >= g.H) continue;
       T* d = xp + (c * l.HR + i) * l.ld_row;
+      if (ih < 0 || ih >= g.H) {
+        std::fill(d, d + l.ld_row, T(0));
+        continue;
+      }
       const T* src = x + (c * g.H + ih) * g.W;
-      if (g.sw == 1) {
-        std::copy(src, src + std::max<int64_t>(jmax, 0), d + g.pl);
-      } else {
-        // Phase by phase: padded columns j = j0, j0 + sw, ... (j0 the first >= pl in phase ph)
-        // go to row[ph * WPs + j / sw], from input column j - pl: one strided read per phase.
-        for (int64_t ph = 0; ph < g.sw; ++ph) {
-          const int64_t j0 = g.pl + ((ph - g.pl) % g.sw + g.sw) % g.sw;
-          if (j0 >= g.pl + jmax) continue;
-          strided_copy(src + (j0 - g.pl), g.sw, ceil_div(g.pl + jmax - j0, g.sw), d + ph * l.WPs + j0 / g.sw);
+      for (int64_t ph = 0; ph < g.sw; ++ph) {
+        T* dph = d + ph * l.WPs;
+        const int64_t j0 = g.pl + ((ph - g.pl) % g.sw + g.sw) % g.sw;
+        const int64_t lo = std::min(j0 / g.sw, l.WPs), n = std::max<int64_t>(0, ceil_div(jend - j0, g.sw));
+        const T* s = src + (j0 - g.pl);
+        std::fill(dph, dph + lo, T(0));
+        if (g.sw == 1) {
+          std::copy(s, s + n, dph + lo);
+        } else if (g.sw == 2) {
+#pragma omp simd
+          for (int64_t t = 0; t < n; ++t) dph[lo + t] = s[2 * t];
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < n; ++t) dph[lo + t] = s[t * g.sw];
         }
+        std::fill(dph + lo + n, dph + l.WPs, T(0));
       }
     }
+}
+FASTATTN_SIMD void pad_rows(const Geom& g, const DirectLayout& l, const float* x, int64_t ih0, float* xp) {
+  pad_rows_body(g, l, x, ih0, xp);
+}
+FASTATTN_SIMD void pad_rows(const Geom& g, const DirectLayout& l, const double* x, int64_t ih0, double* xp) {
+  pad_rows_body(g, l, x, ih0, xp);
 }
 
 // The forward of one (image, group, rows [p0, p1)) into dst (see direct_rows), either way.
