@@ -1041,9 +1041,12 @@ bool grad_input_as_conv(const Geom& g, const T* gz, const T* w, T* dx) {
 // (h + pt) % sh == a only receive kernel rows r = a, a + sh, a + 2 sh, ... (Ra of them), and
 // dx[row m*sh + a of the padded input] = sum_i gz[m - i] * w[a + i*sh]: a stride-1 conv of gz with
 // that sub-kernel flipped, padded by Ra - 1 - m0 on top (m0: the phase's first row). The same
-// for columns. Each of the sh*sw phases runs on the forward kernels into a buffer, then its rows
-// and columns are interleaved into dx. Not taken (false) if a phase has no taps (kernel smaller
-// than the stride) or would need negative padding (padding > kernel - 1).
+// for columns. Each of the sh*sw phases runs on the forward kernels (Forward::rows, the phase's
+// own geometry and packed sub-kernel). Work goes in units of (image, group, row phase a, block of
+// that phase's rows): the unit runs its sw column phases into small buffers and interleaves
+// them into the dx rows at once, while they are in cache (stride 2: one pass that writes whole
+// dx rows, two phase values per pair of columns). Not taken (false) if a phase has no taps
+// (kernel smaller than the stride) or would need negative padding (padding > kernel - 1).
 struct Phase {
   int64_t a, n, first, pad_lo, pad_hi, out;  // offset, taps, first output index, padding, outputs
 };
@@ -1060,6 +1063,18 @@ inline bool make_phase(int64_t a, int64_t R, int64_t sh, int64_t pt, int64_t H, 
   return ph.n > 0 && ph.pad_lo >= 0;
 }
 
+// d[2 i] = s0[i], d[2 i + 1] = s1[i] for i < n (the two column phases of a stride-2 row).
+template <typename T>
+FASTATTN_INLINE void interleave2_body(const T* s0, const T* s1, int64_t n, T* d) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    d[2 * i] = s0[i];
+    d[2 * i + 1] = s1[i];
+  }
+}
+FASTATTN_SIMD void interleave2(const float* s0, const float* s1, int64_t n, float* d) { interleave2_body(s0, s1, n, d); }
+FASTATTN_SIMD void interleave2(const double* s0, const double* s1, int64_t n, double* d) { interleave2_body(s0, s1, n, d); }
+
 template <typename T>
 bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
   if ((g.sh == 1 && g.sw == 1) || g.dh != 1 || g.dw != 1) return false;
@@ -1068,11 +1083,18 @@ bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
     if (!make_phase(a, g.R, g.sh, g.pt, g.H, g.P, rows[a])) return false;
   for (int64_t b = 0; b < g.sw; ++b)
     if (!make_phase(b, g.S, g.sw, g.pl, g.W, g.Q, cols[b])) return false;
-  std::vector<T> wf, buf;
-  for (const Phase& pr : rows)
-    for (const Phase& pc : cols) {
-      if (pr.out == 0 || pc.out == 0) continue;
-      Geom t = g;  // conv of gz (K channels, P x Q) to C channels with the flipped sub-kernel
+  // The conv of each phase (a, b): of gz (K channels, P x Q) to C channels with the flipped sub-kernel.
+  struct PhaseConv {
+    Geom t;
+    std::vector<T> wf, wpack;  // wf: [G][Cg][Kg][R'][S'] (taps flipped); wpack: its direct-kernel packing
+  };
+  std::vector<PhaseConv> conv(g.sh * g.sw);
+  int64_t rb = std::numeric_limits<int64_t>::max();  // phase rows per unit
+  for (int64_t a = 0; a < g.sh; ++a)
+    for (int64_t b = 0; b < g.sw; ++b) {
+      const Phase &pr = rows[a], &pc = cols[b];
+      Geom& t = conv[a * g.sw + b].t;
+      t = g;
       t.C = g.K; t.H = g.P; t.W = g.Q; t.K = g.C; t.Cg = g.Kg; t.Kg = g.Cg;
       t.R = pr.n; t.S = pc.n; t.CRS = t.Cg * t.R * t.S;
       t.sh = t.sw = 1;
@@ -1082,7 +1104,9 @@ bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
       t.direct = !t.pointwise;
       t.TM = std::min(t.P * t.Q, std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(t.CRS, 1)));
       t.keep_cached = true;
-      wf.resize(t.K * t.CRS);  // [G][Cg][Kg][R'][S'], taps flipped
+      t.stream_out = false;
+      std::vector<T>& wf = conv[a * g.sw + b].wf;
+      wf.resize(t.K * t.CRS);
       for (int64_t grp = 0; grp < g.G; ++grp)
         for (int64_t c = 0; c < g.Cg; ++c)
           for (int64_t k = 0; k < g.Kg; ++k)
@@ -1091,21 +1115,60 @@ bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
                 wf[(((grp * g.Cg + c) * g.Kg + k) * t.R + i) * t.S + j] =
                     w[(((grp * g.Kg + k) * g.Cg + c) * g.R + pr.a + (t.R - 1 - i) * g.sh) * g.S + pc.a +
                       (t.S - 1 - j) * g.sw];
-      buf.resize(g.N * g.C * t.P * t.Q);
-      forward_impl<T>(t, gz, wf.data(), nullptr, kNone, buf.data(), nullptr);
-      // Row m (>= first) of the phase is padded input row m*sh + a, input row m*sh + a - pt.
-      at::parallel_for(0, g.N * g.C, grain(pr.out * pc.out), [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const T* src = buf.data() + plane * t.P * t.Q;
-          T* d = dx + plane * g.H * g.W + (pc.first * g.sw + pc.a - g.pl);
-          for (int64_t m = 0; m < pr.out; ++m) {
-            const T* sr = src + m * t.Q;
-            T* dr = d + ((pr.first + m) * g.sh + pr.a - g.pt) * g.W;
-            for (int64_t n = 0; n < pc.out; ++n) dr[n * g.sw] = sr[n];
+      if (t.direct) conv[a * g.sw + b].wpack = pack_weight(t, wf.data());
+      if (pr.out > 0 && pc.out > 0) rb = std::min(rb, rows_per_unit(t));
+    }
+  if (rb == std::numeric_limits<int64_t>::max()) return true;  // no input pixel (cannot happen: H, W >= 1)
+  int64_t nrb = 1;  // blocks per row phase (the most any phase needs)
+  for (const Phase& pr : rows) nrb = std::max(nrb, ceil_div(pr.out, rb));
+  const int64_t units = g.N * g.G * g.sh * nrb;
+  at::parallel_for(0, units, grain(g.Cg * rb * g.Q * g.Kg * g.R * g.S / (g.sh * g.sw)), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch;
+    std::vector<std::vector<T>> buf(g.sw);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n = u / (g.G * g.sh * nrb), grp = u / (g.sh * nrb) % g.G, a = u / nrb % g.sh;
+      const Phase& pr = rows[a];
+      const int64_t m0 = (u % nrb) * rb, m1 = std::min(pr.out, m0 + rb);
+      if (m0 >= m1) continue;
+      for (int64_t b = 0; b < g.sw; ++b) {  // phase (a, b)'s rows [m0, m1), channels of the group
+        const PhaseConv& pcv = conv[a * g.sw + b];
+        if (cols[b].out == 0) continue;
+        buf[b].resize(g.Cg * (m1 - m0) * pcv.t.Q);
+        Forward<T> fw{pcv.t, gz, pcv.wf.data(), pcv.wpack.data(), nullptr, kNone};
+        fw.rows(n, grp, m0, m1, buf[b].data(), (m1 - m0) * pcv.t.Q, nullptr, scratch);
+      }
+      // Row m of the phase is padded input row (first + m) sh + a, input row (first + m) sh + a - pt;
+      // column j of column phase b is input column (first_b + j) sw + b - pl.
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int64_t m = m0; m < m1; ++m) {
+          T* dr = dx + ((n * g.C + grp * g.Cg + c) * g.H + (pr.first + m) * g.sh + pr.a - g.pt) * g.W;
+          const T* src[2] = {nullptr, nullptr};
+          for (int64_t b = 0; b < g.sw; ++b) {
+            const Phase& pc = cols[b];
+            if (pc.out == 0) continue;
+            const int64_t Qb = conv[a * g.sw + b].t.Q;
+            const T* sr = buf[b].data() + (c * (m1 - m0) + m - m0) * Qb;
+            if (g.sw == 2 && b < 2) src[b] = sr;
+            if (g.sw != 2 || cols[0].out == 0 || cols[1].out == 0) {
+              T* d = dr + pc.first * g.sw + pc.a - g.pl;
+              for (int64_t j = 0; j < pc.out; ++j) d[j * g.sw] = sr[j];
+            }
+          }
+          if (g.sw == 2 && cols[0].out > 0 && cols[1].out > 0) {
+            // Padded column 2 u + b holds phase b's value u - first_b: pairs (2u, 2u + 1) for the u
+            // both phases cover, in one pass; the (at most one per side) leftovers one by one.
+            const Phase &c0 = cols[0], &c1 = cols[1];
+            const int64_t ulo = std::max(c0.first, c1.first), uhi = std::min(c0.first + c0.out, c1.first + c1.out);
+            T* d = dr - g.pl;  // d[padded column]
+            for (int64_t u = c0.first; u < std::min(ulo, c0.first + c0.out); ++u) d[2 * u] = src[0][u - c0.first];
+            for (int64_t u = std::max(uhi, c0.first); u < c0.first + c0.out; ++u) d[2 * u] = src[0][u - c0.first];
+            for (int64_t u = c1.first; u < std::min(ulo, c1.first + c1.out); ++u) d[2 * u + 1] = src[1][u - c1.first];
+            for (int64_t u = std::max(uhi, c1.first); u < c1.first + c1.out; ++u) d[2 * u + 1] = src[1][u - c1.first];
+            if (uhi > ulo) interleave2(src[0] + (ulo - c0.first), src[1] + (ulo - c1.first), uhi - ulo, d + 2 * ulo);
           }
         }
-      });
     }
+  });
   return true;
 }
 
