@@ -1119,55 +1119,75 @@ bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
       if (pr.out > 0 && pc.out > 0) rb = std::min(rb, rows_per_unit(t));
     }
   if (rb == std::numeric_limits<int64_t>::max()) return true;  // no input pixel (cannot happen: H, W >= 1)
-  int64_t nrb = 1;  // blocks per row phase (the most any phase needs)
+  int64_t nrb = 1;  // blocks of phase rows per (image, group): the most any row phase needs
   for (const Phase& pr : rows) nrb = std::max(nrb, ceil_div(pr.out, rb));
-  const int64_t units = g.N * g.G * g.sh * nrb;
-  at::parallel_for(0, units, grain(g.Cg * rb * g.Q * g.Kg * g.R * g.S / (g.sh * g.sw)), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch;
-    std::vector<std::vector<T>> buf(g.sw);
+  // A unit covering whole planes (one block) writes a contiguous Cg x H x W run of dx: when dx is
+  // too big to stay in cache and the run is small, the unit assembles it in a local buffer and
+  // streams it out (no read-for-ownership of dx's lines; float on AVX-512).
+  const int64_t run = g.Cg * g.H * g.W;
+#if FASTATTN_DEPTHWISE_V4
+  static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
+  const bool stream = avx512 && std::is_same_v<T, float> && nrb == 1 && run * int64_t(sizeof(T)) <= (int64_t(64) << 10) &&
+                      g.N * g.C * g.H * g.W * int64_t(sizeof(T)) >= kStreamBytes;
+#else
+  const bool stream = false;
+#endif
+  at::parallel_for(0, g.N * g.G * nrb, grain(g.Cg * rb * g.Q * g.Kg * g.R * g.S), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch, local(stream ? run : 0);
+    std::vector<std::vector<T>> buf(g.sh * g.sw);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t n = u / (g.G * g.sh * nrb), grp = u / (g.sh * nrb) % g.G, a = u / nrb % g.sh;
-      const Phase& pr = rows[a];
-      const int64_t m0 = (u % nrb) * rb, m1 = std::min(pr.out, m0 + rb);
-      if (m0 >= m1) continue;
-      for (int64_t b = 0; b < g.sw; ++b) {  // phase (a, b)'s rows [m0, m1), channels of the group
-        const PhaseConv& pcv = conv[a * g.sw + b];
-        if (cols[b].out == 0) continue;
-        buf[b].resize(g.Cg * (m1 - m0) * pcv.t.Q);
-        Forward<T> fw{pcv.t, gz, pcv.wf.data(), pcv.wpack.data(), nullptr, kNone};
-        fw.rows(n, grp, m0, m1, buf[b].data(), (m1 - m0) * pcv.t.Q, nullptr, scratch);
-      }
-      // Row m of the phase is padded input row (first + m) sh + a, input row (first + m) sh + a - pt;
-      // column j of column phase b is input column (first_b + j) sw + b - pl.
-      for (int64_t c = 0; c < g.Cg; ++c)
-        for (int64_t m = m0; m < m1; ++m) {
-          T* dr = dx + ((n * g.C + grp * g.Cg + c) * g.H + (pr.first + m) * g.sh + pr.a - g.pt) * g.W;
-          const T* src[2] = {nullptr, nullptr};
-          for (int64_t b = 0; b < g.sw; ++b) {
-            const Phase& pc = cols[b];
-            if (pc.out == 0) continue;
-            const int64_t Qb = conv[a * g.sw + b].t.Q;
-            const T* sr = buf[b].data() + (c * (m1 - m0) + m - m0) * Qb;
-            if (g.sw == 2 && b < 2) src[b] = sr;
-            if (g.sw != 2 || cols[0].out == 0 || cols[1].out == 0) {
+      const int64_t n = u / (g.G * nrb), grp = u / nrb % g.G, m0 = (u % nrb) * rb;
+      T* dxg = stream ? local.data() : dx + (n * g.C + grp * g.Cg) * g.H * g.W;  // [Cg][H][W]
+      for (int64_t a = 0; a < g.sh; ++a) {
+        const Phase& pr = rows[a];
+        const int64_t m1 = std::min(pr.out, m0 + rb);
+        if (m0 >= m1) continue;
+        for (int64_t b = 0; b < g.sw; ++b) {  // phase (a, b)'s rows [m0, m1), channels of the group
+          const PhaseConv& pcv = conv[a * g.sw + b];
+          if (cols[b].out == 0) continue;
+          std::vector<T>& bb = buf[a * g.sw + b];
+          bb.resize(g.Cg * (m1 - m0) * pcv.t.Q);
+          Forward<T> fw{pcv.t, gz, pcv.wf.data(), pcv.wpack.data(), nullptr, kNone};
+          fw.rows(n, grp, m0, m1, bb.data(), (m1 - m0) * pcv.t.Q, nullptr, scratch);
+        }
+        // Row m of the phase is padded input row (first + m) sh + a, input row (first + m) sh + a - pt;
+        // column j of column phase b is input column (first_b + j) sw + b - pl.
+        for (int64_t c = 0; c < g.Cg; ++c)
+          for (int64_t m = m0; m < m1; ++m) {
+            T* dr = dxg + (c * g.H + (pr.first + m) * g.sh + pr.a - g.pt) * g.W;
+            auto src = [&](int64_t b) {
+              return buf[a * g.sw + b].data() + (c * (m1 - m0) + m - m0) * conv[a * g.sw + b].t.Q;
+            };
+            if (g.sw == 2 && cols[0].out > 0 && cols[1].out > 0) {
+              // Padded column 2 u + b holds phase b's value u - first_b: pairs (2u, 2u + 1) for the u
+              // both phases cover, in one pass; the (at most one per side) leftovers one by one.
+              const Phase &c0 = cols[0], &c1 = cols[1];
+              const T *s0 = src(0) - c0.first, *s1 = src(1) - c1.first;  // s_b[u]
+              const int64_t e0 = c0.first + c0.out, e1 = c1.first + c1.out;
+              const int64_t ulo = std::max(c0.first, c1.first), uhi = std::max(ulo, std::min(e0, e1));
+              T* d = dr - g.pl;  // d[padded column]
+              for (int64_t u = c0.first; u < std::min(ulo, e0); ++u) d[2 * u] = s0[u];
+              for (int64_t u = std::max(uhi, c0.first); u < e0; ++u) d[2 * u] = s0[u];
+              for (int64_t u = c1.first; u < std::min(ulo, e1); ++u) d[2 * u + 1] = s1[u];
+              for (int64_t u = std::max(uhi, c1.first); u < e1; ++u) d[2 * u + 1] = s1[u];
+              interleave2(s0 + ulo, s1 + ulo, uhi - ulo, d + 2 * ulo);
+              continue;
+            }
+            for (int64_t b = 0; b < g.sw; ++b) {
+              const Phase& pc = cols[b];
+              if (pc.out == 0) continue;
+              const T* sr = src(b);
               T* d = dr + pc.first * g.sw + pc.a - g.pl;
               for (int64_t j = 0; j < pc.out; ++j) d[j * g.sw] = sr[j];
             }
           }
-          if (g.sw == 2 && cols[0].out > 0 && cols[1].out > 0) {
-            // Padded column 2 u + b holds phase b's value u - first_b: pairs (2u, 2u + 1) for the u
-            // both phases cover, in one pass; the (at most one per side) leftovers one by one.
-            const Phase &c0 = cols[0], &c1 = cols[1];
-            const int64_t ulo = std::max(c0.first, c1.first), uhi = std::min(c0.first + c0.out, c1.first + c1.out);
-            T* d = dr - g.pl;  // d[padded column]
-            for (int64_t u = c0.first; u < std::min(ulo, c0.first + c0.out); ++u) d[2 * u] = src[0][u - c0.first];
-            for (int64_t u = std::max(uhi, c0.first); u < c0.first + c0.out; ++u) d[2 * u] = src[0][u - c0.first];
-            for (int64_t u = c1.first; u < std::min(ulo, c1.first + c1.out); ++u) d[2 * u + 1] = src[1][u - c1.first];
-            for (int64_t u = std::max(uhi, c1.first); u < c1.first + c1.out; ++u) d[2 * u + 1] = src[1][u - c1.first];
-            if (uhi > ulo) interleave2(src[0] + (ulo - c0.first), src[1] + (ulo - c1.first), uhi - ulo, d + 2 * ulo);
-          }
-        }
+      }
+#if FASTATTN_DEPTHWISE_V4
+      if constexpr (std::is_same_v<T, float>)
+        if (stream) stream_copy_v4(local.data(), dx + (n * g.C + grp * g.Cg) * g.H * g.W, run);
+#endif
     }
+    if (stream) stream_fence();
   });
   return true;
 }
