@@ -1192,9 +1192,101 @@ bool grad_input_by_phases(const Geom& g, const T* gz, const T* w, T* dx) {
   return true;
 }
 
+// grad-input of a depthwise conv (one input channel per group) with stride 2 and no dilation,
+// e.g. MobileNet's downsampling 3x3: one plane of dx at a time, from the group's Kg planes of gz
+// copied into a zero-bordered buffer gzp (so no tap needs a bounds test). Padded input row
+// y = 2m + a receives kernel rows a + 2i from gz rows m - i, and padded column 2v + b kernel
+// columns b + 2j from gz columns v - j: per dx row, the two column phases are accumulated as
+// unit-stride vector loops over v (acc0: even padded columns, acc1: odd), interleaved into a
+// line and copied into the row. Everything but the dx plane stays in L1.
+struct DwS2Layout {
+  int64_t RO, CO;  // zero rows above / columns left of gz in gzp (ceil(R/2) - 1, ceil(S/2) - 1)
+  int64_t MH, VW;  // gz rows / columns the padded input reaches: m < MH, v < VW
+  int64_t HZ, WZ;  // gzp plane size
+  int64_t v0;      // first gz column of a dx row (padded column pl is 2 v0 + pl % 2)
+};
+inline DwS2Layout dw_s2_layout(const Geom& g) {
+  DwS2Layout l;
+  l.RO = (g.R + 1) / 2 - 1; l.CO = (g.S + 1) / 2 - 1;
+  l.MH = (g.pt + g.H - 1) / 2 + 1; l.VW = (g.pl + g.W - 1) / 2 + 1;
+  l.HZ = l.MH + l.RO; l.WZ = l.VW + l.CO;
+  l.v0 = g.pl / 2;
+  return l;
+}
+
+template <typename T>
+FASTATTN_INLINE void dw_s2_grad_input_plane_body(const Geom& g, const DwS2Layout& l, const T* gz, const T* w, T* gzp,
+                                                 T* acc, T* dx) {
+  const int64_t PQ = g.P * g.Q, RS = g.R * g.S, nv = l.VW - l.v0;
+  std::fill(gzp, gzp + g.Kg * l.HZ * l.WZ, T(0));
+  for (int64_t k = 0; k < g.Kg; ++k)
+    for (int64_t m = 0; m < std::min(g.P, l.MH); ++m)
+      std::copy(gz + k * PQ + m * g.Q, gz + k * PQ + m * g.Q + std::min(g.Q, l.VW),
+                gzp + (k * l.HZ + m + l.RO) * l.WZ + l.CO);
+  T* acc0 = acc;
+  T* acc1 = acc + nv;
+  T* line = acc + 2 * nv;  // padded columns [2 v0, 2 VW)
+  for (int64_t h = 0; h < g.H; ++h) {
+    const int64_t y = h + g.pt, a = y & 1, m = y >> 1;
+    for (int64_t t = 0; t < 2 * nv; ++t) acc[t] = T(0);
+    for (int64_t k = 0; k < g.Kg; ++k)
+      for (int64_t r = a; r < g.R; r += 2) {
+        const T* zr = gzp + (k * l.HZ + m - (r - a) / 2 + l.RO) * l.WZ + l.CO + l.v0;  // zr[t] = gz[m - i][v0 + t]
+        const T* wr = w + k * RS + r * g.S;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const T ws = wr[s];
+          const T* z = zr - s / 2;  // column v - j, j = s / 2
+          T* ac = (s & 1) ? acc1 : acc0;
+#pragma omp simd
+          for (int64_t t = 0; t < nv; ++t) ac[t] += ws * z[t];
+        }
+      }
+    interleave2_body(acc0, acc1, nv, line);
+    std::copy(line + g.pl % 2, line + g.pl % 2 + g.W, dx + h * g.W);
+  }
+}
+FASTATTN_SIMD void dw_s2_grad_input_plane(const Geom& g, const DwS2Layout& l, const float* gz, const float* w,
+                                          float* gzp, float* acc, float* dx) {
+  dw_s2_grad_input_plane_body(g, l, gz, w, gzp, acc, dx);
+}
+FASTATTN_SIMD void dw_s2_grad_input_plane(const Geom& g, const DwS2Layout& l, const double* gz, const double* w,
+                                          double* gzp, double* acc, double* dx) {
+  dw_s2_grad_input_plane_body(g, l, gz, w, gzp, acc, dx);
+}
+
+template <typename T>
+bool depthwise_s2_grad_input(const Geom& g, const T* gz, const T* w, T* dx) {
+  if (g.Cg != 1 || g.sh != 2 || g.sw != 2 || g.dh != 1 || g.dw != 1) return false;
+  const DwS2Layout l = dw_s2_layout(g);
+  // dx planes that are too big for the cache: written to a local plane, streamed out (float, AVX-512).
+  const int64_t HW = g.H * g.W;
+#if FASTATTN_DEPTHWISE_V4
+  static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
+  const bool stream = avx512 && std::is_same_v<T, float> && g.N * g.C * HW * int64_t(sizeof(T)) >= kStreamBytes;
+#else
+  const bool stream = false;
+#endif
+  at::parallel_for(0, g.N * g.C, grain(g.Kg * HW * g.R * g.S / 4), [&](int64_t begin, int64_t end) {
+    std::vector<T> gzp(g.Kg * l.HZ * l.WZ), acc(4 * (l.VW - l.v0) + 1), local(stream ? HW : 0);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.C, c = plane % g.C;  // group c: output channels c Kg ... c Kg + Kg - 1
+      T* d = stream ? local.data() : dx + plane * HW;
+      dw_s2_grad_input_plane(g, l, gz + (n * g.K + c * g.Kg) * g.P * g.Q, w + c * g.Kg * g.R * g.S, gzp.data(),
+                             acc.data(), d);
+#if FASTATTN_DEPTHWISE_V4
+      if constexpr (std::is_same_v<T, float>)
+        if (stream) stream_copy_v4(local.data(), dx + plane * HW, HW);
+#endif
+    }
+    if (stream) stream_fence();
+  });
+  return true;
+}
+
 template <typename T>
 void grad_input_impl(const Geom& g, const T* gz, const T* w, T* dx) {
   if (grad_input_as_conv(g, gz, w, dx)) return;
+  if (depthwise_s2_grad_input(g, gz, w, dx)) return;
   if (grad_input_by_phases(g, gz, w, dx)) return;
   const int64_t PQ = g.P * g.Q, HW = g.H * g.W;
   const bool few = g.Cg <= 4;  // few input channels per group: accumulate directly, else W^T * dY + col2im
