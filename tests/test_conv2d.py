@@ -185,6 +185,23 @@ def test_streamed_big_output(shape):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+# Depthwise stride-2 grad-input with dx of 16 MiB or more: planes streamed out of a local buffer.
+@needs_native
+def test_depthwise_s2_grad_input_streamed():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 32, 256, 257, generator=gen)
+    w = torch.randn(32, 1, 3, 3, generator=gen)
+    assert x.numel() * 4 >= 16 << 20
+    g = torch.randn(2, 32, 128, 129, generator=gen)
+    dx, _, _ = torch.ops.fastattn.conv2d_bwd(g, x, w, None, [2, 2], [1, 1, 1, 1], [1, 1], 32, 0,
+                                             [True, False, False])
+    xr = x.double().requires_grad_(True)
+    ref = F.conv2d(xr, w.double(), None, 2, 1, 1, 32)
+    assert ref.shape == g.shape
+    dx_ref, = torch.autograd.grad(ref, [xr], g.double())
+    torch.testing.assert_close(dx.double(), dx_ref, atol=1e-4, rtol=1e-4)
+
+
 # grad-input with stride > 1 and no dilation runs by phase: sh*sw stride-1 convs of dY with the
 # kernel's taps of one phase, flipped, on the forward kernels (wide, depthwise, few-channel and
 # 1x1 GEMM tiles), interleaved into dX. Strides 2 and 3 and mixed, odd sizes (phases of unequal
@@ -203,10 +220,23 @@ STRIDED_GRAD_INPUT = [
     (1, 4, 9, 8, 4, 3, 2, (3, 0, 0, 3), 1, 1),            # padding 3 >= kernel 3 (fallback)
     (2, 4, 12, 11, 6, 3, 2, (2, 2, 2, 2), 2, 1),          # dilation 2 (fallback)
 ]
+# Depthwise (one input channel per group) with stride 2 and no dilation has its own grad-input
+# kernel (both column phases of a dx row as vector loops over gz, interleaved): odd and even
+# sizes, padding 0/1/2 and lopsided, padding >= the kernel, channel multiplier 2, channel counts
+# off the vector width, even and rectangular kernels, a 1x1 kernel (odd rows and columns get
+# nothing), batch 1.
+DEPTHWISE_S2_GRAD_INPUT = [
+    (1, 5, 23, 37, 5, 3, 2, (1, 1, 1, 1), 1, 5),          # MobileNet's kind, odd sizes
+    (2, 4, 20, 19, 8, 3, 2, (0, 0, 0, 0), 1, 4),          # multiplier 2, no padding
+    (1, 3, 18, 21, 3, 5, 2, (2, 2, 2, 2), 1, 3),          # 5x5, padding 2
+    (2, 2, 11, 12, 2, (4, 2), 2, (3, 0, 1, 2), 1, 2),     # even, rectangular kernel; padding 3 >= 2
+    (1, 3, 9, 10, 6, 1, 2, (0, 0, 0, 0), 1, 3),           # 1x1, multiplier 2
+    (1, 17, 7, 9, 17, 7, 2, (3, 3, 3, 3), 1, 17),         # 7x7, 17 channels, map smaller than the kernel
+]
 
 
 @needs_native
-@pytest.mark.parametrize("shape", STRIDED_GRAD_INPUT, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}-p{s[7]}")
+@pytest.mark.parametrize("shape", STRIDED_GRAD_INPUT + DEPTHWISE_S2_GRAD_INPUT, ids=lambda s: "x".join(map(str, s[:6])) + f"-s{s[6]}-p{s[7]}")
 def test_strided_grad_input(shape):
     N, C, H, W, K, k, stride, pad, dilation, groups = shape
     kh, kw = (k, k) if isinstance(k, int) else k
@@ -434,7 +464,8 @@ def test_gradcheck():
     torch.manual_seed(0)
     cases = [((1, 2, 4, 5, 3, 3, 1, 1, 1, 1, True), act) for act in (None, "relu", "gelu", "silu")]
     cases += [((1, 4, 5, 4, 4, 3, 2, (1, 0), 1, 2, True), "silu"),  # im2col path, stride, groups
-              ((2, 2, 4, 4, 4, 2, 1, "same", 2, 2, True), "gelu")]  # even kernel 'same', dilation
+              ((2, 2, 4, 4, 4, 2, 1, "same", 2, 2, True), "gelu"),  # even kernel 'same', dilation
+              ((2, 3, 7, 6, 6, 3, 2, 1, 1, 3, True), "relu")]  # depthwise stride 2, multiplier 2
     for shape, act in cases:
         x, w, b, kw = make(shape)
         fn = lambda x, w, b: conv2d(x, w, b, **kw, activation=act, backend="cpu")  # noqa: E731

@@ -13,8 +13,8 @@
 //               weights packed [Kg/32][C*R*S][32] (no im2col, no BLAS);
 //             - depthwise: NR output rows x NC vectors of columns; each input-row vector load
 //               feeds every output row of the tile that reads it (float 3x3/5x5/7x7 stride 1
-//               on AVX-512: the same with the kernel and tile fixed at compile time, 4 rows x 4
-//               vectors, no branches in the tile);
+//               or 2 on AVX-512: the same with the kernel, stride and tile fixed at compile
+//               time, 4 rows x 4 vectors, no branches in the tile);
 //             - otherwise (few channels, e.g. the RGB stem): 8 output channels x 2 vectors of
 //               output columns (or x 2 rows for narrow maps) with broadcast weights.
 //  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
@@ -25,10 +25,12 @@
 // the few-channel tiles for the seed layer too: slower there, so not used).
 //
 // Backward: grad-input with stride 1 is itself a conv (of dY with the flipped, transposed weight)
-// and runs on the direct kernels; with stride > 1 and no dilation it splits into sh*sw such convs,
-// one per phase of the input rows/columns (each with the kernel taps of that phase), interleaved
-// into dX; otherwise it accumulates directly into a padded buffer (few channels) or is
-// W^T * dY + col2im (wide). grad-weight of a wide 3x3 layer runs its own tiles
+// and runs on the direct kernels; depthwise with stride 2 (no dilation) has its own per-plane
+// kernel (both column phases of a dX row as vector loops over dY, interleaved); other strides > 1
+// without dilation split into sh*sw such convs, one per phase of the input rows/columns (each
+// with the kernel taps of that phase), run in cache-sized units and interleaved into dX;
+// otherwise it accumulates directly into a padded buffer (few channels) or is W^T * dY + col2im
+// (wide). grad-weight of a wide 3x3 layer runs its own tiles
 // (9 taps x 2 vectors of output channels over the pixels); other layers use a GEMM over the N*P*Q
 // output pixels (im2col tiles + BLAS), or, for depthwise-like layers, a vectorized per-output-
 // channel reduction. Reductions over images keep one partial sum per fixed chunk of images, added
