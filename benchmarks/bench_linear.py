@@ -86,8 +86,15 @@ def main():
         if not args.no_backward:
             xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
             timings.append(("fwd+bwd", 3 * fl) + timer(fwd_bwd(ours, xs, ws, bs), fwd_bwd(theirs, xs, ws, bs)))
-        for mode, f, t_o, t_t in timings:
-            for impl, t in ((f"fastattn {device.type}", t_o), ("torch", t_t)):
+        if device.type == "cuda":  # our Triton kernels too (auto runs the hand-written CUDA ones)
+            tri = lambda x, w, b: linear(x, w, b, activation=act, backend="triton")  # noqa: E731
+            with torch.no_grad():
+                timings[0] += (common.bench(lambda: tri(x, w, b), device, args.min_time),)
+            if not args.no_backward:
+                timings[1] += (common.bench(fwd_bwd(tri, xs, ws, bs), device, args.min_time),)
+        for mode, f, t_o, t_t, *t_tri in timings:
+            impls = [(f"fastattn {device.type}", t_o), ("torch", t_t)] + [("fastattn triton", t) for t in t_tri]
+            for impl, t in impls:
                 table.add(case=f"{name} {mode}", layer=name, M=M, K=K, N=N, **{"pass": mode}, impl=impl, ms=t * 1e3,
                           **{"GFLOP/s": f / t / 1e9, "vs torch": t_t / t})
     kernel = ""
