@@ -705,3 +705,137 @@ def attn_bwd_dq_block(p, D, VARLEN, bx, h, b):
                     col = half * (D // 2) + n * 8 + 2 * T + c
                     wr = live & (col < p.E)
                     p.dq.write((orow * p.E + col)[wr], (dq[w][:, n, 2 * rr + c] * p.scale)[wr])
+
+
+# ------------------------------------------------------------------------------------------------
+# attention_simt.cuh (fp32 path and the fp16/bf16 fallback): one warp per query (key) row; lane l
+# owns head-dim columns l, l + 32, ... (kSimtCols = 8 of them).
+# ------------------------------------------------------------------------------------------------
+kSimtWarps, kSimtCols = 4, 8
+UCOLS = LANES[:, None] + 32 * np.arange(kSimtCols)[None, :]  # (32, 8) column of (lane, u)
+
+
+def sequence_any(p, b):
+    return sequence(p, b, p.cu_q is not None)
+
+
+def load_row(g, off, n):
+    x = np.zeros((32, kSimtCols))
+    m = UCOLS < n
+    x[m] = g.read(off + UCOLS[m])
+    return x
+
+
+def dot_row(x, g, off, n):
+    m = UCOLS < n
+    y = np.zeros((32, kSimtCols))
+    y[m] = g.read(off + UCOLS[m])
+    return float((x * y).sum())  # per-lane partial sums, then warp_sum: the same total
+
+
+def attn_fwd_simt_warp(p, i, h, b):
+    sq = sequence_any(p, b)
+    if i >= sq.L:
+        return
+    hk = h // p.group
+    kg, vg = k_offset(p, sq, b, hk), v_offset(p, sq, b, hk)
+    q = load_row(p.q, q_offset(p, sq, b, h) + i * p.q_sl, p.E)
+    acc = np.zeros((32, kSimtCols))
+    rhash = drop_row_hash(p, sq, b, h, i) if p.has_dropout else 0
+    j_lo, j_hi = key_range(p, sq, i, i)
+    m, l = -INF, 0.0
+    for j in range(j_lo, j_hi):
+        if not visible(p, sq, i, j):
+            continue
+        s, _ = score_nat(p, np.array([dot_row(q, p.k, kg + j * p.k_sl, p.E)]), b, h, i, j, np.array([True]))
+        s = float(s[0])
+        if s == -INF:
+            continue
+        sl = s * kLog2e
+        m_new = max(m, sl)
+        alpha = 2.0 ** (m - m_new)
+        pr = 2.0 ** (sl - m_new)
+        m = m_new
+        l = l * alpha + pr
+        pk = 0.0 if (p.has_dropout and not drop_keep(p, rhash, j)) else pr
+        vrow = np.zeros((32, kSimtCols))
+        msk = UCOLS < p.Ev
+        vrow[msk] = p.v.read(vg + j * p.v_sl + UCOLS[msk])
+        acc = acc * alpha + np.where(msk, pk * vrow, 0.0)
+    inv = p.drop_scale / l if l > 0 else 0.0
+    orow = out_row(p, sq, b, h, i)
+    msk = UCOLS < p.Ev
+    p.out.write(orow * p.Ev + UCOLS[msk], (acc * inv)[msk])
+    p.lse.write([lse_row(p, sq, b, h, i)], (m + math.log2(l)) * kLn2 if l > 0 else INF)
+
+
+def simt_bwd_entry(p, sq, b, h, i, j, dot, lse_log2):
+    if not visible(p, sq, i, j):
+        return False, 0.0, 0.0
+    s, th = score_nat(p, np.array([dot]), b, h, i, j, np.array([True]))
+    prob = 2.0 ** (float(s[0]) * kLog2e - lse_log2)
+    return prob != 0.0, prob, float(th[0])
+
+
+def attn_bwd_dq_simt_warp(p, i, h, b):
+    sq = sequence_any(p, b)
+    if i >= sq.L:
+        return
+    hk = h // p.group
+    kg, vg = k_offset(p, sq, b, hk), v_offset(p, sq, b, hk)
+    orow, lrow = out_row(p, sq, b, h, i), lse_row(p, sq, b, h, i)
+    q = load_row(p.q, q_offset(p, sq, b, h) + i * p.q_sl, p.E)
+    dO = load_row(p.dout, orow * p.Ev, p.Ev)
+    dq = np.zeros((32, kSimtCols))
+    lse_log2, delta = float(p.lse_in.read(lrow)) * kLog2e, float(p.delta.read(lrow))
+    rhash = drop_row_hash(p, sq, b, h, i) if p.has_dropout else 0
+    j_lo, j_hi = key_range(p, sq, i, i)
+    for j in range(j_lo, j_hi):
+        krow = kg + j * p.k_sl
+        ok, prob, th = simt_bwd_entry(p, sq, b, h, i, j, dot_row(q, p.k, krow, p.E), lse_log2)
+        if not ok:
+            continue
+        z = (p.drop_scale if drop_keep(p, rhash, j) else 0.0) if p.has_dropout else 1.0
+        ds = prob * (dot_row(dO, p.v, vg + j * p.v_sl, p.Ev) * z - delta)
+        if p.has_softcap:
+            ds *= 1.0 - th * th
+        msk = UCOLS < p.E
+        kr = np.zeros((32, kSimtCols))
+        kr[msk] = p.k.read(krow + UCOLS[msk])
+        dq += np.where(msk, ds * kr, 0.0)
+    msk = UCOLS < p.E
+    p.dq.write(orow * p.E + UCOLS[msk], (dq * p.scale)[msk])
+
+
+def attn_bwd_dkdv_simt_warp(p, j, hk, b):
+    sq = sequence_any(p, b)
+    if j >= sq.S:
+        return
+    k = load_row(p.k, k_offset(p, sq, b, hk) + j * p.k_sl, p.E)
+    v = load_row(p.v, v_offset(p, sq, b, hk) + j * p.v_sl, p.Ev)
+    dk = np.zeros((32, kSimtCols))
+    dv = np.zeros((32, kSimtCols))
+    i_lo, i_hi = query_range(p, sq, j, j)
+    for h in range(hk * p.group, (hk + 1) * p.group):
+        qg = q_offset(p, sq, b, h)
+        lrow = lse_row(p, sq, b, h, 0)
+        for i in range(i_lo, i_hi):
+            qrow = qg + i * p.q_sl
+            ok, prob, th = simt_bwd_entry(p, sq, b, h, i, j, dot_row(k, p.q, qrow, p.E),
+                                          float(p.lse_in.read(lrow + i)) * kLog2e)
+            if not ok:
+                continue
+            z = (p.drop_scale if drop_keep(p, drop_row_hash(p, sq, b, h, i), j) else 0.0) if p.has_dropout else 1.0
+            x = load_row(p.dout, out_row(p, sq, b, h, i) * p.Ev, p.Ev)
+            ds = prob * (float((x * v).sum()) * z - float(p.delta.read(lrow + i)))
+            if p.has_softcap:
+                ds *= 1.0 - th * th
+            dv += prob * z * x
+            msk = UCOLS < p.E
+            qr = np.zeros((32, kSimtCols))
+            qr[msk] = p.q.read(qrow + UCOLS[msk])
+            dk += np.where(msk, ds * qr, 0.0)
+    krow = key_row(p, sq, b, hk, j)
+    mk, mv = UCOLS < p.E, UCOLS < p.Ev
+    p.dk.write(krow * p.E + UCOLS[mk], (dk * p.scale)[mk])
+    p.dv.write(krow * p.Ev + UCOLS[mv], dv[mv])

@@ -77,7 +77,8 @@ def vec_ok(E, Ev, arrays):
 
 
 def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, diag=0, softcap=0.0,
-              dropout_p=0.0, bias=False, pad=0, split_keys=0, neg_inf_bias_rows=False, seed=1, STAGES=None):
+              dropout_p=0.0, bias=False, pad=0, split_keys=0, neg_inf_bias_rows=False, seed=1, STAGES=None,
+              simt=False):
     rng = np.random.default_rng(seed)
     qb, q, _ = strided(rng, (B, Hq, L, E), pad)
     kb, k, _ = strided(rng, (B, Hkv, S, E), pad)
@@ -108,7 +109,7 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     p.out = GMem(np.zeros(B * Hq * L * Ev), "out", out=True)
     p.lse = GMem(np.zeros(B * Hq * L), "lse", out=True)
     p.num_splits = 1
-    if split_keys and L <= 16 and S > 0:
+    if split_keys and L <= 16 and S > 0 and not simt:
         sk = -(-split_keys // emu.kFwdBN) * emu.kFwdBN
         splits = -(-S // sk)
         if splits >= 2:
@@ -120,6 +121,10 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     nbx = -(-L // emu.kFwdBM) * p.num_splits
     for b in range(B):
         for h in range(Hq):
+            if simt:
+                for i in range(-(-L // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_fwd_simt_warp(p, i, h, b)
+                continue
             for bx in range(nbx):
                 emu.attn_fwd_mma_block(p, D, False, bx, h, b)
     if p.num_splits > 1:
@@ -152,6 +157,14 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     if STAGES is None:
         STAGES = 2 if D in (64, 128) else 1
     for b in range(B):
+        if simt:
+            for hk in range(Hkv):
+                for j in range(-(-S // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_bwd_dkdv_simt_warp(p, j, hk, b)
+            for h in range(Hq):
+                for i in range(-(-L // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_bwd_dq_simt_warp(p, i, h, b)
+            continue
         for hk in range(Hkv):
             for bx in range(-(-S // emu.kBwdBN)):
                 emu.attn_bwd_dkdv_block(p, D, STAGES, False, bx, hk, b)
@@ -165,11 +178,11 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     errs["dq"] = np.abs(p.dq.a.reshape(q.shape) - tq.grad.numpy()).max()
     errs["dk"] = np.abs(p.dk.a.reshape(k.shape) - tk.grad.numpy()).max()
     errs["dv"] = np.abs(p.dv.a.reshape(v.shape) - tv.grad.numpy()).max()
-    return errs, dict(D=D, vec=p.vec_loads, splits=p.num_splits, STAGES=STAGES)
+    return errs, dict(D=D, vec=p.vec_loads, splits=p.num_splits, STAGES=STAGES, simt=simt)
 
 
 def run_varlen(name, lens_q, lens_k, Hq=2, Hkv=1, E=64, Ev=64, wl=-1, wr=-1, bottom_right=True, softcap=0.0,
-               dropout_p=0.0, seed=3, STAGES=None):
+               dropout_p=0.0, seed=3, STAGES=None, simt=False):
     rng = np.random.default_rng(seed)
     cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int64)
     cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int64)
@@ -195,6 +208,10 @@ def run_varlen(name, lens_q, lens_k, Hq=2, Hkv=1, E=64, Ev=64, wl=-1, wr=-1, bot
     p.lse = GMem(np.zeros(Hq * Tq), "lse", out=True)
     for b in range(N):
         for h in range(Hq):
+            if simt:
+                for i in range(-(-max_L // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_fwd_simt_warp(p, i, h, b)
+                continue
             for bx in range(-(-max_L // emu.kFwdBM)):
                 emu.attn_fwd_mma_block(p, D, True, bx, h, b)
     tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
@@ -221,6 +238,14 @@ def run_varlen(name, lens_q, lens_k, Hq=2, Hkv=1, E=64, Ev=64, wl=-1, wr=-1, bot
     if STAGES is None:
         STAGES = 2 if D in (64, 128) else 1
     for b in range(N):
+        if simt:
+            for hk in range(Hkv):
+                for j in range(-(-max_S // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_bwd_dkdv_simt_warp(p, j, hk, b)
+            for h in range(Hq):
+                for i in range(-(-max_L // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_bwd_dq_simt_warp(p, i, h, b)
+            continue
         for hk in range(Hkv):
             for bx in range(-(-max_S // emu.kBwdBN)):
                 emu.attn_bwd_dkdv_block(p, D, STAGES, True, bx, hk, b)
@@ -234,7 +259,7 @@ def run_varlen(name, lens_q, lens_k, Hq=2, Hkv=1, E=64, Ev=64, wl=-1, wr=-1, bot
     errs["dq"] = np.abs(p.dq.a.reshape(q.shape) - tq.grad.numpy()).max()
     errs["dk"] = np.abs(p.dk.a.reshape(k.shape) - tk.grad.numpy()).max()
     errs["dv"] = np.abs(p.dv.a.reshape(v.shape) - tv.grad.numpy()).max()
-    return errs, dict(D=D, vec=p.vec_loads, STAGES=STAGES)
+    return errs, dict(D=D, vec=p.vec_loads, STAGES=STAGES, simt=simt)
 
 
 CASES = [
@@ -253,6 +278,12 @@ CASES = [
     ("split_kv_window", run_dense, dict(L=5, S=600, wl=100, wr=0, diag=595, split_keys=128)),
     ("d256", run_dense, dict(L=40, S=70, E=256, Ev=256, wl=-1, wr=0, diag=30)),
     ("d128_odd", run_dense, dict(L=20, S=33, E=97, Ev=100, pad=1)),
+    ("simt_bias_softcap_dropout_gqa", run_dense, dict(B=2, Hq=4, Hkv=2, L=21, S=30, E=40, Ev=72, bias=True,
+                                                      softcap=2.0, dropout_p=0.3, neg_inf_bias_rows=True, pad=3,
+                                                      simt=True)),
+    ("simt_window_d256", run_dense, dict(L=19, S=40, E=256, Ev=200, wl=5, wr=0, diag=10, simt=True)),
+    ("simt_varlen", run_varlen, dict(lens_q=[5, 0, 20], lens_k=[9, 4, 33], Hq=4, Hkv=2, wl=-1, wr=0,
+                                     dropout_p=0.2, simt=True)),
     ("varlen_causal", run_varlen, dict(lens_q=[5, 0, 135, 64], lens_k=[70, 20, 200, 64], wl=-1, wr=0)),
     ("varlen_topleft_window_dropout", run_varlen, dict(lens_q=[70, 3], lens_k=[65, 140], Hq=4, Hkv=2, wl=10, wr=30,
                                                        bottom_right=False, dropout_p=0.2, softcap=1.5)),
@@ -342,6 +373,7 @@ def main(argv):
         except AssertionError as e:
             print("%-32s FAIL  %s: %s" % (name, type(e).__name__, e), flush=True)
             fails += 1
+    print("worst shared-memory bank conflicts (n-way):", warp.BANK_WAYS)
     print("failures:", fails)
     return 1 if fails else 0
 

@@ -174,16 +174,33 @@ class Smem:
         return self.val[idx]
 
 
+BANK_WAYS = {}  # access kind -> worst n-way shared-memory bank conflict seen
+
+
+def _bank_ways(word_addr):
+    """n-way conflict of one warp-wide access: most distinct 4-byte words falling in one bank."""
+    words = np.unique(np.asarray(word_addr).ravel())
+    return int(np.bincount(words % 32, minlength=32).max())
+
+
+def note_banks(kind, word_addr):
+    BANK_WAYS[kind] = max(BANK_WAYS.get(kind, 0), _bank_ways(word_addr))
+
+
 def ld32(sm, p, thr):
     """32-bit load of two 16-bit elements at element index p (per lane)."""
     p = np.asarray(p)
     check(p % 2 == 0, "ld32: address not 4-byte aligned")
+    if p.shape == (32,):
+        note_banks("ld32 (fragment loads)", p // 2)
     return np.stack([sm.read(p, thr), sm.read(p + 1, thr)], axis=-1)
 
 
 def st32(sm, p, pair, thr):
     p = np.asarray(p)
     check(p % 2 == 0, "st32: address not 4-byte aligned")
+    if p.shape == (32,):
+        note_banks("st32 (P / dS stores)", p // 2)
     sm.write(p, pair[..., 0], thr)
     sm.write(p + 1, pair[..., 1], thr)
 
@@ -193,7 +210,8 @@ def ldmatrix_x4(sm, row_addr, thr, trans):
     row_addr = np.asarray(row_addr)
     check(row_addr % 8 == 0, "ldmatrix: row address not 16-byte aligned")
     out = np.zeros((32, 4, 2))
-    for m in range(4):
+    for m in range(4):  # one 8x8 matrix (8 rows of 16 bytes) per phase
+        note_banks("ldmatrix (per 8-row phase)", (row_addr[8 * m: 8 * m + 8, None] // 2 + np.arange(4)[None, :]))
         rows = row_addr[8 * m: 8 * m + 8]  # row r of matrix m from lane 8m + r
         mat = sm.read(rows[:, None] + np.arange(8)[None, :], thr[8 * m: 8 * m + 8, None])  # [r][c]
         if trans:
