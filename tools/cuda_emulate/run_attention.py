@@ -26,6 +26,14 @@ from fastattn.ops.attention import (attention_reference, attention_varlen_refere
                                     dropout_threshold)
 
 TOL = 1e-9
+ROUND_DTYPE = None  # --round fp16|bf16: ratios to the GPU tests' tolerance instead of raw errors
+
+
+def set_round(name):
+    global ROUND_DTYPE, TOL
+    ROUND_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    emu.ROUND = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float64)).to(ROUND_DTYPE).double().numpy()
+    TOL = 1.0
 
 
 def head_bucket(E, Ev):
@@ -78,11 +86,15 @@ def vec_ok(E, Ev, arrays):
 
 def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, diag=0, softcap=0.0,
               dropout_p=0.0, bias=False, pad=0, split_keys=0, neg_inf_bias_rows=False, seed=1, STAGES=None,
-              simt=False):
+              simt=False, q_scale=1.0):
     rng = np.random.default_rng(seed)
     qb, q, _ = strided(rng, (B, Hq, L, E), pad)
     kb, k, _ = strided(rng, (B, Hkv, S, E), pad)
     vb, v, _ = strided(rng, (B, Hkv, S, Ev), pad)
+    qb *= q_scale
+    if emu.ROUND is not None:  # inputs in the 16-bit dtype
+        for buf in (qb, kb, vb):
+            buf[...] = emu.ROUND(buf)
     scale = 1.0 / math.sqrt(E)
     p = emu.Params()
     p.q, p.k, p.v = GMem(qb, "q"), GMem(kb, "k"), GMem(vb, "v")
@@ -94,6 +106,7 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     bias_t = None
     if bias:
         bb = rng.standard_normal((B, 1, L, S))  # broadcast over heads: stride 0
+        bb = emu.rnd(bb)
         if neg_inf_bias_rows:
             bb[:, :, 1::7, :] = -np.inf  # some rows see nothing
         bias_v = np.broadcast_to(bb, (B, Hq, L, S))
@@ -146,7 +159,7 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     errs["lse"] = np.abs(lse[fin] - rl_n[fin]).max() if fin.any() else 0.0
 
     # ---- backward (run_bwd: delta, dK/dV, dQ) ----
-    dout = rng.standard_normal((B, Hq, L, Ev))
+    dout = emu.rnd(rng.standard_normal((B, Hq, L, Ev)))
     p.dout = GMem(dout, "dout")
     p.lse_in = GMem(lse, "lse_in")
     p.delta = GMem(np.zeros(B * Hq * L), "delta", out=True)
@@ -178,6 +191,18 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     errs["dq"] = np.abs(p.dq.a.reshape(q.shape) - tq.grad.numpy()).max()
     errs["dk"] = np.abs(p.dk.a.reshape(k.shape) - tk.grad.numpy()).max()
     errs["dv"] = np.abs(p.dv.a.reshape(v.shape) - tv.grad.numpy()).max()
+    if ROUND_DTYPE is not None:  # tests/test_attention_cuda.py's criterion: ours <= 2 x torch-dtype + atol
+        lq, lk, lv = (torch.from_numpy(np.ascontiguousarray(x)).to(ROUND_DTYPE).requires_grad_(True) for x in (q, k, v))
+        lo, _ = attention_reference(lq, lk, lv, None if bias_t is None else bias_t.to(ROUND_DTYPE), dropout_p, scale,
+                                    wl, wr, diag, softcap, seed, compute_dtype=ROUND_DTYPE)
+        lo.backward(torch.from_numpy(dout).to(ROUND_DTYPE))
+        refs = {"out": ro.detach(), "dq": tq.grad, "dk": tk.grad, "dv": tv.grad}
+        lows = {"out": lo.detach(), "dq": lq.grad, "dk": lk.grad, "dv": lv.grad}
+        for nm, r in refs.items():
+            theirs = (lows[nm].double() - r).abs().max().item()
+            atol = 1e-3 * max(1.0, r.abs().max().item())
+            errs[nm] = errs[nm] / (2 * theirs + atol)  # <= 1 passes the GPU test
+        errs["lse"] = errs["lse"] / (2e-2 * max(1.0, np.abs(rl_n[fin]).max()))
     return errs, dict(D=D, vec=p.vec_loads, splits=p.num_splits, STAGES=STAGES, simt=simt)
 
 
@@ -349,7 +374,33 @@ def run_fuzz(n, seed=0):
     return 1 if fails else 0
 
 
+ROUND_CASES = [  # shapes like tests/test_attention_cuda.py's (dense)
+    ("r_plain", dict(B=1, Hq=2, Hkv=2, L=129, S=100, E=64, Ev=64)),
+    ("r_causal_dropout", dict(B=1, Hq=2, Hkv=1, L=129, S=100, E=64, Ev=64, wl=-1, wr=0, diag=0, dropout_p=0.1)),
+    ("r_large_logits", dict(B=1, Hq=2, Hkv=2, L=129, S=129, E=64, Ev=64, q_scale=8.0)),
+    ("r_softcap_bias", dict(B=1, Hq=2, Hkv=2, L=70, S=90, E=128, Ev=128, softcap=5.0, bias=True)),
+    ("r_d256", dict(B=1, Hq=1, Hkv=1, L=40, S=70, E=256, Ev=256)),
+]
+
+
+def run_round(dtype_name):
+    set_round(dtype_name)
+    fails = 0
+    for name, kw in ROUND_CASES:
+        t0 = time.time()
+        errs, info = run_dense(name, **kw)
+        ok = max(errs.values()) <= 1.0
+        print("%-20s %s %s  %s  %.1fs" % (name, dtype_name, "OK  " if ok else "FAIL",
+                                          " ".join("%s=%.2f" % kv for kv in errs.items()), time.time() - t0),
+              flush=True)
+        fails += not ok
+    print("(numbers: error / the GPU test's tolerance; <= 1 passes)  failures:", fails)
+    return 1 if fails else 0
+
+
 def main(argv):
+    if len(argv) > 2 and argv[1] == "--round":
+        return run_round(argv[2])
     if len(argv) > 1 and argv[1] == "--mutants":
         return run_mutants()
     if len(argv) > 1 and argv[1] == "--fuzz":
