@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_conv2d import bench_cpu_time_pair  # noqa: E402
+from benchmarks.bench_conv2d import bench_cpu_time_pair, fwd_bwd  # noqa: E402
 from fastattn import _ext  # noqa: E402
 from fastattn.ops.linear import linear  # noqa: E402
 
@@ -38,14 +38,6 @@ LAYERS = [
     ("big 1024->1024", 4096, 1024, 1024, None),
 ]
 TORCH_ACT = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-
-
-def fwd_bwd(f, x, w, b):
-    def run():
-        for t in (x, w, b):
-            t.grad = None
-        f(x, w, b).sum().backward()
-    return run
 
 
 def main():
