@@ -7,6 +7,7 @@
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -53,6 +54,9 @@ void epilogue_rows(int64_t r0, int64_t r1, int64_t N, T* C, int64_t ldc, const G
 template <typename T>
 void gemm_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
                const T* B, int64_t ldb, T beta, T* C, int64_t ldc, const GemmEpilogue<T>& ep, bool parallel) {
+  constexpr int64_t kMax = 2147483647;  // BLAS takes int sizes
+  TORCH_CHECK(M <= kMax && N <= kMax && K <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+              "fastattn gemm: a dimension is too large for BLAS");
   blas(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   if (!has_epilogue(ep)) return;
   auto rows = [&](int64_t r0, int64_t r1) { epilogue_rows(r0, r1, N, C, ldc, ep); };
