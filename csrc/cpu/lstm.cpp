@@ -1177,7 +1177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
 #endif
     // 1. the input projection of every step (the biases join in the pointwise pass)
-    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
+    gemm<T_>(false, true, T * B, 4 * H, I, x.const_data_ptr<T_>(), I, wi.const_data_ptr<T_>(), I, T_(0), G, 4 * H);
     // 2. the recurrence
     const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
     const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
@@ -1345,7 +1345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         std::memcpy(DWH + n * P, dw.data() + n * (I + P) + I, P * sizeof(T_));
       }
     } else {
-      WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, DX);
+      gemm<T_>(false, false, N, I, 4 * H, DG, 4 * H, wi.const_data_ptr<T_>(), I, T_(0), DX, I);
       weight_grad<T_>(4 * H, I, N, DG, X, dwi.data_ptr<T_>());
       weight_grad<T_>(4 * H, P, N, DG, HP, dwh.data_ptr<T_>());
     }
