@@ -92,7 +92,8 @@ namespace {
 //           for each NR panel of the chunk:   B panel (KC x NR, 32 KB) stays in L1 ...
 //             for each MR panel of the rows:  ... while the A panels stream from L2 through it
 //               C tile (MR x NR) = alpha * A panel x B panel + (first K block ? beta * C : C)
-//               last K block: bias + activation (+ the pre-activation copy) while the tile is in L1
+//               last K block: + bias in registers, then the activation (and the pre-activation
+//               copy) from an L1 scratch tile into C
 //
 // Micro-kernel 14 x 32: 28 zmm accumulators + 2 B vectors + 1 broadcast A value = 31 of the 32
 // zmm registers. Per k: 2 vector loads, 14 broadcasts, 28 FMAs (14 cycles on Zen 5's two 512-bit
@@ -196,10 +197,13 @@ __attribute__((target("avx512f"))) void pack_b_panel(bool trans_b, const float* 
   }
 }
 
-// C tile (mr x nr <= kMR x kNR) = alpha * a_panel x b_panel + (load_c ? beta * C : 0).
+// C tile (mr x nr <= kMR x kNR) = alpha * a_panel x b_panel + (load_c ? beta * C : 0) (+ bias[0:nr]).
+// With `tile` the result goes there instead (kMR x kNR, row stride kNR, 64-byte aligned), whole
+// vectors: the epilogue reads it back at once, which a masked store to C would stall (AMD CPUs
+// do not forward masked stores to loads).
 __attribute__((target("avx512f"))) void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
                                                     float* c, int64_t ldc, int64_t mr, int64_t nr, float alpha,
-                                                    float beta, bool load_c) {
+                                                    float beta, bool load_c, const float* bias, float* tile) {
   __m512 acc[kMR][kNV];
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r)
@@ -217,8 +221,12 @@ __attribute__((target("avx512f"))) void micro_kernel(int64_t kc, const float* __
     }
   }
   __mmask16 mask[kNV];
+  __m512 bias_v[kNV];
 #pragma GCC unroll 4
-  for (int v = 0; v < kNV; ++v) mask[v] = first_n(nr - 16 * v);
+  for (int v = 0; v < kNV; ++v) {
+    mask[v] = first_n(nr - 16 * v);
+    bias_v[v] = bias ? _mm512_maskz_loadu_ps(mask[v], bias + 16 * v) : _mm512_setzero_ps();
+  }
   const __m512 alpha_v = _mm512_set1_ps(alpha), beta_v = _mm512_set1_ps(beta);
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
@@ -226,24 +234,19 @@ __attribute__((target("avx512f"))) void micro_kernel(int64_t kc, const float* __
 #pragma GCC unroll 4
     for (int v = 0; v < kNV; ++v) {
       float* cp = c + r * ldc + 16 * v;
-      __m512 x = _mm512_mul_ps(acc[r][v], alpha_v);
+      __m512 x = _mm512_fmadd_ps(acc[r][v], alpha_v, bias_v[v]);
       if (load_c) x = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask[v], cp), x);
-      _mm512_mask_storeu_ps(cp, mask[v], x);
+      if (tile) _mm512_store_ps(tile + r * kNR + 16 * v, x);
+      else _mm512_mask_storeu_ps(cp, mask[v], x);
     }
   }
 }
 
-// The epilogue on a finished tile (rows of nr columns, ldc apart) while it is in L1.
-__attribute__((target("avx512f"))) void epilogue_tile(float* c, float* pre, int64_t ldc, int64_t mr, int64_t nr,
-                                                     const float* bias, int64_t act) {
-  for (int64_t r = 0; r < mr; ++r) {
-    float* y = c + r * ldc;
-    if (bias) {
-#pragma omp simd
-      for (int64_t j = 0; j < nr; ++j) y[j] += bias[j];
-    }
-    act::epilogue_body(y, pre ? pre + r * ldc : nullptr, nr, 0.0f, act);
-  }
+// The epilogue of a finished tile: C rows = act(tile rows), pre rows = tile rows (nr columns).
+__attribute__((target("avx512f"))) void epilogue_tile(const float* tile, float* c, float* pre, int64_t ldc, int64_t mr,
+                                                     int64_t nr, int64_t act) {
+  for (int64_t r = 0; r < mr; ++r)
+    act::epilogue_copy_body(tile + r * kNR, c + r * ldc, pre ? pre + r * ldc : nullptr, nr, 0.0f, act);
 }
 
 // Aligned scratch that grows and is kept per thread (packed blocks: no allocation per call).
@@ -300,6 +303,7 @@ void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
       auto run_units = [&](int64_t u0, int64_t u1) {
         static thread_local Scratch a_scratch;
         float* apack = a_scratch.get(kMC * kKC);
+        alignas(64) float tile[kMR * kNR];
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t rb = u / col_chunks, cb = u % col_chunks;
           const int64_t m0 = (rb * tiles / row_blocks) * kMR, m1 = std::min(M, ((rb + 1) * tiles / row_blocks) * kMR);
@@ -315,11 +319,10 @@ void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
               for (int64_t m = m0; m < m1; m += kMR) {
                 const int64_t mr = std::min<int64_t>(kMR, m1 - m);
                 float* c = C + m * ldc + n;
+                const bool fuse = last && epilogue;  // the epilogue on this tile, through `tile`
                 micro_kernel(kc, apack + (m - m0) * kc, bp, c, ldc, mr, nr, alpha, first ? beta : 1.0f,
-                             !first || beta != 0.0f);
-                if (last && epilogue)
-                  epilogue_tile(c, ep.pre ? ep.pre + m * ldc + n : nullptr, ldc, mr, nr,
-                                ep.bias ? ep.bias + n : nullptr, ep.act);
+                             !first || beta != 0.0f, fuse && ep.bias ? ep.bias + n : nullptr, fuse ? tile : nullptr);
+                if (fuse) epilogue_tile(tile, c, ep.pre ? ep.pre + m * ldc + n : nullptr, ldc, mr, nr, ep.act);
               }
             }
           }
