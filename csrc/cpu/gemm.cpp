@@ -262,6 +262,87 @@ struct Scratch {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Thin products (M or N <= kThin): packing would cost as much as the product (a GEMV reads each
+// element of the big operand once), so they run unpacked, as plain vector loops over the side that
+// is contiguous. With t(i, j) the thin side (i < mt <= kThin), P (mt x K) and Q (K x nt) strided:
+//   Q rows contiguous (q_js == 1):  acc[i][:] += P(i, k) * Q[k, :]   for k   (axpy, Q read once)
+//   Q columns contiguous (q_ks == 1): t(i, j) = dot(P[i, :], Q[:, j])        (P rows copied first)
+// thin N is the thin M of C^T = op(B)^T op(A)^T. The epilogue follows on C's rows.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kThin = 4;
+
+// t(i, j) at T[i * t_is + j * t_js] = alpha * P Q + beta * t (beta == 0: t is not read), for j in [j0, j1).
+__attribute__((target("avx512f"))) void thin_product(int64_t mt, int64_t j0, int64_t j1, int64_t K, float alpha,
+                                                    const float* P, int64_t p_is, int64_t p_ks, const float* Q,
+                                                    int64_t q_ks, int64_t q_js, float beta, float* T, int64_t t_is,
+                                                    int64_t t_js, float* scratch) {
+  const int64_t nj = j1 - j0;
+  auto finish = [&](int64_t i, int64_t j, float v) {
+    float* t = T + i * t_is + j * t_js;
+    *t = beta == 0.0f ? alpha * v : alpha * v + beta * *t;
+  };
+  if (q_js == 1) {
+    for (int64_t i = 0; i < mt; ++i) {
+      float* acc = scratch + i * nj;
+      std::fill(acc, acc + nj, 0.0f);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* q = Q + k * q_ks + j0;
+      for (int64_t i = 0; i < mt; ++i) {
+        const float p = P[i * p_is + k * p_ks];
+        float* acc = scratch + i * nj;
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) acc[j] += p * q[j];
+      }
+    }
+    for (int64_t i = 0; i < mt; ++i)
+      for (int64_t j = 0; j < nj; ++j) finish(i, j0 + j, scratch[i * nj + j]);
+  } else {
+    for (int64_t i = 0; i < mt; ++i)
+      for (int64_t k = 0; k < K; ++k) scratch[i * K + k] = P[i * p_is + k * p_ks];
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* q = Q + j * q_js;
+      for (int64_t i = 0; i < mt; ++i) {
+        const float* p = scratch + i * K;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < K; ++k) s += p[k] * q[k];
+        finish(i, j, s);
+      }
+    }
+  }
+}
+
+void gemm_thin(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const GemmEpilogue<float>& ep,
+               bool parallel) {
+  // the thin side's rows are C's rows (M <= kThin) or columns (N <= kThin, C^T = op(B)^T op(A)^T)
+  const bool rows = M <= kThin;
+  const int64_t mt = rows ? M : N, nt = rows ? N : M;
+  const float* P = rows ? A : B;
+  const int64_t p_is = rows ? (trans_a ? 1 : lda) : (trans_b ? ldb : 1);
+  const int64_t p_ks = rows ? (trans_a ? lda : 1) : (trans_b ? 1 : ldb);
+  const float* Q = rows ? B : A;
+  const int64_t q_ks = rows ? (trans_b ? 1 : ldb) : (trans_a ? lda : 1);
+  const int64_t q_js = rows ? (trans_b ? ldb : 1) : (trans_a ? 1 : lda);
+  const int64_t t_is = rows ? ldc : 1, t_js = rows ? 1 : ldc;
+  auto run = [&](int64_t j0, int64_t j1) {
+    static thread_local Scratch scratch;
+    float* buf = scratch.get(mt * std::max(K, j1 - j0));
+    thin_product(mt, j0, j1, K, alpha, P, p_is, p_ks, Q, q_ks, q_js, beta, C, t_is, t_js, buf);
+  };
+  const bool threads = parallel && at::get_num_threads() > 1 && !at::in_parallel_region() &&
+                       M * N * K >= kParallelFmas;
+  if (threads) at::parallel_for(0, nt, 256, run);
+  else run(0, nt);
+  if (has_epilogue(ep)) {
+    auto ep_rows = [&](int64_t r0, int64_t r1) { epilogue_rows<float>(r0, r1, N, C, ldc, ep); };
+    if (threads) at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), ep_rows);
+    else ep_rows(0, M);
+  }
+}
+
 void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
                  const GemmEpilogue<float>& ep, bool parallel) {
@@ -354,6 +435,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   }
 #ifdef FASTATTN_HAVE_AVX512_GEMM
   if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512() && std::min(M, N) <= kThin)
+      return gemm_thin(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ep, parallel);
     if (cpu_has_avx512())
       return gemm_avx512(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ep, parallel);
   }
@@ -368,7 +451,7 @@ template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const 
 
 const char* gemm_kernel_name() {
 #ifdef FASTATTN_HAVE_AVX512_GEMM
-  if (cpu_has_avx512()) return "avx512 packed 14x32 (KC 256, MC 168, NC 1024)";
+  if (cpu_has_avx512()) return "avx512 packed 14x32 (KC 256, MC 168, NC 1024); M or N <= 4: unpacked";
 #endif
   return "blas (sgemm_/dgemm_ of libtorch_cpu)";
 }
