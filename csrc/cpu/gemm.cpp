@@ -370,12 +370,14 @@ void gemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
 
     for (int64_t kg = 0; kg < K; kg += group_k) {
       const int64_t kg_end = std::min(K, kg + group_k), blocks = (kg_end - kg + kKC - 1) / kKC;
-      // B panel p of K block q: bpack + (q * panels + p) * kKC * kNR
+      // B panel p of K block q: bpack + (q * panels + p) * kKC * kNR. The threads pack runs of panels
+      // (all K blocks of each), the same runs their column chunks read when M is small: in the
+      // packing thread's own L2.
       auto pack_b = [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t q = i / panels, p = i % panels, pc = kg + q * kKC;
+          const int64_t p = i / blocks, q = i % blocks, pc = kg + q * kKC;
           pack_b_panel(trans_b, B, ldb, pc, std::min(kKC, K - pc), jc + p * kNR, std::min<int64_t>(kNR, nc - p * kNR),
-                       bpack + i * kKC * kNR);
+                       bpack + (q * panels + p) * kKC * kNR);
         }
       };
       if (threads) at::parallel_for(0, blocks * panels, 1, pack_b);
