@@ -95,6 +95,7 @@ EDGE_SHAPES = [
     (300, THIN, 40),
     (THIN + 1, 300, 40),
     (300, THIN + 1, 40),
+    (2, 65536 + 7, 3),  # the thin path's column blocks
 ]
 
 
