@@ -4,7 +4,7 @@
     c (M, N) = act(alpha * op(a) @ op(b) + beta * c + bias), written in place; pre = the value before act.
 
 float runs the AVX-512 packed kernel on CPUs that have it (MR x NR = 14 x 32 micro-tiles, K blocks of
-256, row blocks of 168, column blocks of 1024; M or N <= 4: unpacked loops), double the BLAS path; the
+256, row blocks of 168, column blocks of 1024; M or N <= 4 (16 for dots): unpacked), double BLAS; the
 shapes below sit on both sides of each of those sizes, and the operands are sub-matrix views (leading
 dimension > width).
 """
@@ -16,7 +16,8 @@ import torch
 from fastattn import _C
 
 MR, NR, KC, MC, NC = 14, 32, 256, 168, 1024
-THIN = 4  # M or N <= THIN: the unpacked path
+THIN = 4  # M or N <= THIN: the unpacked path (axpy or dot form)
+THIN_DOTS = 16  # M or N <= THIN_DOTS with op(A)/op(B) both running along K (e.g. NT): the dot form
 
 ACTS = {
     0: lambda z: z,
@@ -96,6 +97,10 @@ EDGE_SHAPES = [
     (THIN + 1, 300, 40),
     (300, THIN + 1, 40),
     (2, 65536 + 7, 3),  # the thin path's column blocks
+    (THIN_DOTS, 200, 33),
+    (THIN_DOTS + 1, 200, 33),
+    (200, THIN_DOTS, 33),
+    (7, 9, 1),
 ]
 
 
@@ -110,7 +115,7 @@ def test_shapes(shape, trans, dtype):
 # big enough to be split over the threads: by row blocks (M large) or by column chunks (M small)
 @pytest.mark.parametrize("parallel", [True, False], ids=["par", "serial"])
 @pytest.mark.parametrize("trans", TRANS, ids=["NN", "NT", "TN", "TT"])
-@pytest.mark.parametrize("shape", [(3, 2000, 100), (2000, 3, 100), (8, 256, 256), (64, 300, 129), (400, 70, 300), (2 * MC + 5, 2 * NR + 3, KC + 7)],
+@pytest.mark.parametrize("shape", [(3, 2000, 100), (2000, 3, 100), (12, 3000, 64), (8, 256, 256), (64, 300, 129), (400, 70, 300), (2 * MC + 5, 2 * NR + 3, KC + 7)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_parallel(shape, trans, parallel):
     run_case(*shape, *trans, alpha=0.75, beta=1.0, parallel=parallel, dtype=torch.float32)

@@ -2,7 +2,7 @@
 //
 // float on a CPU with AVX-512: a packed, cache-blocked GEMM (BLIS's loop nest) written here, about
 // twice MKL's sgemm on the AMD Zen 5 it was tuned on (MKL takes a slow path on AMD CPUs); thin
-// products (M or N <= 4, GEMV-like) as unpacked vector loops.
+// products (M or N <= 4, GEMV-like, or <= 16 when both operands run along K) unpacked.
 // double, and float without AVX-512: the BLAS that libtorch_cpu exports (sgemm_/dgemm_), then the
 // epilogue row by row.
 #include "gemm.h"
@@ -264,14 +264,37 @@ struct Scratch {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Thin products (M or N <= kThin): packing would cost as much as the product (a GEMV reads each
-// element of the big operand once), so they run unpacked, as plain vector loops over the side that
-// is contiguous. With t(i, j) the thin side (i < mt <= kThin), P (mt x K) and Q (K x nt) strided:
+// Thin products (M or N <= kThin, or <= kThinDots when the dot form applies): packing would cost
+// as much as the product (a GEMV reads each element of the big operand once), so they run unpacked,
+// over the side that is contiguous. With t(i, j) the thin side (i < mt), P (mt x K), Q (K x nt):
 //   Q rows contiguous (q_js == 1):  acc[i][:] += P(i, k) * Q[k, :]   for k   (axpy, Q read once)
-//   Q columns contiguous (q_ks == 1): t(i, j) = dot(P[i, :], Q[:, j])        (P rows copied first)
+//   Q columns contiguous (q_ks == 1): t(i, j) = dot(P[i, :], Q[:, j]), 4 x 4 blocks of dots in
+//                                     registers (P rows copied first; a Linear's x @ w^T at M <= 16)
 // thin N is the thin M of C^T = op(B)^T op(A)^T. The epilogue follows on C's rows.
+// kThinDots = 16: at K = N = 256..1024 the dots ran 160-190 GF/s on one Zen 5 core from M = 8 on,
+// the packed kernel 90-120 at M = 8..16 (packing B costs about what the product does) and the same
+// as the dots from M = 24.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kThin = 4;
+constexpr int64_t kThin = 4, kThinDots = 16;
+
+// d[i][j] = dot(p + i * K, q[j]) over K, i, j < 4: 16 accumulators, per 16 k 8 loads and 16 FMAs.
+__attribute__((target("avx512f"))) void dot_4x4(const float* p, int64_t K, const float* const (&q)[4],
+                                               float (&d)[4][4]) {
+  __m512 acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = first_n(K - k);
+    __m512 pv[4];
+    for (int i = 0; i < 4; ++i) pv[i] = _mm512_maskz_loadu_ps(m, p + i * K + k);
+    for (int j = 0; j < 4; ++j) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q[j] + k);
+      for (int i = 0; i < 4; ++i) acc[i][j] = _mm512_fmadd_ps(pv[i], qv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) d[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
 
 // t(i, j) at T[i * t_is + j * t_js] = alpha * P Q + beta * t (beta == 0: t is not read), for j in [j0, j1).
 __attribute__((target("avx512f"))) void thin_product(int64_t mt, int64_t j0, int64_t j1, int64_t K, float alpha,
@@ -300,16 +323,18 @@ __attribute__((target("avx512f"))) void thin_product(int64_t mt, int64_t j0, int
     for (int64_t i = 0; i < mt; ++i)
       for (int64_t j = 0; j < nj; ++j) finish(i, j0 + j, scratch[i * nj + j]);
   } else {
-    for (int64_t i = 0; i < mt; ++i)
-      for (int64_t k = 0; k < K; ++k) scratch[i * K + k] = P[i * p_is + k * p_ks];
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* q = Q + j * q_js;
-      for (int64_t i = 0; i < mt; ++i) {
-        const float* p = scratch + i * K;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < K; ++k) s += p[k] * q[k];
-        finish(i, j, s);
+    // P's rows copied contiguous, padded with zero rows to a multiple of 4; then 4 x 4 blocks of dots
+    const int64_t mt4 = (mt + 3) / 4 * 4;
+    for (int64_t i = 0; i < mt4; ++i)
+      for (int64_t k = 0; k < K; ++k) scratch[i * K + k] = i < mt ? P[i * p_is + k * p_ks] : 0.0f;
+    float d[4][4];
+    for (int64_t i = 0; i < mt; i += 4) {
+      for (int64_t j = j0; j < j1; j += 4) {
+        const float* q[4];
+        for (int jj = 0; jj < 4; ++jj) q[jj] = Q + std::min(j + jj, j1 - 1) * q_js;  // past j1: a repeat
+        dot_4x4(scratch + i * K, K, q, d);
+        for (int64_t ii = i; ii < std::min(mt, i + 4); ++ii)
+          for (int64_t jj = j; jj < std::min(j1, j + 4); ++jj) finish(ii, jj, d[ii - i][jj - j]);
       }
     }
   }
@@ -318,8 +343,8 @@ __attribute__((target("avx512f"))) void thin_product(int64_t mt, int64_t j0, int
 void gemm_thin(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const GemmEpilogue<float>& ep,
                bool parallel) {
-  // the thin side's rows are C's rows (M <= kThin) or columns (N <= kThin, C^T = op(B)^T op(A)^T)
-  const bool rows = M <= kThin;
+  // the thin side's rows are C's rows (M <= N) or columns (C^T = op(B)^T op(A)^T)
+  const bool rows = M <= N;
   const int64_t mt = rows ? M : N, nt = rows ? N : M;
   const float* P = rows ? A : B;
   const int64_t p_is = rows ? (trans_a ? 1 : lda) : (trans_b ? ldb : 1);
@@ -333,7 +358,7 @@ void gemm_thin(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
   constexpr int64_t kJBlock = 65536;
   auto run = [&](int64_t j0, int64_t j1) {
     static thread_local Scratch scratch;
-    float* buf = scratch.get(mt * std::max(K, std::min(kJBlock, j1 - j0)));
+    float* buf = scratch.get((mt + 3) / 4 * 4 * std::max(K, std::min(kJBlock, j1 - j0)));
     for (int64_t jb = j0; jb < j1; jb += kJBlock)
       thin_product(mt, jb, std::min(j1, jb + kJBlock), K, alpha, P, p_is, p_ks, Q, q_ks, q_js, beta, C, t_is, t_js,
                    buf);
@@ -443,7 +468,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   }
 #ifdef FASTATTN_HAVE_AVX512_GEMM
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx512() && std::min(M, N) <= kThin)
+    const bool dots = M <= N ? trans_b : !trans_a;  // the thin side's partner is contiguous in k
+    if (cpu_has_avx512() && (std::min(M, N) <= kThin || (dots && std::min(M, N) <= kThinDots)))
       return gemm_thin(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ep, parallel);
     if (cpu_has_avx512())
       return gemm_avx512(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ep, parallel);
@@ -459,7 +485,7 @@ template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const 
 
 const char* gemm_kernel_name() {
 #ifdef FASTATTN_HAVE_AVX512_GEMM
-  if (cpu_has_avx512()) return "avx512 packed 14x32 (KC 256, MC 168, NC 1024); M or N <= 4: unpacked";
+  if (cpu_has_avx512()) return "avx512 packed 14x32 (KC 256, MC 168, NC 1024); thin M or N: unpacked";
 #endif
   return "blas (sgemm_/dgemm_ of libtorch_cpu)";
 }

@@ -17,8 +17,8 @@
 //
 // Kernels (gemm_kernel_name()): float on CPUs with AVX-512 runs gemm.cpp's packed, cache-blocked
 // kernel (14 x 32 register tiles; about twice MKL's sgemm on AMD Zen 5, where MKL takes a slow
-// path), with thin products (M or N <= 4) as unpacked vector loops; it keeps per-thread packing
-// buffers between calls (<= ~4 MB per calling thread, ~170 KB per worker). double, and float
+// path), with thin products (M or N <= 4, or <= 16 for x @ w^T-like ones) unpacked; it keeps
+// per-thread packing buffers between calls (<= ~4 MB per calling thread, ~170 KB per worker). double, and float
 // without AVX-512, call the BLAS that libtorch_cpu exports (sgemm_/dgemm_), then the epilogue.
 #pragma once
 #include <cstdint>
