@@ -257,6 +257,7 @@ struct Scratch {
   float* get(int64_t n) {
     if (n > size) {
       buf.reset(static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64)));
+      TORCH_CHECK(buf, "fastattn gemm: out of memory for a ", n * sizeof(float), "-byte packing buffer");
       size = n;
     }
     return buf.get();
