@@ -105,6 +105,8 @@ namespace {
 //   KC = 256: a B panel is 256 x 32 x 4 B = 32 KB (L1) and an A panel 14 x 256 x 4 B = 14 KB;
 //   MC = 168 (12 A panels): the packed A block is 168 KB, in L2 next to the B block's panels;
 //   NC = 1024: a K block of packed B is <= 1 MB (L2/L3); packed B is shared by the threads.
+// (KC 192 / 256 / 384 and MC 168 / 336 measured within 3% of each other on one core, ~240-275
+// GF/s at M = 4096 and 1024^3: the micro-kernel runs near the FMA pipes' peak either way.)
 // Threads: two passes per group (pack B, then the units); most calls have one group.
 // Packing absorbs trans_a / trans_b and the leading dimensions, and zero-pads the edges (rows past
 // M, columns past N), so every tile runs the same kernel; the stores to C are masked at the edges.
