@@ -64,9 +64,11 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        print("bench_gemm: CPU only (csrc/cpu/gemm.h); the CUDA and Triton GEMMs are timed by bench_linear.py")
+        return
     name = f"gemm_{torch.get_num_threads()}t"
-    table = common.Table(name, ["case", "M", "N", "K", "ours GF/s", "ours med", "torch GF/s", "torch med",
-                                "vs torch"])
+    table = common.Table(name, ["case", "M", "N", "K", "impl", "GF/s", "GF/s (median)", "vs torch"])
     for label, M, N, K, ta, tb in cases(args.quick):
         torch.manual_seed(0)
         a = torch.randn(K, M) if ta else torch.randn(M, K)
@@ -77,13 +79,13 @@ def main():
         clock = time.process_time if args.cpu_time else time.perf_counter
         ours = timing(lambda: _C.gemm(a, b, c, ta, tb, 1.0, 0.0, None, 0, False), args.rounds, args.min_time, clock)
         ref = timing(lambda: torch.mm(A, B, out=c), args.rounds, args.min_time, clock)
-        table.add(case=label, M=M, N=N, K=K, **{"ours GF/s": gf / ours[0], "ours med": gf / ours[1],
-                                                "torch GF/s": gf / ref[0], "torch med": gf / ref[1],
-                                                "vs torch": ref[0] / ours[0]})
+        for impl, t in (("fastattn gemm", ours), ("torch.mm", ref)):
+            table.add(case=label, M=M, N=N, K=K, impl=impl, **{"GF/s": gf / t[0], "GF/s (median)": gf / t[1],
+                                                              "vs torch": ref[0] / t[0]})
     clock = "process CPU time" if args.cpu_time else "wall clock"
-    table.finish(args, plot=None, note=f"kernel: {_C.gemm_kernel()}; {clock}; GF/s from the minimum time, "
-                 "'med' from the median; vs torch = torch.mm time / ours (minima)")
-
+    table.finish(args, plot=dict(x="case", y="GF/s", group="impl"),
+                 note=f"kernel: {_C.gemm_kernel()}; {clock}; GF/s from the minimum time, 'median' from the median; "
+                      "vs torch = torch.mm time / this row's (minima)")
 
 if __name__ == "__main__":
     main()
