@@ -90,8 +90,8 @@ def main():
                 table.add(case=f"{name} {mode}", layer=name, M=M, K=K, N=N, **{"pass": mode}, impl=impl, ms=t * 1e3,
                           **{"GFLOP/s": f / t / 1e9, "vs torch": t_t / t})
     kernel = ""
-    if device.type == "cpu" and _ext._C is not None and hasattr(_ext._C, "gemm_kernel_name"):
-        kernel = f" CPU GEMM: {_ext._C.gemm_kernel_name()}."
+    if device.type == "cpu" and _ext._C is not None and hasattr(_ext._C, "gemm_kernel"):
+        kernel = f" CPU GEMM: {_ext._C.gemm_kernel()}."
     clock = ("process CPU time, fastest of 7 alternating rounds" if args.cpu_time and device.type == "cpu"
              else "wall clock, median")
     note = (f"{str(dtype).replace('torch.', '')}, timed by {clock}; 'torch' is F.linear, followed by the "
