@@ -49,10 +49,16 @@ def cuda_archs():
 
 
 def gencode_flags(archs):
+    """SASS for each arch, plus PTX of the newest portable one (as CMake's "80;90" does), so GPUs newer
+    than the list (Blackwell, ...) JIT-compile the kernels instead of finding no image."""
     flags = []
-    for a in archs:
-        num = a.replace(".", "")
+    nums = [a.replace(".", "") for a in archs]
+    for num in nums:
         flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    portable = [n for n in nums if n.isdigit()]  # "90a" features do not carry to later GPUs
+    if portable:
+        newest = max(portable, key=int)
+        flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
 
 

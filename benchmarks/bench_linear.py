@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_conv2d import bench_cpu_time_pair  # noqa: E402
+from benchmarks.bench_conv2d import bench_cpu_time_pair, fwd_bwd  # noqa: E402
 from fastattn import _ext  # noqa: E402
 from fastattn.ops.linear import linear  # noqa: E402
 
@@ -38,14 +38,6 @@ LAYERS = [
     ("big 1024->1024", 4096, 1024, 1024, None),
 ]
 TORCH_ACT = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-
-
-def fwd_bwd(f, x, w, b):
-    def run():
-        for t in (x, w, b):
-            t.grad = None
-        f(x, w, b).sum().backward()
-    return run
 
 
 def main():
@@ -86,13 +78,20 @@ def main():
         if not args.no_backward:
             xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
             timings.append(("fwd+bwd", 3 * fl) + timer(fwd_bwd(ours, xs, ws, bs), fwd_bwd(theirs, xs, ws, bs)))
-        for mode, f, t_o, t_t in timings:
-            for impl, t in ((f"fastattn {device.type}", t_o), ("torch", t_t)):
+        if device.type == "cuda":  # our Triton kernels too (auto runs the hand-written CUDA ones)
+            tri = lambda x, w, b: linear(x, w, b, activation=act, backend="triton")  # noqa: E731
+            with torch.no_grad():
+                timings[0] += (common.bench(lambda: tri(x, w, b), device, args.min_time),)
+            if not args.no_backward:
+                timings[1] += (common.bench(fwd_bwd(tri, xs, ws, bs), device, args.min_time),)
+        for mode, f, t_o, t_t, *t_tri in timings:
+            impls = [(f"fastattn {device.type}", t_o), ("torch", t_t)] + [("fastattn triton", t) for t in t_tri]
+            for impl, t in impls:
                 table.add(case=f"{name} {mode}", layer=name, M=M, K=K, N=N, **{"pass": mode}, impl=impl, ms=t * 1e3,
                           **{"GFLOP/s": f / t / 1e9, "vs torch": t_t / t})
     kernel = ""
-    if device.type == "cpu" and _ext._C is not None and hasattr(_ext._C, "gemm_kernel_name"):
-        kernel = f" CPU GEMM: {_ext._C.gemm_kernel_name()}."
+    if device.type == "cpu" and _ext._C is not None and hasattr(_ext._C, "gemm_kernel"):
+        kernel = f" CPU GEMM: {_ext._C.gemm_kernel()}."
     clock = ("process CPU time, fastest of 7 alternating rounds" if args.cpu_time and device.type == "cpu"
              else "wall clock, median")
     note = (f"{str(dtype).replace('torch.', '')}, timed by {clock}; 'torch' is F.linear, followed by the "

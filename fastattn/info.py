@@ -57,6 +57,7 @@ def info() -> Dict[str, object]:
         "compiler": C.compiler() if C else None,
         "cpu": platform.processor() or platform.machine(),
         "cpu_isa": C.cpu_isa() if C else None,
+        "cpu_gemm": C.gemm_kernel() if C and hasattr(C, "gemm_kernel") else None,
         "openmp": C.openmp() if C else None,
         "threads": torch.get_num_threads(),
         "cuda_kernels_compiled": C.compiled_with_cuda() if C else False,

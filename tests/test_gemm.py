@@ -4,8 +4,9 @@
     c (M, N) = act(alpha * op(a) @ op(b) + beta * c + bias), written in place; pre = the value before act.
 
 float runs the AVX-512 packed kernel on CPUs that have it (MR x NR = 14 x 32 micro-tiles, K blocks of
-256, row blocks of 168, column blocks of 1024), double the BLAS path; the shapes below sit on both sides
-of each of those block sizes, and the operands are sub-matrix views (leading dimension > width).
+256, row blocks of 168, column blocks of 1024; M or N <= 4 (16 for dots): unpacked), double BLAS; the
+shapes below sit on both sides of each of those sizes, and the operands are sub-matrix views (leading
+dimension > width).
 """
 import math
 
@@ -15,6 +16,8 @@ import torch
 from fastattn import _C
 
 MR, NR, KC, MC, NC = 14, 32, 256, 168, 1024
+THIN = 4  # M or N <= THIN: the unpacked path (axpy or dot form)
+THIN_DOTS = 16  # M or N <= THIN_DOTS with op(A)/op(B) both running along K (e.g. NT): the dot form
 
 ACTS = {
     0: lambda z: z,
@@ -89,6 +92,15 @@ EDGE_SHAPES = [
     (1031, 3, 5),
     (7, NC + 1, 9),
     (29, 41, 1031),
+    (THIN, 300, 40),
+    (300, THIN, 40),
+    (THIN + 1, 300, 40),
+    (300, THIN + 1, 40),
+    (2, 65536 + 7, 3),  # the thin path's column blocks
+    (THIN_DOTS, 200, 33),
+    (THIN_DOTS + 1, 200, 33),
+    (200, THIN_DOTS, 33),
+    (7, 9, 1),
 ]
 
 
@@ -103,7 +115,7 @@ def test_shapes(shape, trans, dtype):
 # big enough to be split over the threads: by row blocks (M large) or by column chunks (M small)
 @pytest.mark.parametrize("parallel", [True, False], ids=["par", "serial"])
 @pytest.mark.parametrize("trans", TRANS, ids=["NN", "NT", "TN", "TT"])
-@pytest.mark.parametrize("shape", [(8, 256, 256), (64, 300, 129), (400, 70, 300), (2 * MC + 5, 2 * NR + 3, KC + 7)],
+@pytest.mark.parametrize("shape", [(3, 2000, 100), (2000, 3, 100), (12, 3000, 64), (8, 256, 256), (64, 300, 129), (400, 70, 300), (2 * MC + 5, 2 * NR + 3, KC + 7)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_parallel(shape, trans, parallel):
     run_case(*shape, *trans, alpha=0.75, beta=1.0, parallel=parallel, dtype=torch.float32)
@@ -130,6 +142,9 @@ def test_epilogue(act, bias, with_pre, dtype):
     # several K blocks (the epilogue must come after the last one) and edge tiles in M and N
     run_case(MR * 3 + 2, NR * 2 + 7, KC + 40, False, True, bias=bias, act=act, with_pre=with_pre, dtype=dtype)
     run_case(5, 9, 3, True, False, alpha=0.5, beta=1.0, bias=bias, act=act, with_pre=with_pre, dtype=dtype)
+    # the thin (unpacked) path: M <= THIN, N <= THIN
+    run_case(2, 40, 17, False, False, bias=bias, act=act, with_pre=with_pre, dtype=dtype)
+    run_case(40, 3, 17, True, True, beta=1.0, bias=bias, act=act, with_pre=with_pre, dtype=dtype)
 
 
 @pytest.mark.parametrize("act", [0, 2])

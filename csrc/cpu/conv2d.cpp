@@ -18,7 +18,7 @@
 //             - otherwise (few channels, e.g. the RGB stem): 8 output channels x 2 vectors of
 //               output columns (or x 2 rows for narrow maps) with broadcast weights.
 //  * GEMM     (1x1, stride 1, no padding): the input is the (C x H*W) patch matrix, multiplied by
-//             the group's (K x C) weight with BLAS sgemm_/dgemm_ (MKL, exported by libtorch_cpu).
+//             the group's (K x C) weight with fastattn::cpu::gemm (csrc/cpu/gemm.h).
 // Either way the epilogue (bias, activation, pre-activation copy) runs on the tile while it is
 // still in cache. Work is split over (image, group, block of output rows). Outputs of 16 MiB or
 // more leave the fixed depthwise tiles by non-temporal stores (no read-for-ownership; tried on
@@ -32,7 +32,7 @@
 // otherwise it accumulates directly into a padded buffer (few channels) or is W^T * dY + col2im
 // (wide). grad-weight of a wide 3x3 layer runs its own tiles
 // (9 taps x 2 vectors of output channels over the pixels); other layers use a GEMM over the N*P*Q
-// output pixels (im2col tiles + BLAS), or, for depthwise-like layers, a vectorized per-output-
+// output pixels (im2col tiles + cpu::gemm), or, for depthwise-like layers, a vectorized per-output-
 // channel reduction. Reductions over images keep one partial sum per fixed chunk of images, added
 // in chunk order (deterministic).
 #include <ATen/ATen.h>
@@ -82,23 +82,21 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
-#include "blas.h"
+#include "gemm.h"
 
 namespace fastattn {
 namespace conv2d_cpu {
 
 using namespace act;  // activation codes, epilogue and act_backward (activation.h)
 
-// Column-major BLAS GEMM: C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
-inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  int mi = (int)m, ni = (int)n, ki = (int)k, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
-}
-inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  int mi = (int)m, ni = (int)n, ki = (int)k, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
-  dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+// Column-major GEMM (BLAS's convention): C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
+// Runs fastattn::cpu::gemm (csrc/cpu/gemm.h; float on AVX-512 CPUs: its packed kernel, ~2x MKL's
+// sgemm on AMD Zen 5) on the row-major transpose C^T (n x m) = op(B)^T op(A)^T. Inside a
+// parallel region it runs on the calling thread.
+template <typename T>
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T beta, T* c, int64_t ldc) {
+  cpu::gemm<T>(tb == 'T', ta == 'T', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
 // at::parallel_for grain: units with less than ~32K multiply-adds are batched, so tiny problems

@@ -8,7 +8,18 @@
 // when `pre` is given, the value before the activation is stored there too (leading dimension ldc).
 //
 // parallel = true splits the product over at::parallel_for's threads; pass false from inside a
-// parallel region (each caller thread then runs its own product on one thread).
+// parallel region (each caller thread then runs its own product on one thread; inside a parallel
+// region the product runs on the calling thread either way).
+//
+// Semantics as BLAS's: beta == 0 never reads C (it may hold NaN garbage); alpha == 0 or K == 0
+// reads neither A nor B; leading dimensions may exceed the widths (sub-matrix views). `pre` must
+// not overlap C. Safe to call from several threads at once.
+//
+// Kernels (gemm_kernel_name()): float on CPUs with AVX-512 runs gemm.cpp's packed, cache-blocked
+// kernel (14 x 32 register tiles; about twice MKL's sgemm on AMD Zen 5, where MKL takes a slow
+// path), with thin products (M or N <= 4, or <= 16 for x @ w^T-like ones) unpacked; it keeps
+// per-thread packing buffers between calls (<= ~4 MB per calling thread, ~170 KB per worker). double, and float
+// without AVX-512, call the BLAS that libtorch_cpu exports (sgemm_/dgemm_), then the epilogue.
 #pragma once
 #include <cstdint>
 

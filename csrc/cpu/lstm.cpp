@@ -111,29 +111,10 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
 }
 
 #include "blas.h"
+#include "gemm.h"
 
 namespace fastattn {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Row-major GEMM: C (M, N) = alpha * op(A) op(B) + beta * C, every matrix row-major with row
-// stride ld. A row-major matrix is its column-major transpose, so this is C^T = op(B)^T op(A)^T.
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,
-               const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc);
-template <>
-void blas_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                      const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                      const float* beta, float* c, const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <>
-void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                       const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-                       const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
 
 // MKL opens an OpenMP region even for tiny products (a cell step at batch 8 is 8 x 200 x 50), and
 // the thread wake-up costs more than the product: below ~1M multiply-adds BLAS runs on the calling
@@ -153,23 +134,19 @@ struct BlasOnCallingThread {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Row-major GEMM: C (M, N) = op(A) op(B) + beta * C, every matrix row-major with row stride ld:
+// fastattn::cpu::gemm (csrc/cpu/gemm.h). float on AVX-512 CPUs runs its packed kernel (~2x MKL's
+// sgemm on AMD Zen 5); double and older CPUs go to BLAS (MKL, kept on the calling thread below
+// kParallelFmas).
+// ---------------------------------------------------------------------------------------------
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
           int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  if (K == 0) {  // BLAS would do this too, but some refuse lda = 0
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t j = 0; j < N; ++j) C[r * ldc + j] = beta == T(0) ? T(0) : beta * C[r * ldc + j];
-    return;
-  }
-  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX, "fastattn lstm: GEMM dimension too large");
-  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-  const int m = (int)N, n = (int)M, k = (int)K;
-  const int la = (int)std::max<int64_t>(ldb, 1), lb = (int)std::max<int64_t>(lda, 1),
-            lc = (int)std::max<int64_t>(ldc, 1);
-  const T one = T(1);
   BlasOnCallingThread serial(M * N * K);
-  blas_gemm<T>(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  cpu::gemm<T>(trans_a, trans_b, M, N, K, T(1), A, std::max<int64_t>(lda, 1), B, std::max<int64_t>(ldb, 1), beta, C,
+               std::max<int64_t>(ldc, 1), cpu::GemmEpilogue<T>(), M * N * K >= kParallelFmas);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1200,7 +1177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
 #endif
     // 1. the input projection of every step (the biases join in the pointwise pass)
-    WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/true, 4 * H, I, T * B).run(T * B, x.const_data_ptr<T_>(), false, G);
+    gemm<T_>(false, true, T * B, 4 * H, I, x.const_data_ptr<T_>(), I, wi.const_data_ptr<T_>(), I, T_(0), G, 4 * H);
     // 2. the recurrence
     const WeightGemm<T_> hh(WH, /*trans_w=*/true, 4 * H, P, T * B);  // gates += h W_hh^T
     const WeightGemm<T_> hr(WR, /*trans_w=*/true, P, H, proj ? T * B : 0);  // out = r W_hr^T
@@ -1368,7 +1345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         std::memcpy(DWH + n * P, dw.data() + n * (I + P) + I, P * sizeof(T_));
       }
     } else {
-      WeightGemm<T_>(wi.const_data_ptr<T_>(), /*trans_w=*/false, I, 4 * H, N).run(N, DG, false, DX);
+      gemm<T_>(false, false, N, I, 4 * H, DG, 4 * H, wi.const_data_ptr<T_>(), I, T_(0), DX, I);
       weight_grad<T_>(4 * H, I, N, DG, X, dwi.data_ptr<T_>());
       weight_grad<T_>(4 * H, P, N, DG, HP, dwh.data_ptr<T_>());
     }

@@ -193,7 +193,7 @@ void launch_bwd_simt(const AttnParams& p, int max_L, int max_S, cudaStream_t str
 void plan_splits(AttnParams& p) {
   p.num_splits = 1;
   if (p.cu_q != nullptr || p.L > 16 || p.S == 0) return;
-  const int blocks = ceil_div(p.L, kFwdBM) * p.Hq * p.B;
+  const int64_t blocks = (int64_t)ceil_div(p.L, kFwdBM) * p.Hq * p.B;  // B * Hq alone may pass 2^31
   int split_keys = 0;
   const char* force = std::getenv("FASTATTN_CUDA_ATTN_SPLIT_KEYS");
   if (force != nullptr && std::atoi(force) > 0) {
@@ -201,7 +201,7 @@ void plan_splits(AttnParams& p) {
   } else {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     if (blocks >= sms || p.S < 512) return;
-    split_keys = std::max(256, ceil_div(p.S, ceil_div(2 * sms, blocks)));
+    split_keys = std::max(256, ceil_div(p.S, ceil_div(2 * sms, (int)blocks)));  // blocks < sms here
   }
   split_keys = ceil_div(split_keys, kFwdBN) * kFwdBN;
   const int splits = ceil_div(p.S, split_keys);

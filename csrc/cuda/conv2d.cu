@@ -239,18 +239,19 @@ __global__ void __launch_bounds__(THREADS) igemm_kernel(Problem prob, int splits
 }
 
 // Depthwise forward (one input channel per group, Kg outputs each): one thread per output pixel,
-// the group's R*S weights in shared memory.
+// the group's R*S weights in shared memory. Grid x = output plane n*K + k (N*K may exceed
+// gridDim.y's 65535), grid y = blocks of pixels.
 template <typename scalar_t>
 __global__ void depthwise_fwd_kernel(Geom g, const scalar_t* __restrict__ x, int64_t sxn, int64_t sxc, int64_t sxh,
                                      int64_t sxw, const scalar_t* __restrict__ w, const scalar_t* __restrict__ bias,
                                      scalar_t* __restrict__ out, scalar_t* __restrict__ pre, int act) {
   extern __shared__ float wsh[];
-  const int64_t plane = blockIdx.y;  // n * K + k
+  const int64_t plane = blockIdx.x;  // n * K + k
   const int64_t n = plane / g.K, k = plane % g.K, c = k / g.Kg;
   const int RS = g.R * g.S;
   for (int i = threadIdx.x; i < RS; i += blockDim.x) wsh[i] = to_f(w[k * RS + i]);
   __syncthreads();
-  const int64_t pq = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t pq = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
   if (pq >= g.P * g.Q) return;
   const int64_t p = pq / g.Q, q = pq % g.Q;
   const scalar_t* xc = x + n * sxn + c * sxc;
@@ -413,6 +414,7 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
   g.P = (g.H + padding[0] + padding[1] - g.dh * (g.R - 1) - 1) / g.sh + 1;
   g.Q = (g.W + padding[2] + padding[3] - g.dw * (g.S - 1) - 1) / g.sw + 1;
   TORCH_CHECK(g.P > 0 && g.Q > 0, "conv2d (cuda): the (dilated) kernel is larger than the padded input");
+  TORCH_CHECK(g.G <= 65535, "conv2d (cuda): at most 65535 groups (grid z), got ", g.G);
   return g;
 }
 
@@ -461,7 +463,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_fwd(const at::Tensor& input, const at:
     const T* bp = has_bias ? ptr<T>(b) : nullptr;
     T* pp = save_preact ? ptr<T>(pre) : nullptr;
     if (g.Cg == 1) {
-      dim3 grid((unsigned)((g.P * g.Q + 255) / 256), (unsigned)(g.N * g.K));
+      TORCH_CHECK((g.P * g.Q + 255) / 256 <= 65535, "conv2d (cuda): output plane too large (", g.P, "x", g.Q, ")");
+      dim3 grid((unsigned)(g.N * g.K), (unsigned)((g.P * g.Q + 255) / 256));
       depthwise_fwd_kernel<T><<<grid, 256, g.R * g.S * sizeof(float), stream>>>(
           g, ptr<T>(input), input.stride(0), input.stride(1), input.stride(2), input.stride(3), ptr<T>(w), bp,
           ptr<T>(out), pp, (int)activation);
@@ -495,6 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_from_gz(const Geom& g, cons
       const int64_t red = g.N * g.P * g.Q, wsize = g.K * g.Cg * g.R * g.S;
       int splits = (int)std::max<int64_t>(1, std::min<int64_t>(64, red / (BK * 32)));
       while (splits > 1 && (int64_t)splits * wsize > (int64_t(1) << 25)) splits /= 2;
+      splits = (int)std::min<int64_t>(splits, std::max<int64_t>(1, 65535 / g.G));  // grid z = G * splits <= 65535
       at::Tensor partial = at::empty({splits * wsize}, opts.dtype(at::kFloat));
       BwdWeightProblem<T> prob{g, ptr<float>(gz), ptr<T>(input), input.stride(0), input.stride(1), input.stride(2),
                                input.stride(3), ptr<float>(partial), splits};

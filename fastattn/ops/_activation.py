@@ -1,4 +1,7 @@
-"""The fused epilogue activations shared by conv2d and linear: names, the native ops' codes, plain math."""
+"""The fused epilogue (bias + activation) shared by conv2d and linear: the activations' names and native codes,
+their plain math, and the argument checks."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,3 +19,19 @@ def apply_activation(z: Tensor, activation: int) -> Tensor:
     if activation == 3:
         return F.silu(z)
     return z
+
+
+def check_epilogue(input: Tensor, bias: Optional[Tensor], n: int, what: str, activation) -> None:
+    """Clear errors for the epilogue's arguments: ``bias`` None or ``(n,)`` (``what`` names n) with
+    input's dtype and device, ``activation`` a known name."""
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise ValueError(f"bias must have shape ({n},) ({what}), got {tuple(bias.shape)}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"bias must have input's dtype {input.dtype}, got {bias.dtype}")
+        if bias.device != input.device:
+            raise ValueError(f"bias must be on input's device {input.device}, got {bias.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of None, 'relu', 'gelu', 'silu', got {activation!r}")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
-from fastattn.ops._activation import ACTIVATIONS, apply_activation
+from fastattn.ops._activation import ACTIVATIONS, apply_activation, check_epilogue
 from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["conv2d", "conv2d_relu_maxpool2d", "conv2d_reference", "ACTIVATIONS"]
@@ -227,17 +227,7 @@ def _check_inputs(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups:
                          f"{weight.shape[1] * groups} (in_channels = weight.shape[1] * groups)")
     if K % groups != 0:
         raise ValueError(f"out_channels (weight.shape[0] = {K}) must be divisible by groups = {groups}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-        if bias.dim() != 1 or bias.shape[0] != K:
-            raise ValueError(f"bias must have shape ({K},), got {tuple(bias.shape)}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"bias must have input's dtype {input.dtype}, got {bias.dtype}")
-        if bias.device != input.device:
-            raise ValueError(f"bias must be on input's device {input.device}, got {bias.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of None, 'relu', 'gelu', 'silu', got {activation!r}")
+    check_epilogue(input, bias, K, "out_channels", activation)
 
 
 def _is_channels_last(x: Tensor) -> bool:

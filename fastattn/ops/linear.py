@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
-from fastattn.ops._activation import ACTIVATIONS, apply_activation
+from fastattn.ops._activation import ACTIVATIONS, apply_activation, check_epilogue
 from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["linear", "linear_reference", "ACTIVATIONS"]
@@ -135,17 +135,7 @@ def _check_inputs(input: Tensor, weight: Tensor, bias: Optional[Tensor], activat
     if input.shape[-1] != K:
         raise ValueError(f"input has {input.shape[-1]} features (its last dimension) but weight {tuple(weight.shape)} "
                          f"expects in_features = {K}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
-        if bias.dim() != 1 or bias.shape[0] != N:
-            raise ValueError(f"bias must have shape ({N},) (out_features), got {tuple(bias.shape)}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"bias must have input's dtype {input.dtype}, got {bias.dtype}")
-        if bias.device != input.device:
-            raise ValueError(f"bias must be on input's device {input.device}, got {bias.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of None, 'relu', 'gelu', 'silu', got {activation!r}")
+    check_epilogue(input, bias, N, "out_features", activation)
 
 
 def _reasons(dtype: torch.dtype):
