@@ -76,6 +76,8 @@ void gemm_blas(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T al
 #define FASTATTN_HAVE_AVX512_GEMM 1
 #include <immintrin.h>
 
+#include "avx512_transpose.h"
+
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -130,30 +132,7 @@ __attribute__((target("avx512f"))) inline __mmask16 first_n(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
-// out[c] = column c of the 16 x 16 block whose rows are r[0..15]: unpack pairs of rows, then pairs
-// of pairs (so each 128-bit lane holds one column of four rows), then two rounds of lane shuffles.
-__attribute__((target("avx512f"))) inline void transpose16x16(__m512 (&r)[16], __m512 (&out)[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // u[g + e], lane L: element 4L + e of rows g..g+3
-    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
-    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
-    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
-    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
-  }
-  for (int e = 0; e < 4; ++e) {  // columns e, 4+e, 8+e, 12+e: lane L of the four row groups
-    const __m512 x0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), x1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE),
-                 x2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44),
-                 x3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
-    out[e] = _mm512_shuffle_f32x4(x0, x2, 0x88);
-    out[4 + e] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
-    out[8 + e] = _mm512_shuffle_f32x4(x1, x3, 0x88);
-    out[12 + e] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
-  }
-}
+using avx512::transpose16x16;  // avx512_transpose.h
 
 // dst[k * width + i] = src[i * ld + k] for i < rows (<= 16), k < kc; lanes i >= rows are zero.
 // Only the first `width` lanes (mask `keep`) of each transposed column are stored.
