@@ -8,8 +8,13 @@
 * ``wrap_triton`` accepts only ``JITFunction`` / ``Autotuner`` objects. Under ``TRITON_INTERPRET=1`` Triton < 3.8
   gives ``InterpretedFunction`` objects instead (seen with torch 2.11 + Triton 3.6), so those are launched as they
   are: the interpreter is for eager tests on the CPU, never traced.
+* ``FASTATTN_TRITON_TUNE=first`` makes every autotuned kernel keep only its first config
+  (``tune_configs``): correctness runs on a GPU (``make gpu-check``'s test step) then compile one config
+  per kernel variant instead of sweeping them all.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,6 +24,11 @@ try:
     _TRACEABLE: tuple = (JITFunction, Autotuner)
 except ImportError:  # pragma: no cover - a Triton without these modules
     _TRACEABLE = ()
+
+def tune_configs(configs: list) -> list:
+    """An autotuner's config list, or only its first config under ``FASTATTN_TRITON_TUNE=first``."""
+    return configs[:1] if os.environ.get("FASTATTN_TRITON_TUNE") == "first" else configs
+
 
 HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 NEEDS_FAKE = not HAS_TRITON_OP

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from fastattn.ops import attention as _attn_ops
-from fastattn.triton._compat import NEEDS_FAKE, triton_op, wrap_triton
+from fastattn.triton._compat import NEEDS_FAKE, triton_op, tune_configs, wrap_triton
 
 __all__ = ["triton_attention_fwd", "triton_attention_bwd", "triton_attention_varlen_fwd",
            "triton_attention_varlen_bwd"]
@@ -671,7 +671,8 @@ _KEY = ["E_PAD", "EV_PAD", "L_BUCKET", "S_BUCKET", "HAS_BIAS", "HAS_WL", "HAS_WR
 
 
 def _configs(shapes):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
+    return tune_configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                         for bm, bn, w, st in shapes])
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head size: the bigger the head, the smaller the

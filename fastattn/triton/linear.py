@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastattn.ops.linear import make_linear_autograd
-from fastattn.triton._compat import NEEDS_FAKE, gpu_target, triton_op, wrap_triton
+from fastattn.triton._compat import NEEDS_FAKE, gpu_target, triton_op, tune_configs, wrap_triton
 from fastattn.triton.conv2d import _activation, _dot
 
 __all__ = ["triton_linear_fwd", "triton_linear_bwd"]
@@ -149,8 +149,8 @@ _COLSUM_BLOCKS = (16, 16) if _INTERPRET else (32, 128)  # (BM, BN) of the column
 
 
 def _configs(shapes):
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
-            for bm, bn, bk, g, w, s in shapes]
+    return tune_configs([triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+                         for bm, bn, bk, g, w, s in shapes])
 
 
 if _INTERPRET:
