@@ -84,6 +84,36 @@ def vec_ok(E, Ev, arrays):
     return ok
 
 
+def _backward_and_compare(p, errs, D, STAGES, simt, varlen, nbatch, Hq, Hkv, L, S, ro, dout, q, k, v, tq, tk, tv):
+    """Run the transcribed dK/dV and dQ kernels over every block (the launch grid), check that each
+    gradient element is written exactly once, and add the errors against the oracle's grads to errs."""
+    if STAGES is None:
+        STAGES = 2 if D in (64, 128) else 1
+    for b in range(nbatch):
+        if simt:
+            for hk in range(Hkv):
+                for j in range(-(-S // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_bwd_dkdv_simt_warp(p, j, hk, b)
+            for h in range(Hq):
+                for i in range(-(-L // emu.kSimtWarps) * emu.kSimtWarps):
+                    emu.attn_bwd_dq_simt_warp(p, i, h, b)
+            continue
+        for hk in range(Hkv):
+            for bx in range(-(-S // emu.kBwdBN)):
+                emu.attn_bwd_dkdv_block(p, D, STAGES, varlen, bx, hk, b)
+        for h in range(Hq):
+            for bx in range(-(-L // emu.kBwdBM)):
+                emu.attn_bwd_dq_block(p, D, varlen, bx, h, b)
+    for nm in ("dq", "dk", "dv", "delta"):
+        wr_ = getattr(p, nm).writes
+        assert (wr_ == 1).all(), "%s: elements written %s times" % (nm, np.unique(wr_))
+    ro.backward(torch.from_numpy(dout))
+    errs["dq"] = np.abs(p.dq.a.reshape(q.shape) - tq.grad.numpy()).max()
+    errs["dk"] = np.abs(p.dk.a.reshape(k.shape) - tk.grad.numpy()).max()
+    errs["dv"] = np.abs(p.dv.a.reshape(v.shape) - tv.grad.numpy()).max()
+    return STAGES
+
+
 def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, diag=0, softcap=0.0,
               dropout_p=0.0, bias=False, pad=0, split_keys=0, neg_inf_bias_rows=False, seed=1, STAGES=None,
               simt=False, q_scale=1.0):
@@ -167,30 +197,7 @@ def run_dense(name, B=1, Hq=2, Hkv=1, L=130, S=150, E=64, Ev=64, wl=-1, wr=-1, d
     p.dk = GMem(np.zeros(k.size), "dk", out=True)
     p.dv = GMem(np.zeros(v.size), "dv", out=True)
     emu.attn_bwd_delta(p, p.dout, GMem(out, "out_c"), B * Hq * L, Ev)
-    if STAGES is None:
-        STAGES = 2 if D in (64, 128) else 1
-    for b in range(B):
-        if simt:
-            for hk in range(Hkv):
-                for j in range(-(-S // emu.kSimtWarps) * emu.kSimtWarps):
-                    emu.attn_bwd_dkdv_simt_warp(p, j, hk, b)
-            for h in range(Hq):
-                for i in range(-(-L // emu.kSimtWarps) * emu.kSimtWarps):
-                    emu.attn_bwd_dq_simt_warp(p, i, h, b)
-            continue
-        for hk in range(Hkv):
-            for bx in range(-(-S // emu.kBwdBN)):
-                emu.attn_bwd_dkdv_block(p, D, STAGES, False, bx, hk, b)
-        for h in range(Hq):
-            for bx in range(-(-L // emu.kBwdBM)):
-                emu.attn_bwd_dq_block(p, D, False, bx, h, b)
-    for nm in ("dq", "dk", "dv", "delta"):
-        wr_ = getattr(p, nm).writes
-        assert (wr_ == 1).all(), "%s: elements written %s times" % (nm, np.unique(wr_))
-    ro.backward(torch.from_numpy(dout))
-    errs["dq"] = np.abs(p.dq.a.reshape(q.shape) - tq.grad.numpy()).max()
-    errs["dk"] = np.abs(p.dk.a.reshape(k.shape) - tk.grad.numpy()).max()
-    errs["dv"] = np.abs(p.dv.a.reshape(v.shape) - tv.grad.numpy()).max()
+    STAGES = _backward_and_compare(p, errs, D, STAGES, simt, False, B, Hq, Hkv, L, S, ro, dout, q, k, v, tq, tk, tv)
     if ROUND_DTYPE is not None:  # tests/test_attention_cuda.py's criterion: ours <= 2 x torch-dtype + atol
         lq, lk, lv = (torch.from_numpy(np.ascontiguousarray(x)).to(ROUND_DTYPE).requires_grad_(True) for x in (q, k, v))
         lo, _ = attention_reference(lq, lk, lv, None if bias_t is None else bias_t.to(ROUND_DTYPE), dropout_p, scale,
@@ -260,30 +267,8 @@ def run_varlen(name, lens_q, lens_k, Hq=2, Hkv=1, E=64, Ev=64, wl=-1, wr=-1, bot
     p.dk = GMem(np.zeros(k.size), "dk", out=True)
     p.dv = GMem(np.zeros(v.size), "dv", out=True)
     emu.attn_bwd_delta(p, p.dout, GMem(out, "out_c"), Tq * Hq, Ev, varlen_heads=Hq)
-    if STAGES is None:
-        STAGES = 2 if D in (64, 128) else 1
-    for b in range(N):
-        if simt:
-            for hk in range(Hkv):
-                for j in range(-(-max_S // emu.kSimtWarps) * emu.kSimtWarps):
-                    emu.attn_bwd_dkdv_simt_warp(p, j, hk, b)
-            for h in range(Hq):
-                for i in range(-(-max_L // emu.kSimtWarps) * emu.kSimtWarps):
-                    emu.attn_bwd_dq_simt_warp(p, i, h, b)
-            continue
-        for hk in range(Hkv):
-            for bx in range(-(-max_S // emu.kBwdBN)):
-                emu.attn_bwd_dkdv_block(p, D, STAGES, True, bx, hk, b)
-        for h in range(Hq):
-            for bx in range(-(-max_L // emu.kBwdBM)):
-                emu.attn_bwd_dq_block(p, D, True, bx, h, b)
-    for nm in ("dq", "dk", "dv", "delta"):
-        wr_ = getattr(p, nm).writes
-        assert (wr_ == 1).all(), "%s: elements written %s times" % (nm, np.unique(wr_))
-    ro.backward(torch.from_numpy(dout))
-    errs["dq"] = np.abs(p.dq.a.reshape(q.shape) - tq.grad.numpy()).max()
-    errs["dk"] = np.abs(p.dk.a.reshape(k.shape) - tk.grad.numpy()).max()
-    errs["dv"] = np.abs(p.dv.a.reshape(v.shape) - tv.grad.numpy()).max()
+    STAGES = _backward_and_compare(p, errs, D, STAGES, simt, True, N, Hq, Hkv, max_L, max_S, ro, dout, q, k, v, tq, tk,
+                                   tv)
     return errs, dict(D=D, vec=p.vec_loads, STAGES=STAGES, simt=simt)
 
 
