@@ -149,3 +149,55 @@ def test_bench_cli(tmp_path):
     table = (tmp_path / "optim.md").read_text()
     assert "torch fused" in table and "fastattn" in table
     assert (tmp_path / "optim.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# tools/gpu_check.py: its plumbing (steps, time budget, the report in $OUT), with torch told a GPU is
+# there; the GPU work itself needs a real one.
+# --------------------------------------------------------------------------------------------
+_FAKE_GPU = """
+import runpy, sys, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_capability = lambda i=0: (9, 0)
+torch.cuda.get_device_name = lambda i=0: "fake GPU"
+sys.argv = [{script!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def _gpu_check(tmp_path, **env):
+    script = os.path.join(ROOT, "tools", "gpu_check.py")
+    out = tmp_path / "out"
+    out.mkdir()
+    full_env = dict(os.environ, OUT=str(out), PYTHONPATH=ROOT, **env)
+    p = subprocess.run([sys.executable, "-c", _FAKE_GPU.format(script=script)], cwd=ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=300)
+    reports = sorted(out.glob("gpu-check-*.md"))
+    for f in out.glob("gpu-check-*"):  # the same files under reports/ in the checkout
+        local = os.path.join(ROOT, "reports", f.name)
+        if os.path.exists(local):
+            os.remove(local)
+    return p, reports
+
+
+def test_gpu_check_without_gpu_says_so():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert p.returncode == 1 and "NO GPU PRESENT" in p.stdout
+
+
+def test_gpu_check_writes_report_to_out_and_lists_skipped_steps(tmp_path):
+    # a budget too small for anything but info: the tests and benchmarks are listed as not run
+    p, reports = _gpu_check(tmp_path, GPU_CHECK_STEPS="info,tests,bench", GPU_CHECK_BUDGET="100")
+    assert p.returncode == 1, p.stdout + p.stderr  # skipped steps make the check fail, never pass silently
+    assert len(reports) == 1, p.stdout + p.stderr
+    text = reports[0].read_text()
+    assert "GPU: " in text and "steps: info, tests, bench; budget 100s" in text
+    assert "## fastattn info" in text and "cpu_gemm" in text
+    assert "## Not run (time budget)" in text and "CUDA tests (-m cuda)" in text and "bench_attention.py" in text
+    assert "Overall: FAIL" in text
+
+
+def test_gpu_check_rejects_unknown_steps(tmp_path):
+    p, reports = _gpu_check(tmp_path, GPU_CHECK_STEPS="info,benchmark")
+    assert p.returncode == 2 and "unknown GPU_CHECK_STEPS ['benchmark']" in p.stdout
