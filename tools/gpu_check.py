@@ -17,9 +17,9 @@ Environment: GPU_CHECK_STEPS (comma list of build, info, tests, sanitizer, bench
 GPU_CHECK_BUDGET, GPU_CHECK_QUICK=1 (benchmarks with --quick), GPU_CHECK_SKIP_BUILD=1 (= drop "build"),
 FASTATTN_CUDA_ARCHS (default: this GPU's arch).
 
-A first session with a GPU: `make gpu-check PYTHON=python3` (one call, about 10 minutes), then, if time
-is left, `GPU_CHECK_STEPS=bench GPU_CHECK_SKIP_BUILD=1 ...` on the same warm machine for the full
-benchmarks.
+A first session with a GPU: `make gpu-check PYTHON=python3` (one call, about 10 minutes), then, if device
+time is left, `GPU_CHECK_STEPS=build,bench make gpu-check ...` for fuller benchmarks (a lent machine is
+given back seconds after a call, so the next one starts bare and rebuilds).
 """
 from __future__ import annotations
 
