@@ -95,6 +95,18 @@ class Report:
                     f.write(tail)
 
 
+def verbose_summary(out: str):
+    """(rows, counts) from pytest -v lines ("path::test PASSED [ 3%]"), for a run cut off before its junit file."""
+    rows, counts = [], {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR"):
+            status = {"PASSED": "passed", "FAILED": "failed", "SKIPPED": "skipped", "ERROR": "error"}[parts[1]]
+            counts[status] += 1
+            rows.append((parts[0], status, 0.0))
+    return rows, counts
+
+
 def main() -> int:
     try:
         import torch
@@ -170,10 +182,12 @@ def main() -> int:
                 skipped.append(name)
                 continue
             junit = os.path.join(outdir, f"junit-{stamp}-{len(report.sections)}.xml")
-            rc, out = run([PY, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+            rc, out = run([PY, "-m", "pytest", *args, "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"],
                           log, tenv, timeout=t_left * cap)
             ok &= rc == 0
             rows, counts = junit_summary(junit)
+            if not rows:  # killed by the budget before pytest wrote its junit file: read the -v lines so far
+                rows, counts = verbose_summary(out)
             lines = [f"## {name} (exit {rc}{', timed out' if rc == 124 else ''})\n",
                      ", ".join(f"{v} {k}" for k, v in counts.items()) + "\n", "| test | result | s |", "|---|---|---|"]
             lines += [f"| {n} | {st} | {t:.2f} |" for n, st, t in rows if st != "skipped"]
