@@ -181,6 +181,7 @@ DW_GRAD_WEIGHT_SHAPES = [
     (2, 2, 21, 70, 4, 2, (0, 0, 0, 0), 2),       # multiplier 2, no padding: 10 x 34
     (3, 2, 9, 33, 2, 2, (2, 2, 2, 2), 2),        # padding 2: 6 x 18
     (2, 3, 8, 35, 3, 3, (1, 0, 2, 1), 2),        # lopsided: 3 rows x 18
+    (1, 2, 11, 36, 2, 2, (2, 1, 3, 0), 2),       # left padding 3 (odd input columns first): 6 x 18
     (2, 2, 3, 3, 2, 2, (0, 0, 0, 0), 2),         # 1 x 1
     (2, 3, 12, 17, 3, 3, (1, 1, 1, 1), 1),       # 12 x 17: a 1-lane last vector
     (1, 4, 7, 16, 8, 4, (1, 1, 1, 1), 1),        # 7 x 16, multiplier 2
