@@ -1390,28 +1390,36 @@ FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, cons
 // of NR output rows loads each dY vector once and each input vector once: input row ii of the
 // block (column phase s % ST, offset s / ST for tap s) feeds output row j through kernel row
 // ii - j ST, all known at compile time.
+// One vector of columns (q0, lanes m: all 16 but in a row's last vector) of an NR-row block.
 template <int ST, int NR>
-inline __attribute__((always_inline, target("arch=x86-64-v4"))) void dw_gw3_block(__m512 (&acc)[9], const float* xrow, int64_t ld_row, int64_t wps, const float* z,
-                                  int64_t Q) {
-  for (int64_t q0 = 0; q0 < Q; q0 += 16) {
-    const __mmask16 m = Q - q0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (Q - q0)) - 1);
-    __m512 zv[NR];
+inline __attribute__((always_inline, target("arch=x86-64-v4"))) void dw_gw3_vec(__m512 (&acc)[9], const float* xrow,
+                                                                               int64_t ld_row, int64_t wps,
+                                                                               const float* z, int64_t Q, __mmask16 m) {
+  __m512 zv[NR];
 #pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) zv[j] = _mm512_maskz_loadu_ps(m, z + j * Q + q0);
+  for (int j = 0; j < NR; ++j) zv[j] = _mm512_maskz_loadu_ps(m, z + j * Q);
 #pragma GCC unroll 16
-    for (int ii = 0; ii < (NR - 1) * ST + 3; ++ii) {
-      const float* row = xrow + ii * ld_row + q0;
+  for (int ii = 0; ii < (NR - 1) * ST + 3; ++ii) {
+    const float* row = xrow + ii * ld_row;
 #pragma GCC unroll 3
-      for (int s = 0; s < 3; ++s) {
-        const __m512 xv = _mm512_maskz_loadu_ps(m, row + (s % ST) * wps + s / ST);
+    for (int s = 0; s < 3; ++s) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, row + (s % ST) * wps + s / ST);
 #pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) {
-          const int r = ii - j * ST;
-          if (r >= 0 && r < 3) acc[r * 3 + s] = _mm512_fmadd_ps(zv[j], xv, acc[r * 3 + s]);
-        }
+      for (int j = 0; j < NR; ++j) {
+        const int r = ii - j * ST;
+        if (r >= 0 && r < 3) acc[r * 3 + s] = _mm512_fmadd_ps(zv[j], xv, acc[r * 3 + s]);
       }
     }
   }
+}
+
+template <int ST, int NR>
+inline __attribute__((always_inline, target("arch=x86-64-v4"))) void dw_gw3_block(__m512 (&acc)[9], const float* xrow,
+                                                                                 int64_t ld_row, int64_t wps,
+                                                                                 const float* z, int64_t Q) {
+  int64_t q0 = 0;
+  for (; q0 + 16 <= Q; q0 += 16) dw_gw3_vec<ST, NR>(acc, xrow + q0, ld_row, wps, z + q0, Q, __mmask16(0xFFFF));
+  if (q0 < Q) dw_gw3_vec<ST, NR>(acc, xrow + q0, ld_row, wps, z + q0, Q, __mmask16((1u << (Q - q0)) - 1));
 }
 
 // One plane: xp the padded buffer (P rows of output need (P - 1) ST + 3 rows), z the plane's dY
