@@ -188,6 +188,7 @@ DW_GRAD_WEIGHT_SHAPES = [
     (2, 3, 5, 21, 3, 3, (0, 2, 2, 0), 1),        # lopsided: 5 x 19
     (2, 70, 6, 6, 70, 70, (1, 1, 1, 1), 1),      # 70 channels: two channel blocks
     (2, 2, 56, 56, 2, 2, (1, 1, 1, 1), 1),       # 56 x 56
+    (2, 2, 9, 20, 16, 2, (1, 1, 1, 1), 2),       # multiplier 8: not the tile (GEMM over the pixels)
 ]
 
 

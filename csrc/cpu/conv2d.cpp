@@ -1383,7 +1383,8 @@ FASTATTN_SIMD void direct_grad_weight(const Geom& g, const DirectLayout& l, cons
 }
 
 #if FASTATTN_DEPTHWISE_V4
-// grad_weight of a float depthwise 3x3 conv with stride 1 or 2 (no dilation) on AVX-512: the
+// grad_weight of a float depthwise 3x3 conv (one input channel and fewer than KB outputs per
+// group: the planes are padded once per output channel) with stride 1 or 2, no dilation, on AVX-512: the
 // 9 taps' sums stay in 9 vector registers over a whole (image, channel) plane. The plane goes
 // through a phase-split padded buffer only as wide as the output (masked loads read exactly the
 // Q valid lanes of a row's last vector, so neither a scalar tail nor wide zero margins). A block
@@ -1470,7 +1471,7 @@ __attribute__((target("arch=x86-64-v4"))) void dw_gw3_pad_s2(const Geom& g, cons
 
 bool use_dw_gw3(const Geom& g) {
   static const bool avx512 = __builtin_cpu_supports("x86-64-v4");
-  return avx512 && g.Cg == 1 && g.R == 3 && g.S == 3 && g.sh == g.sw && g.sh <= 2 && g.dh == 1 &&
+  return avx512 && g.Cg == 1 && g.Kg < KB && g.R == 3 && g.S == 3 && g.sh == g.sw && g.sh <= 2 && g.dh == 1 &&
          g.dw == 1;
 }
 
