@@ -169,6 +169,55 @@ def test_depthwise_fixed_tiles(shape):
                          grads(ref, [xr, wr, br], g), atol=1e-3, rtol=1e-4)
 
 
+# float32 depthwise 3x3 grad-weight with stride 1 or 2 on AVX-512 CPUs: 9 vector sums per plane,
+# 4-row blocks (fewer or off-4 rows: 1-row blocks), masked loads for a row's last vector (16, 17,
+# 1 and 28 columns), images in the outer loop over blocks of 64 channels (70 channels: two blocks).
+# Padding per side (0, 2, lopsided), odd sizes, multiplier 2, batch 1; an inf in an input column
+# no output reads (the masked loads must not touch it).
+# (N, C, H, W, K, groups, padding (top, bottom, left, right), stride)
+DW_GRAD_WEIGHT_SHAPES = [
+    (2, 3, 56, 56, 3, 3, (1, 1, 1, 1), 2),       # MobileNet's: 28 x 28
+    (1, 5, 23, 37, 5, 5, (1, 1, 1, 1), 2),       # odd sizes: 12 x 19, batch 1
+    (2, 2, 21, 70, 4, 2, (0, 0, 0, 0), 2),       # multiplier 2, no padding: 10 x 34
+    (3, 2, 9, 33, 2, 2, (2, 2, 2, 2), 2),        # padding 2: 6 x 18
+    (2, 3, 8, 35, 3, 3, (1, 0, 2, 1), 2),        # lopsided: 3 rows x 18
+    (1, 2, 11, 36, 2, 2, (2, 1, 3, 0), 2),       # left padding 3 (odd input columns first): 6 x 18
+    (2, 2, 3, 3, 2, 2, (0, 0, 0, 0), 2),         # 1 x 1
+    (2, 3, 12, 17, 3, 3, (1, 1, 1, 1), 1),       # 12 x 17: a 1-lane last vector
+    (1, 4, 7, 16, 8, 4, (1, 1, 1, 1), 1),        # 7 x 16, multiplier 2
+    (2, 3, 5, 21, 3, 3, (0, 2, 2, 0), 1),        # lopsided: 5 x 19
+    (2, 70, 6, 6, 70, 70, (1, 1, 1, 1), 1),      # 70 channels: two channel blocks
+    (2, 2, 56, 56, 2, 2, (1, 1, 1, 1), 1),       # 56 x 56
+    (2, 2, 9, 20, 16, 2, (1, 1, 1, 1), 2),       # multiplier 8: not the tile (GEMM over the pixels)
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", DW_GRAD_WEIGHT_SHAPES,
+                         ids=lambda s: "x".join(map(str, s[:5])) + f"-p{s[6]}-s{s[7]}")
+def test_depthwise_3x3_grad_weight(shape):
+    N, C, H, W, K, groups, pad, stride = shape
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(K, 1, 3, 3, generator=gen, dtype=torch.float64)
+    xpad = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+    P, Q = (xpad.shape[2] - 3) // stride + 1, (xpad.shape[3] - 3) // stride + 1
+    g = torch.randn(N, K, P, Q, generator=gen, dtype=torch.float64)
+    xr = xpad.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    dw_ref, = torch.autograd.grad(F.conv2d(xr, wr, None, stride, groups=groups), [wr], g)
+    xf = x.float()
+    unread = (Q - 1) * stride + 3  # first padded column no output reads
+    if unread < xpad.shape[3] - pad[3]:
+        xf[..., unread - pad[2]] = float("inf")
+    _, dw, _ = torch.ops.fastattn.conv2d_bwd(g.float(), xf, w.float(), None, [stride] * 2, list(pad), [1, 1],
+                                             groups, 0, [False, True, False])
+    torch.testing.assert_close(dw.double(), dw_ref, atol=1e-3, rtol=1e-4)
+    _, dw2, _ = torch.ops.fastattn.conv2d_bwd(g.float(), xf, w.float(), None, [stride] * 2, list(pad), [1, 1],
+                                              groups, 0, [False, True, False])
+    assert torch.equal(dw, dw2)
+
+
 # Outputs of 16 MiB or more: the fixed depthwise tiles write them with non-temporal stores
 # (57 wide: runs off the 64-byte line, whose head and tail go through plain stores), relu applied
 # on the way out; the few-channel direct tiles (plain stores) at the same size for comparison.
