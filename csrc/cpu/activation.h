@@ -49,31 +49,6 @@ FASTATTN_INLINE double silu_grad(double z) {
   return s * (1.0 + z * (1.0 - s));
 }
 
-// y[i] = act(y[i] + bias), keeping y[i] + bias in pre[i] when pre is given.
-template <typename T>
-FASTATTN_INLINE void epilogue_body(T* y, T* pre, int64_t n, T bias, int64_t act) {
-  if (pre) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) pre[i] = y[i] + bias;
-  }
-  switch (act) {
-    case kRelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) { T v = y[i] + bias; y[i] = v > T(0) ? v : T(0); }
-      break;
-    case kGelu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = gelu(y[i] + bias);
-      break;
-    case kSilu:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] = silu(y[i] + bias);
-      break;
-    default:
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) y[i] += bias;
-  }
-}
 // y[i] = act(src[i] + bias) (and pre[i] = src[i] + bias): the epilogue fused with the copy out of a tile.
 template <typename T>
 FASTATTN_INLINE void epilogue_copy_body(const T* src, T* y, T* pre, int64_t n, T bias, int64_t act) {
@@ -98,6 +73,12 @@ FASTATTN_INLINE void epilogue_copy_body(const T* src, T* y, T* pre, int64_t n, T
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) y[i] = src[i] + bias;
   }
+}
+// y[i] = act(y[i] + bias), keeping y[i] + bias in pre[i] when pre is given: the copy in place (each
+// element is read before it is written at the same index, so src == y is safe).
+template <typename T>
+FASTATTN_INLINE void epilogue_body(T* y, T* pre, int64_t n, T bias, int64_t act) {
+  epilogue_copy_body<T>(y, y, pre, n, bias, act);
 }
 
 // gz[i] = g[i] * act'(saved[i]) (saved: output for relu, pre-activation for gelu/silu).

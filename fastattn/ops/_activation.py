@@ -1,5 +1,5 @@
-"""The fused epilogue (bias + activation) shared by conv2d and linear: the activations' names and native codes,
-their plain math, and the argument checks."""
+"""What conv2d and linear share: the fused epilogue's activations (names, native codes, plain math) and the
+argument checks common to both ops (input/weight types and dtypes, the bias, the activation name)."""
 from typing import Optional
 
 import torch
@@ -19,6 +19,22 @@ def apply_activation(z: Tensor, activation: int) -> Tensor:
     if activation == 3:
         return F.silu(z)
     return z
+
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_operands(input: Tensor, weight: Tensor) -> None:
+    """Clear errors unless input and weight are floating tensors of one dtype on one device."""
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if input.dtype != weight.dtype:
+        raise TypeError(f"input and weight must have one dtype, got {input.dtype} and {weight.dtype}")
+    if input.device != weight.device:
+        raise ValueError(f"input and weight must be on one device, got {input.device} and {weight.device}")
 
 
 def check_epilogue(input: Tensor, bias: Optional[Tensor], n: int, what: str, activation) -> None:

@@ -33,12 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
-from fastattn.ops._activation import ACTIVATIONS, apply_activation, check_epilogue
+from fastattn.ops._activation import ACTIVATIONS, apply_activation, check_epilogue, check_operands
 from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["conv2d", "conv2d_relu_maxpool2d", "conv2d_reference", "ACTIVATIONS"]
 
-_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntPair = Union[int, Sequence[int]]
 
 
@@ -205,19 +204,11 @@ def _padding4(padding, kernel: Sequence[int], stride: Sequence[int], dilation: S
 
 
 def _check_inputs(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int, activation) -> None:
-    for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_TYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    check_operands(input, weight)
     if input.dim() not in (3, 4):
         raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got a {input.dim()}-D tensor")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got a {weight.dim()}-D tensor")
-    if input.dtype != weight.dtype:
-        raise TypeError(f"input and weight must have one dtype, got {input.dtype} and {weight.dtype}")
-    if input.device != weight.device:
-        raise ValueError(f"input and weight must be on one device, got {input.device} and {weight.device}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     C = input.shape[-3]

@@ -32,12 +32,10 @@ import torch
 from torch import Tensor
 
 from fastattn import _ext, backend as _backend
-from fastattn.ops._activation import ACTIVATIONS, apply_activation, check_epilogue
+from fastattn.ops._activation import ACTIVATIONS, apply_activation, check_epilogue, check_operands
 from fastattn.ops._autograd import refuse_double_backward
 
 __all__ = ["linear", "linear_reference", "ACTIVATIONS"]
-
-_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,19 +116,11 @@ def _triton_op():
 # Checks: clear errors naming the argument.
 # --------------------------------------------------------------------------------------------
 def _check_inputs(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation) -> None:
-    for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_TYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    check_operands(input, weight)
     if input.dim() < 1:
         raise ValueError("input must have at least 1 dimension (*, in_features), got a 0-D tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got a {weight.dim()}-D tensor")
-    if input.dtype != weight.dtype:
-        raise TypeError(f"input and weight must have one dtype, got {input.dtype} and {weight.dtype}")
-    if input.device != weight.device:
-        raise ValueError(f"input and weight must be on one device, got {input.device} and {weight.device}")
     N, K = weight.shape
     if input.shape[-1] != K:
         raise ValueError(f"input has {input.shape[-1]} features (its last dimension) but weight {tuple(weight.shape)} "

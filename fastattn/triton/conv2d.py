@@ -45,6 +45,15 @@ def _activation(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _store_epilogue(acc, out_ptr, pre_ptr, off, mask, SAVE_PRE: tl.constexpr, ACT: tl.constexpr):
+    """Store acc (fp32, bias added) as the pre-activation when SAVE_PRE and act(acc) as the output, each
+    rounded once to its tensor's dtype (shared with fastattn/triton/linear.py)."""
+    if SAVE_PRE:
+        tl.store(pre_ptr + off, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + off, _activation(acc, ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dot(a, b, acc, FP32: tl.constexpr):
     if FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -88,11 +97,7 @@ def _conv2d_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, pre_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * Kg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     o_off = (n * K * PQ + pq)[:, None] + ((g * Kg + offs_n) * PQ)[None, :]
-    o_mask = m_ok[:, None] & n_ok[None, :]
-    if SAVE_PRE:
-        tl.store(pre_ptr + o_off, acc.to(pre_ptr.dtype.element_ty), mask=o_mask)
-    y = _activation(acc, ACT)
-    tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=o_mask)
+    _store_epilogue(acc, out_ptr, pre_ptr, o_off, m_ok[:, None] & n_ok[None, :], SAVE_PRE, ACT)
 
 
 @triton.jit

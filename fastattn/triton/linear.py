@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastattn.ops.linear import make_linear_autograd
 from fastattn.triton._compat import NEEDS_FAKE, gpu_target, triton_op, tune_configs, wrap_triton
-from fastattn.triton.conv2d import _activation, _dot
+from fastattn.triton.conv2d import _dot, _store_epilogue
 
 __all__ = ["triton_linear_fwd", "triton_linear_bwd"]
 
@@ -103,11 +103,7 @@ def _linear_gemm_kernel(a_ptr, saved_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_off = offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :] * s_cn
-    c_mask = m_ok[:, None] & n_ok[None, :]
-    if SAVE_PRE:
-        tl.store(pre_ptr + c_off, acc.to(pre_ptr.dtype.element_ty), mask=c_mask)
-    acc = _activation(acc, ACT)
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    _store_epilogue(acc, c_ptr, pre_ptr, c_off, m_ok[:, None] & n_ok[None, :], SAVE_PRE, ACT)
 
 
 @triton.jit
